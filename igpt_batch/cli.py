@@ -1,0 +1,121 @@
+"""Command line: igpt-batch extract | generate | complete | demo | inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+from .config import ConfigError
+
+# flag -> (dotted config key, argparse kwargs); values are type-checked by config.apply, not argparse
+FLAGS = {
+    "--model": ("model.name", {}),
+    "--dtype": ("model.dtype", {}),
+    "--device": ("model.device", {}),
+    "--manifest": ("input.manifest", {}),
+    "--read-timeout": ("input.read_timeout", {}),
+    "--max-pixels": ("input.max_pixels", {}),
+    "--draft": ("input.draft", {"action": "store_const", "const": True}),
+    "--output": ("output.path", {}),
+    "--overwrite": ("output.overwrite", {"action": "store_const", "const": True}),
+    "--write-png-files": ("output.write_png_files", {"action": "store_const", "const": True}),
+    "--contact-sheet": ("output.contact_sheet", {"metavar": "N"}),
+    "--preview": ("output.preview", {"metavar": "N"}),
+    "--layer": ("extract.layers", {"action": "append", "metavar": "L"}),
+    "--num-samples": ("generate.num_samples", {}),
+    "--seed": ("generate.seed", {}),
+    "--temperature": ("generate.temperature", {}),
+    "--top-k": ("generate.top_k", {}),
+    "--top-p": ("generate.top_p", {}),
+    "--prompt-rows": ("generate.prompt_rows", {}),
+    "--samples-per-image": ("generate.samples_per_image", {}),
+    "--workers": ("run.workers", {}),
+    "--shard-size": ("run.shard_size", {}),
+    "--address": ("run.address", {}),
+    "--executor": ("run.executor", {}),
+    "--cpus-per-worker": ("run.cpus_per_worker", {}),
+    "--gpus-per-worker": ("run.gpus_per_worker", {}),
+    "--torch-threads": ("run.torch_threads", {}),
+    "--max-retries": ("run.max_retries", {}),
+    "--max-error-fraction": ("run.max_error_fraction", {}),
+}
+TASK_FLAGS = {
+    "extract": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
+    "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
+    "complete": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
+                 "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],
+}
+COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--workers", "--shard-size", "--address",
+          "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="igpt-batch", description="ImageGPT embeddings and samples at scale on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for task, help_ in [("extract", "paper-exact embeddings for a manifest of images"),
+                        ("generate", "unconditional samples, one image per integer seed"),
+                        ("complete", "complete the bottom of each image from its top rows")]:
+        sp = sub.add_parser(task, help=help_)
+        sp.add_argument("--config", help="YAML config file (see configs/); flags override it")
+        sp.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+        sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call")
+        for flag in COMMON + TASK_FLAGS[task]:
+            sp.add_argument(flag, dest=flag[2:].replace("-", "_"), **FLAGS[flag][1])
+    d = sub.add_parser("demo", help="run extract and generate on the embedded demo model, offline")
+    d.add_argument("--output", default="demo-output")
+    d.add_argument("--num-samples", type=int, default=64)
+    d.add_argument("--executor", default="ray", choices=["ray", "local"])
+    i = sub.add_parser("inspect", help="summarise an output folder")
+    i.add_argument("output")
+    i.add_argument("--verify", action="store_true", help="check every committed file exists with its recorded row count")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, task: str) -> config_mod.JobConfig:
+    overrides = {}
+    for flag, (key, _) in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            overrides[key] = value
+    if args.batch_size is not None:
+        overrides["extract.batch_size" if task == "extract" else "generate.batch_size"] = args.batch_size
+    if args.storage_options:
+        try:
+            overrides["storage_options"] = json.loads(args.storage_options)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--storage-options is not valid JSON: {e.msg}") from None
+    return config_mod.load(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    from .driver import JobError, run_job
+
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.output, args.num_samples, args.executor)
+            return 0
+        if args.command == "inspect":
+            from .inspect import inspect
+
+            return inspect(args.output, verify=args.verify)
+        cfg = config_from_args(args, args.command)
+        summary = run_job(cfg, args.command)
+        print(json.dumps(summary, indent=2))
+        return 0
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, ManifestError: bad input, before any work
+        print(f"igpt-batch: error: {e}", file=sys.stderr)
+        return 2
+    except JobError as e:
+        print(f"igpt-batch: job failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Typed job configuration: dataclass defaults, YAML files and CLI flags override them, validated before any work."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SECRET_KEYS = ("key", "secret", "token", "password", "credential")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "demo"  # "demo", a local checkpoint folder, or a hub id such as openai/imagegpt-medium
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto picks CUDA when present, else cpu; or cpu / cuda / cuda:N
+
+
+@dataclass
+class InputConfig:
+    manifest: str | None = None  # Parquet/CSV/JSONL file, folder or glob of them, or a folder/glob of images
+    read_timeout: float = 30.0  # seconds per image fetch (HTTP and object storage)
+    max_bytes: int = 64 * 1024 * 1024  # larger image files are rejected as read errors
+    max_pixels: int = 64_000_000  # decompression-bomb limit, checked before decoding
+    draft: bool = False  # JPEG draft-mode decoding for sources much larger than n_px (approximate, faster)
+
+
+@dataclass
+class OutputConfig:
+    path: str | None = None  # local folder or any fsspec URL (s3://bucket/prefix)
+    overwrite: bool = False  # replace an existing output written with an incompatible config
+    write_png_files: bool = False  # generate/complete: also write each sample as pngs/<name>.png
+    contact_sheet: int = 64  # generate/complete: put the first N samples in contact_sheet.png (0 = none)
+    preview: int = 0  # extract: write preview.png with the first N inputs beside their quantised versions
+
+
+@dataclass
+class ExtractConfig:
+    layers: list[int] = field(default_factory=list)  # empty = n_layer // 2 (the paper's best probes are mid-network)
+    batch_size: int = 32
+
+
+@dataclass
+class GenerateConfig:
+    num_samples: int = 64  # generate: seeds seed .. seed+num_samples-1
+    seed: int = 0  # first seed; one seed names one image
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off; larger than the vocabulary is clamped
+    top_p: float = 1.0  # 1 = off
+    batch_size: int = 16
+    prompt_rows: int = 0  # complete: keep the top R pixel rows of each image
+    samples_per_image: int = 1  # complete: K completions per image
+
+
+@dataclass
+class RunConfig:
+    workers: int = 1  # actors, each holding one model replica
+    shard_size: int = 1024  # rows (or seeds) per shard: the unit of output, commit and retry
+    address: str | None = None  # Ray address; None joins RAY_ADDRESS / the job's cluster, else starts a local Ray
+    executor: str = "ray"  # ray | local (in-process, no Ray: same code path, for debugging)
+    cpus_per_worker: float = 1.0  # Ray CPU resources per actor (fractional is fine)
+    gpus_per_worker: float | None = None  # None = 1 when the cluster has GPUs and device is not cpu, else 0
+    torch_threads: int = 0  # per-actor torch threads (0 = torch default)
+    max_retries: int = 3  # attempts per shard after the first, on actor death or shard failure
+    max_error_fraction: float = 1.0  # fail the job when more than this fraction of input rows are errors
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint, keys); never logged or saved
+
+    def to_dict(self, redact: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        if redact:
+            d["storage_options"] = redact_secrets(d["storage_options"])
+        return d
+
+
+def redact_secrets(obj: Any) -> Any:
+    """Replace values of secret-looking keys with '***' so configs can be logged and saved."""
+    if isinstance(obj, dict):
+        return {k: "***" if any(s in str(k).lower() for s in SECRET_KEYS) else redact_secrets(v) for k, v in obj.items()}
+    return obj
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Coerce/validate one value against a field type; raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def apply(cfg: JobConfig, overrides: dict, prefix: str = "") -> JobConfig:
+    """Apply a nested dict of overrides in place; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(type(cfg))
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key '{name}' (known keys here: {known})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping of settings, got {value!r}")
+            apply(current, value, prefix=f"{name}.")
+        else:
+            setattr(cfg, key, _check_type(name, value, hints[key]))
+    return cfg
+
+
+def set_dotted(cfg: JobConfig, dotted: str, value: Any) -> None:
+    """Apply one 'section.key' override (used for CLI flags)."""
+    parts = dotted.split(".")
+    nested: dict = {parts[-1]: value}
+    for p in reversed(parts[:-1]):
+        nested = {p: nested}
+    apply(cfg, nested)
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Defaults <- YAML file <- dotted overrides; then validate."""
+    import yaml
+
+    cfg = JobConfig()
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        apply(cfg, data)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: JobConfig) -> None:
+    """Value checks that need no model or data; raise ConfigError naming the key."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} {msg}")
+
+    need(cfg.model.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}")
+    d = cfg.model.device
+    need(d in ("auto", "cpu", "cuda") or d.startswith("cuda:"), "model.device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
+    need(all(l >= 0 for l in cfg.extract.layers), "extract.layers", f"must be >= 0, got {cfg.extract.layers}")
+    need(cfg.extract.batch_size >= 1, "extract.batch_size", "must be >= 1")
+    g = cfg.generate
+    need(g.num_samples >= 0, "generate.num_samples", "must be >= 0")
+    need(g.batch_size >= 1, "generate.batch_size", "must be >= 1")
+    need(g.temperature >= 0, "generate.temperature", f"must be >= 0 (0 = greedy), got {g.temperature}")
+    need(g.top_k >= 0, "generate.top_k", f"must be >= 0 (0 = off), got {g.top_k}")
+    need(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
+    need(g.prompt_rows >= 0, "generate.prompt_rows", "must be >= 0")
+    need(g.samples_per_image >= 1, "generate.samples_per_image", "must be >= 1")
+    r = cfg.run
+    need(r.workers >= 1, "run.workers", "must be >= 1")
+    need(r.shard_size >= 1, "run.shard_size", "must be >= 1")
+    need(r.executor in ("ray", "local"), "run.executor", f"must be ray or local, got {r.executor!r}")
+    need(r.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
+    need(r.max_retries >= 0, "run.max_retries", "must be >= 0")
+    need(0 <= r.max_error_fraction <= 1, "run.max_error_fraction", "must be in [0, 1]")
+    need(cfg.input.read_timeout > 0, "input.read_timeout", "must be > 0")
+    need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

@@ -1,0 +1,306 @@
+"""Colour palette: nearest-cluster tokenisation (bit-exact with HF), tokens -> RGB -> PNG, k-means, picture grids."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+
+# Work on at most this many distance-matrix entries at a time (rows x clusters), so memory stays
+# bounded (~16 MB per float32 temporary) whatever the number of colours.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _normalize_lut() -> np.ndarray:
+    # HF: rescale does float64(x) * (1/255) then casts to float32; normalize then does
+    # (x - 0.5) / 0.5 in float32. Reproduce both steps for every possible uint8 value.
+    v = (np.arange(256, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    half = np.float32(0.5)
+    return (v - half) / half
+
+
+_NORM_LUT = _normalize_lut()  # float32 (256,)
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 in [-1, 1], bit-identical to ImageGPTImageProcessor's rescale + normalize."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        raise TypeError(f"normalize expects uint8 RGB, got {rgb.dtype}")
+    return _NORM_LUT[rgb]
+
+
+def _check_clusters(clusters) -> np.ndarray:
+    # Keep the caller's dtype: HF computes in whatever dtype np.array(clusters) has
+    # (float32 clusters -> float32 distances, float64 -> float64), and ties depend on it.
+    c = np.asarray(clusters)
+    if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] < 1:
+        raise ValueError(f"clusters must have shape (K, 3), got {c.shape}")
+    return c
+
+
+def _unique_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (..., 3) -> (unique colours uint8 (U, 3), inverse (N,) index of each pixel's colour)."""
+    flat = rgb.reshape(-1, 3).astype(np.uint32)
+    packed = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2]  # (N,) 24-bit colour
+    uniq, inverse = np.unique(packed, return_inverse=True)
+    colours = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], axis=1).astype(np.uint8)
+    return colours, inverse.reshape(-1)
+
+
+def _chunks(n: int, rows: int):
+    """Row ranges of about `rows`, never a 1-row range when n >= 2.
+
+    A single-row matmul goes through BLAS gemv, which rounds differently from the gemm HF's
+    whole-image matmul uses, so a lone row could flip a near-tie.
+    """
+    start = 0
+    while start < n:
+        stop = min(n, start + rows)
+        if n - stop == 1:
+            stop = n
+        yield start, stop
+        start = stop
+
+
+def _nearest(x: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """float32 (U, 3) normalised colours -> int64 (U,) nearest cluster, with HF's exact formula.
+
+    HF (image_processing_pil_imagegpt.squared_euclidean_distance):
+        b = clusters.T; a2 = sum(a^2, axis=1); b2 = sum(b^2, axis=0)
+        d = a2[:, None] - 2 * (a @ b) + b2[None, :];  argmin(d, axis=1)
+    Each entry of d depends only on its own row and cluster, so evaluating it on unique colours
+    in row chunks gives the same bits as HF evaluating it on every pixel at once.
+    """
+    if len(x) == 1:  # avoid the gemv path (see _chunks)
+        return _nearest(np.repeat(x, 2, axis=0), clusters)[:1]
+    b = clusters.T  # (3, K) view, as in HF (BLAS sees the same transposed layout)
+    b2 = np.sum(np.square(b), axis=0)  # (K,)
+    out = np.empty(len(x), dtype=np.int64)
+    for start, stop in _chunks(len(x), max(2, _CHUNK_ELEMS // clusters.shape[0])):
+        a = x[start:stop]
+        a2 = np.sum(np.square(a), axis=1)
+        ab = np.matmul(a, b)
+        d = a2[:, None] - 2 * ab + b2[None, :]  # (rows, K)
+        out[start:stop] = np.argmin(d, axis=1)
+    return out
+
+
+def _as_batch(rgb) -> tuple[np.ndarray, bool]:
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim not in (3, 4) or rgb.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) or (B, H, W, 3), got {rgb.dtype} {rgb.shape}")
+    return (rgb[None], True) if rgb.ndim == 3 else (rgb, False)
+
+
+def tokenize(rgb: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> int64 (B, H*W) nearest-cluster ids ((H, W, 3) -> (H*W,)).
+
+    Equals ImageGPTImageProcessor's input_ids bit for bit for the same clusters (already-resized
+    input). The answer depends only on the RGB triple, so distances are computed once per
+    unique colour (a 32x32 photo has ~1000 pixels but often far fewer colours).
+    """
+    batch, single = _as_batch(rgb)
+    clusters = _check_clusters(clusters)
+    colours, inverse = _unique_colours(batch)
+    ids = _nearest(normalize(colours), clusters)  # (U,)
+    tokens = ids[inverse].reshape(batch.shape[0], -1)
+    return tokens[0] if single else tokens
+
+
+def tokenize_torch(rgb: np.ndarray, clusters: np.ndarray, device=None) -> np.ndarray:
+    """Same result as tokenize(), with the distance matrix computed by torch on `device` (default: GPU if any).
+
+    Device arithmetic (no FMA, other summation order) can round differently from numpy's BLAS,
+    so only clear winners are taken from the device; colours whose best and second-best
+    distances are within a few float32 ulps are re-decided by the exact numpy path.
+    """
+    import torch  # lazy: this module must stay importable without torch
+
+    batch, single = _as_batch(rgb)
+    clusters = _check_clusters(clusters)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    colours, inverse = _unique_colours(batch)
+    x = normalize(colours)  # float32 (U, 3)
+    k = clusters.shape[0]
+    if k == 1:
+        ids = np.zeros(len(x), dtype=np.int64)
+    else:
+        xt = torch.from_numpy(x).to(device)
+        ct = torch.from_numpy(np.ascontiguousarray(clusters, dtype=np.float32)).to(device)
+        c2 = (ct * ct).sum(dim=1)  # (K,)
+        # Margin: 64 ulps of the largest term of |x|^2 - 2x.c + |c|^2; real rounding gaps are a few ulps.
+        scale = 3.0 + 2.0 * (3.0 * float(c2.max())) ** 0.5 + float(c2.max())
+        margin = 64 * float(np.finfo(np.float32).eps) * scale
+        ids = np.empty(len(x), dtype=np.int64)
+        gaps = np.empty(len(x), dtype=np.float32)  # (U,) second-best minus best distance
+        for start, stop in _chunks(len(x), max(2, _CHUNK_ELEMS // k)):
+            a = xt[start:stop]
+            # Elementwise dot product rather than matmul: no TF32 on GPUs, plain float32 everywhere.
+            ab = (a[:, None, :] * ct[None, :, :]).sum(dim=2)  # (rows, K)
+            d = (a * a).sum(dim=1)[:, None] - 2 * ab + c2[None, :]
+            top = torch.topk(d, 2, dim=1, largest=False)  # sorted ascending
+            ids[start:stop] = top.indices[:, 0].cpu().numpy()
+            gaps[start:stop] = (top.values[:, 1] - top.values[:, 0]).cpu().numpy()
+        close = gaps <= margin
+        if close.any():  # near-ties: let the exact numpy formula decide
+            ids[close] = _nearest(x[close], clusters)
+    tokens = ids[inverse].reshape(batch.shape[0], -1)
+    return tokens[0] if single else tokens
+
+
+def cluster_colours(clusters: np.ndarray) -> np.ndarray:
+    """float (K, 3) in [-1, 1] -> uint8 (K, 3) display colours: round((c + 1) * 127.5), clipped."""
+    c = _check_clusters(clusters).astype(np.float64)
+    return np.clip(np.rint((c + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def detokenize(tokens: np.ndarray, clusters: np.ndarray, n_px: int) -> np.ndarray:
+    """int (B, n_px*n_px) -> uint8 (B, n_px, n_px, 3); a 1-D (n_px*n_px,) input gives (n_px, n_px, 3)."""
+    tokens = np.asarray(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    single = tokens.ndim == 1
+    batch = tokens[None] if single else tokens
+    if batch.ndim != 2 or batch.shape[1] != n_px * n_px:
+        raise ValueError(f"tokens must have shape (B, {n_px * n_px}), got {tokens.shape}")
+    colours = cluster_colours(clusters)  # (K, 3)
+    if batch.size and (batch.min() < 0 or batch.max() >= len(colours)):
+        raise ValueError(f"token ids must be in [0, {len(colours)}) (SOS is not a colour)")
+    out = colours[batch].reshape(batch.shape[0], n_px, n_px, 3)
+    return out[0] if single else out
+
+
+def to_png(rgb: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes."""
+    from PIL import Image
+
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"to_png expects uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def palette_hash(clusters: np.ndarray) -> str:
+    """First 16 hex chars of sha256 over the clusters as float32 little-endian bytes."""
+    c = np.ascontiguousarray(np.asarray(clusters), dtype="<f4")
+    return hashlib.sha256(c.tobytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- k-means
+
+
+def _assign(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """float32 (U, 3), (k, 3) -> int64 (U,) index of the nearest centre, in row chunks.
+
+    |x|^2 is the same for every centre of a row, so argmin only needs |c|^2 - 2 x.c;
+    float32 is plenty for fitting and halves the memory traffic.
+    """
+    labels = np.empty(len(x), dtype=np.int64)
+    c2 = np.sum(centres**2, axis=1)  # (k,)
+    for start, stop in _chunks(len(x), max(2, _CHUNK_ELEMS // len(centres))):
+        d = x[start:stop] @ centres.T  # (rows, k)
+        d *= -2
+        d += c2
+        labels[start:stop] = np.argmin(d, axis=1)
+    return labels
+
+
+def _pick(weights: np.ndarray, rng: np.random.Generator) -> int:
+    # Sample an index with probability proportional to weights (cumsum is robust to tiny totals).
+    cdf = np.cumsum(weights)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def _kmeans_pp(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Weighted k-means++ seeding over unique colours x (U, 3) with pixel counts w (U,)."""
+    centres = np.empty((k, 3), dtype=np.float64)
+    centres[0] = x[_pick(w, rng)]
+    d2 = np.sum((x - centres[0]) ** 2, axis=1)  # (U,) distance to the closest centre so far
+    for i in range(1, k):
+        p = w * d2
+        # Every colour already is a centre (fewer unique colours than k): duplicate one by weight.
+        centres[i] = x[_pick(p if p.sum() > 0 else w, rng)]
+        d2 = np.minimum(d2, np.sum((x - centres[i]) ** 2, axis=1))
+    return centres
+
+
+def fit_palette(pixels: np.ndarray, k: int, seed: int = 0, iters: int = 50, sample: int = 200_000) -> np.ndarray:
+    """k-means palette of uint8 pixels (N, 3) or (..., 3) -> float32 (k, 3) in [-1, 1], sorted by luminance.
+
+    k-means++ seeding then Lloyd iterations, numpy only, deterministic for a seed. At most `sample`
+    pixels are used; they are collapsed to unique colours weighted by count (same objective, less
+    work). Fewer unique colours than k gives duplicated centres, never NaN.
+    """
+    px = np.asarray(pixels)
+    if px.dtype != np.uint8 or px.shape[-1] != 3:
+        raise ValueError(f"fit_palette expects uint8 (..., 3) pixels, got {px.dtype} {px.shape}")
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    px = px.reshape(-1, 3)
+    if len(px) == 0:
+        raise ValueError("fit_palette needs at least one pixel")
+    rng = np.random.default_rng(seed)
+    if len(px) > sample:
+        px = px[np.sort(rng.choice(len(px), size=sample, replace=False))]
+    colours, inverse = _unique_colours(px)
+    w = np.bincount(inverse, minlength=len(colours)).astype(np.float64)  # (U,) pixel counts
+    x = normalize(colours).astype(np.float64)  # (U, 3)
+
+    centres = _kmeans_pp(x, w, k, rng)
+    x32 = x.astype(np.float32)
+    for _ in range(iters):
+        labels = _assign(x32, centres.astype(np.float32))
+        count = np.bincount(labels, weights=w, minlength=k)  # (k,)
+        sums = np.stack([np.bincount(labels, weights=w * x[:, j], minlength=k) for j in range(3)], axis=1)
+        new = centres.copy()  # empty clusters keep their centre
+        filled = count > 0
+        new[filled] = sums[filled] / count[filled, None]
+        shift = np.max(np.abs(new - centres))
+        centres = new
+        if shift < 1e-7:
+            break
+
+    out = np.clip(centres, -1.0, 1.0).astype(np.float32)
+    lum = 0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]
+    order = np.lexsort((out[:, 2], out[:, 1], out[:, 0], lum))  # luminance, then R, G, B for ties
+    return out[order]
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def grid(images: list[np.ndarray], ncols: int, scale: int = 4, pad: int = 2) -> np.ndarray:
+    """Contact sheet: uint8 RGB images -> one uint8 (H, W, 3) picture on white.
+
+    Every image is upscaled by `scale` with nearest-neighbour (each pixel becomes a scale x scale
+    block, so tokens stay crisp) and placed top-left in a cell sized for the largest image;
+    cells are separated and surrounded by `pad` white pixels. ncols is capped at len(images).
+    """
+    if not images:
+        raise ValueError("grid needs at least one image")
+    if scale < 1 or pad < 0 or ncols < 1:
+        raise ValueError("need scale >= 1, pad >= 0, ncols >= 1")
+    pics = []
+    for im in images:
+        im = np.asarray(im)
+        if im.ndim == 2:  # grayscale convenience
+            im = np.repeat(im[:, :, None], 3, axis=2)
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"grid expects uint8 (h, w, 3) images, got {im.dtype} {im.shape}")
+        pics.append(im)
+    ncols = min(ncols, len(pics))
+    nrows = -(-len(pics) // ncols)
+    cell_h = max(p.shape[0] for p in pics) * scale
+    cell_w = max(p.shape[1] for p in pics) * scale
+    sheet = np.full((nrows * cell_h + (nrows + 1) * pad, ncols * cell_w + (ncols + 1) * pad, 3), 255, np.uint8)
+    for i, im in enumerate(pics):
+        r, c = divmod(i, ncols)
+        y, x = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
+        big = np.repeat(np.repeat(im, scale, axis=0), scale, axis=1)  # (h*scale, w*scale, 3)
+        sheet[y : y + big.shape[0], x : x + big.shape[1]] = big
+    return sheet

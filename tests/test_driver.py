@@ -1,0 +1,138 @@
+"""End-to-end jobs through the driver: in-process and on a real local Ray, resume, and config refusal."""
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import write_manifest
+from igpt_batch import config, images, palette
+from igpt_batch.driver import JobError, run_job
+from igpt_batch.model import load_model
+from igpt_batch.storage import OutputFolder, read_output
+
+
+def cfg_for(ckpt, out, **over):
+    base = {"model.name": ckpt, "output.path": str(out), "run.shard_size": 4, "extract.batch_size": 3,
+            "output.contact_sheet": 0}
+    return config.load(None, {**base, **over})
+
+
+@pytest.fixture(scope="module")
+def manifest(image_dir, tmp_path_factory):
+    uris = sorted(str(p) for p in image_dir.iterdir())  # 8 good images, 2 broken
+    return str(write_manifest(tmp_path_factory.mktemp("m") / "m.parquet", uris, [f"img{i}" for i in range(len(uris))]))
+
+
+def expected_features(ckpt, uris, layers):
+    model = load_model(ckpt, "fp32", "cpu")
+    rgb = np.stack([images.load_rgb(u, model.n_px)[0] for u in uris])
+    with torch.inference_mode():
+        return model.features(torch.from_numpy(palette.tokenize(rgb, model.clusters)), layers).numpy()
+
+
+def test_extract_on_local_ray_with_errors_resume_and_readers(ray_local, tiny_ckpt, manifest, tmp_path):
+    out = tmp_path / "out"
+    cfg = cfg_for(tiny_ckpt, out, **{"input.manifest": manifest, "extract.layers": [1, 3], "run.workers": 2,
+                                     "run.cpus_per_worker": 0.5, "output.preview": 3})
+    summary = run_job(cfg, "extract")
+    assert summary["shards"] == 3 and summary["shards_run"] == 3
+    assert summary["rows"] == {"embeddings": 8, "errors": 2}
+    assert sum(summary["errors_by_reason"].values()) == 2
+    emb = read_output(str(out), "embeddings").sort_by("id")
+    assert emb.num_rows == 8 and emb.schema.field("embedding").type.list_size == 2 * 32
+    meta = emb.schema.metadata
+    assert meta[b"layers"] == b"1,3" and meta[b"palette_hash"] and meta[b"weights_fingerprint"]
+    want = expected_features(tiny_ckpt, emb.column("uri").to_pylist(), [1, 3])
+    np.testing.assert_allclose(np.stack(emb.column("embedding").to_numpy(zero_copy_only=False)), want, atol=1e-5)
+    errs = read_output(str(out), "errors")
+    assert sorted(p.rsplit("/", 1)[-1] for p in errs.column("uri").to_pylist()) == ["text.jpg", "truncated.jpg"]
+    assert set(errs.column("stage").to_pylist()) == {"decode"}
+    # sizes are of the source image
+    sizes = dict(zip(emb.column("uri").to_pylist(), zip(emb.column("width").to_pylist(), emb.column("height").to_pylist())))
+    assert sizes[[u for u in sizes if u.endswith("astronaut.jpg")][0]] == (512, 512)
+    # standard readers see the same rows directly
+    assert len(pd.read_parquet(out / "embeddings")) == 8
+    assert duckdb.sql(f"select count(*) from '{out}/embeddings/*.parquet'").fetchall()[0][0] == 8
+    assert (out / "_SUCCESS").exists() and (out / "preview.png").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    # a rerun recomputes nothing; removing one commit marker recomputes exactly that shard
+    commits = OutputFolder(str(out)).committed()
+    again = run_job(cfg, "extract")
+    assert (again["shards_skipped"], again["shards_run"]) == (3, 0)
+    (out / "_commits" / "part-00001.json").unlink()
+    again = run_job(cfg, "extract")
+    assert (again["shards_skipped"], again["shards_run"]) == (2, 1)
+    after = OutputFolder(str(out)).committed()
+    assert after["part-00000"] == commits["part-00000"] and after["part-00002"] == commits["part-00002"]
+    assert read_output(str(out), "embeddings").num_rows == 8  # replaced, not appended
+
+    # an incompatible rerun refuses, naming what changed; --overwrite replaces
+    with pytest.raises(JobError, match="layers"):
+        run_job(cfg_for(tiny_ckpt, out, **{"input.manifest": manifest, "extract.layers": [2], "run.executor": "local"}), "extract")
+    s = run_job(cfg_for(tiny_ckpt, out, **{"input.manifest": manifest, "extract.layers": [2], "run.executor": "local",
+                                             "output.overwrite": True}), "extract")
+    assert s["shards_run"] == 3 and read_output(str(out), "embeddings").schema.metadata[b"layers"] == b"2"
+
+
+def test_generate_same_seeds_same_images_across_workers_batches_and_shards(ray_local, tiny_ckpt, tmp_path):
+    common = {"generate.num_samples": 10, "generate.seed": 100, "generate.temperature": 1.0, "generate.top_k": 8}
+    a = run_job(cfg_for(tiny_ckpt, tmp_path / "a", **common, **{"run.executor": "local", "generate.batch_size": 3,
+                                                                  "run.shard_size": 4, "output.contact_sheet": 6}), "generate")
+    b = run_job(cfg_for(tiny_ckpt, tmp_path / "b", **common, **{"run.workers": 2, "run.cpus_per_worker": 0.5,
+                                                                  "generate.batch_size": 8, "run.shard_size": 5,
+                                                                  "output.write_png_files": True}), "generate")
+    assert a["rows"]["samples"] == b["rows"]["samples"] == 10
+    ta, tb = (read_output(str(tmp_path / x), "samples").sort_by("seed") for x in "ab")
+    assert ta.column("seed").to_pylist() == list(range(100, 110))
+    assert ta.column("tokens").to_pylist() == tb.column("tokens").to_pylist()
+    assert ta.column("png").to_pylist() == tb.column("png").to_pylist()
+    assert (tmp_path / "a" / "contact_sheet.png").exists()
+    assert (tmp_path / "b" / "pngs" / "seed-000000000105.png").read_bytes() == tb.column("png")[5].as_py()
+    tokens = np.array(ta.column("tokens").to_pylist())
+    assert tokens.shape == (10, 64) and tokens.max() < 16 and len({tuple(t) for t in tokens}) > 1
+
+
+def test_complete_keeps_the_prompt_rows(tiny_ckpt, image_dir, tmp_path):
+    uris = [str(image_dir / n) for n in ("astronaut.jpg", "coffee-small.png", "text.jpg")]
+    manifest = write_manifest(tmp_path / "m.parquet", uris, ["astro", "coffee", "bad"])
+    cfg = cfg_for(tiny_ckpt, tmp_path / "c", **{"input.manifest": str(manifest), "run.executor": "local",
+                                                 "generate.prompt_rows": 3, "generate.samples_per_image": 3,
+                                                 "generate.batch_size": 4, "output.contact_sheet": 4})
+    s = run_job(cfg, "complete")
+    assert s["rows"] == {"samples": 6, "errors": 1}
+    t = read_output(str(tmp_path / "c"), "samples")
+    model = load_model(tiny_ckpt, "fp32", "cpu")
+    for pid, uri in (("astro", uris[0]), ("coffee", uris[1])):
+        prompt = palette.tokenize(images.load_rgb(uri, 8)[0], model.clusters)[:24]
+        rows = [r for r in t.to_pylist() if r["prompt_id"] == pid]
+        assert sorted(r["sample_index"] for r in rows) == [0, 1, 2]
+        for r in rows:
+            assert r["tokens"][:24] == prompt.tolist()
+    assert len({r["seed"] for r in t.to_pylist()}) == 6
+    assert (tmp_path / "c" / "contact_sheet.png").exists()
+
+
+def test_bad_manifest_and_layers_fail_before_any_work(tiny_ckpt, tmp_path):
+    from igpt_batch.config import ConfigError
+    from igpt_batch.manifest import ManifestError
+
+    (tmp_path / "m.csv").write_text("id,path\na,b\n")
+    with pytest.raises(ManifestError, match="uri"):
+        run_job(cfg_for(tiny_ckpt, tmp_path / "o", **{"input.manifest": str(tmp_path / "m.csv")}), "extract")
+    with pytest.raises(ConfigError, match="extract.layers"):
+        run_job(cfg_for(tiny_ckpt, tmp_path / "o", **{"input.manifest": str(tmp_path / "m.csv"), "extract.layers": [9]}), "extract")
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_max_error_fraction_fails_but_keeps_commits(tiny_ckpt, image_dir, tmp_path):
+    uris = [str(image_dir / n) for n in ("astronaut.jpg", "text.jpg", "truncated.jpg")]
+    manifest = write_manifest(tmp_path / "m.parquet", uris)
+    cfg = cfg_for(tiny_ckpt, tmp_path / "o", **{"input.manifest": str(manifest), "run.executor": "local",
+                                                 "run.max_error_fraction": 0.5, "run.shard_size": 1})
+    with pytest.raises(JobError, match="2 of 3 input rows failed"):
+        run_job(cfg, "extract")
+    assert read_output(str(tmp_path / "o"), "embeddings").num_rows == 1
+    assert (tmp_path / "o" / "_FAILED").exists() and not (tmp_path / "o" / "_SUCCESS").exists()

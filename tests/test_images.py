@@ -1,0 +1,333 @@
+"""Tests for igpt_batch.images on real files, a real HTTP server and the real HF processor."""
+
+import functools
+import http.server
+import io
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+import warnings
+import zlib
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from igpt_batch import images, palette
+from igpt_batch.images import ImageError
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _write(path, payload: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(payload)
+    return os.fsdecode(path)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h RGB pixels but carries no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b"")
+
+
+def _decode_err(payload: bytes, **kw) -> ImageError:
+    with pytest.raises(ImageError) as e:
+        images.decode(payload, **kw)
+    assert e.value.stage == "decode"
+    return e.value
+
+
+def _read_err(uri: str, **kw) -> ImageError:
+    with pytest.raises(ImageError) as e:
+        images.read_bytes(uri, **kw)
+    assert e.value.stage == "read"
+    return e.value
+
+
+def _hf_ids(clusters, arrays, n_px):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision fallback notice
+        from transformers import ImageGPTImageProcessor
+
+        proc = ImageGPTImageProcessor(clusters=clusters, size={"height": n_px, "width": n_px})
+    return proc(images=arrays, return_tensors="np")["input_ids"]
+
+
+# ----------------------------------------------------------------------------- decoding modes
+
+
+def test_png_and_jpeg(tmp_path):
+    photo = data.astronaut()[::4, ::4]  # (128, 128, 3)
+    png = _write(tmp_path / "a.png", _encode(Image.fromarray(photo), "PNG"))
+    jpg = _write(tmp_path / "a.jpg", _encode(Image.fromarray(photo), "JPEG", quality=95))
+    img = images.decode(images.read_bytes(png))
+    assert img.mode == "RGB" and np.array_equal(np.asarray(img), photo)
+    rgb, w, h = images.load_rgb(jpg, 32)
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8 and (w, h) == (128, 128)
+    assert np.abs(rgb.astype(int) - images.resize(Image.fromarray(photo), 32).astype(int)).mean() < 3
+    assert images.load_rgb("file://" + png, 8)[0].shape == (8, 8, 3)
+
+
+def test_grayscale_rgba_la_and_palette_transparency():
+    gray = _encode(Image.new("L", (6, 5), 77), "PNG")
+    assert np.all(np.asarray(images.decode(gray)) == 77)
+    la = _encode(Image.new("LA", (6, 5), (90, 0)), "PNG")
+    assert np.all(np.asarray(images.decode(la)) == 90)
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:2] = (10, 20, 30, 0)  # fully transparent: alpha dropped, stored colour kept
+    rgba[2:] = (200, 100, 50, 255)
+    payload = _encode(Image.fromarray(rgba, "RGBA"), "PNG")
+    got = np.asarray(images.decode(payload))
+    assert np.array_equal(got, rgba[..., :3])
+    with Image.open(io.BytesIO(payload)) as ref:
+        assert np.array_equal(got, np.asarray(ref.convert("RGB")))  # same as a plain convert("RGB")
+
+    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    payload = _encode(pal, "PNG", transparency=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "palette images with transparency" warning either
+        got = np.asarray(images.decode(payload))
+    assert got.tolist() == [[[10, 20, 30], [200, 100, 50]], [[200, 100, 50], [10, 20, 30]]]
+
+
+def test_cmyk_jpeg():
+    payload = _encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
+    with Image.open(io.BytesIO(payload)) as raw:
+        assert raw.mode == "CMYK"
+    img = images.decode(payload)
+    assert img.mode == "RGB"
+    assert np.abs(np.asarray(img).astype(int) - [255, 0, 0]).max() <= 8
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    a = np.array([[0, 257, 32896, 65535]], np.uint16)
+    payload = _encode(Image.fromarray(a), "PNG")
+    with Image.open(io.BytesIO(payload)) as raw:
+        assert raw.mode.startswith("I")  # really 16-bit on disk
+    got = np.asarray(images.decode(payload))
+    assert got.shape == (1, 4, 3)
+    assert got[0, :, 0].tolist() == [0, 1, 128, 255] and (got == got[..., :1]).all()
+    full = _encode(Image.fromarray(np.full((3, 3), 65535, np.uint16)), "PNG")
+    assert (np.asarray(images.decode(full)) == 255).all()
+
+
+def test_one_pixel_image(tmp_path):
+    uri = _write(tmp_path / "one.png", _encode(Image.new("RGB", (1, 1), (12, 34, 56)), "PNG"))
+    assert images.decode(images.read_bytes(uri)).size == (1, 1)
+    rgb, w, h = images.load_rgb(uri, 4)
+    assert (w, h) == (1, 1) and (rgb == [12, 34, 56]).all()
+
+
+def test_animated_gif_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    payload = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    with Image.open(io.BytesIO(payload)) as raw:
+        assert raw.n_frames == 3
+    assert (np.asarray(images.decode(payload)) == [255, 0, 0]).all()
+
+
+def test_exif_rotated_jpeg(tmp_path):
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = (255, 0, 0)  # left half red
+    a[:, 20:] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    uri = _write(tmp_path / "rot.jpg", _encode(Image.fromarray(a), "JPEG", quality=95, exif=exif.tobytes()))
+    img = images.decode(images.read_bytes(uri))
+    assert img.size == (20, 40)  # width/height swapped
+    got = np.asarray(img).astype(int)
+    assert np.abs(got[:15] - [255, 0, 0]).max() < 40  # old left (red) is now the top
+    assert np.abs(got[25:] - [0, 0, 255]).max() < 40
+    _, w, h = images.load_rgb(uri, 8)
+    assert (w, h) == (20, 40)
+
+
+# ----------------------------------------------------------------------------- decode errors
+
+
+def test_truncated_empty_and_non_image(tmp_path):
+    jpg = _encode(Image.fromarray(data.coffee()), "JPEG", quality=90)
+    assert "truncated" in str(_decode_err(jpg[: len(jpg) // 2]))
+    empty = _write(tmp_path / "empty.jpg", b"")
+    with pytest.raises(ImageError) as e:
+        images.load_rgb(empty, 8)
+    assert e.value.stage == "decode" and "empty" in str(e.value)
+    text = _write(tmp_path / "notes.jpg", b"this is not a jpeg\n" * 10)
+    with pytest.raises(ImageError) as e:
+        images.load_rgb(text, 8)
+    assert e.value.stage == "decode" and "not a recognised image" in e.value.reason
+
+
+def test_decompression_bomb_rejected_before_decoding():
+    # Header-only PNGs: decoding would fail differently ("truncated"), so "too large" proves
+    # the size check ran first.
+    assert "corrupt or truncated" in _decode_err(_png_header_only(100, 100)).reason
+    assert "too large" in _decode_err(_png_header_only(100, 100), max_pixels=9_999).reason
+    assert "too large" in _decode_err(_png_header_only(9_000, 9_000)).reason  # 81M > our 64M default
+    assert "too large" in _decode_err(_png_header_only(100_000, 100_000)).reason  # PIL's own bomb error
+    # A real, valid 80-megapixel 1-bit PNG (tiny on disk): rejected from its header, fast.
+    payload = _encode(Image.new("1", (20_000, 4_000)), "PNG")
+    assert len(payload) < 1_000_000
+    t0 = time.perf_counter()
+    err = _decode_err(payload)
+    assert "20000x4000" in err.reason and time.perf_counter() - t0 < 1.0
+
+
+def test_tiny_png_with_low_limit():
+    payload = _encode(Image.new("RGB", (10, 10)), "PNG")
+    assert images.decode(payload, max_pixels=100).size == (10, 10)
+    assert "too large" in _decode_err(payload, max_pixels=99).reason
+
+
+# ----------------------------------------------------------------------------- read errors and paths
+
+
+def test_read_errors(tmp_path):
+    err = _read_err(str(tmp_path / "missing.png"))
+    assert err.reason.startswith("file not found:") and "missing.png" in str(err)
+    assert "is a directory" in _read_err(str(tmp_path)).reason
+    big = _write(tmp_path / "big.png", _encode(Image.new("RGB", (64, 64)), "PNG") + b"\0" * 5000)
+    assert "too large" in _read_err(big, max_bytes=1000).reason
+    assert len(images.read_bytes(big, max_bytes=10_000)) > 5000
+
+
+def test_permission_denied(tmp_path):
+    uri = _write(tmp_path / "secret.png", _encode(Image.new("RGB", (2, 2)), "PNG"))
+    os.chmod(uri, 0)
+    try:
+        if os.access(uri, os.R_OK):  # root ignores file modes: then the read must simply work
+            assert images.decode(images.read_bytes(uri)).size == (2, 2)
+        else:
+            assert _read_err(uri).reason.startswith("permission denied:")
+    finally:
+        os.chmod(uri, 0o644)
+
+
+def test_paths_with_spaces_and_non_utf8_bytes(tmp_path):
+    png = _encode(Image.new("RGB", (3, 2), (1, 2, 3)), "PNG")
+    spaced = _write(tmp_path / "my photo (1).png", png)
+    assert images.load_rgb(spaced, 2)[1:] == (3, 2)
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xff image.png")
+    _write(raw, png)
+    name = os.fsdecode(raw)  # str with a surrogate escape for the 0xff byte
+    assert "\udcff" in name
+    assert images.read_bytes(name) == png
+    err = _read_err(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"gone\xff.png")))
+    str(err).encode("utf-8")  # the message is printable, surrogates are escaped
+
+
+def test_fsspec_memory_filesystem():
+    fs = fsspec.filesystem("memory")
+    png = _encode(Image.new("RGB", (5, 4), (9, 8, 7)), "PNG")
+    fs.pipe("/igpt-test/x.png", png)
+    try:
+        assert images.read_bytes("memory://igpt-test/x.png") == png
+        assert "too large" in _read_err("memory://igpt-test/x.png", max_bytes=10).reason
+        assert "file not found" in _read_err("memory://igpt-test/nope.png").reason
+    finally:
+        fs.rm("/igpt-test", recursive=True)
+
+
+def test_image_error_pickles():
+    e = pickle.loads(pickle.dumps(ImageError("read", "file not found: x")))
+    assert isinstance(e, ImageError) and (e.stage, e.reason, str(e)) == ("read", "file not found: x", "file not found: x")
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_ok_404_and_size(http_root):
+    root, base = http_root
+    png = _encode(Image.new("RGB", (7, 3), (40, 50, 60)), "PNG")
+    _write(root / "pic.png", png)
+    assert images.read_bytes(f"{base}/pic.png", timeout=5) == png
+    rgb, w, h = images.load_rgb(f"{base}/pic.png", 4, timeout=5)
+    assert (w, h) == (7, 3) and (rgb == [40, 50, 60]).all()
+    err = _read_err(f"{base}/nope.png?X-Amz-Signature=s3cr3t", timeout=5)
+    assert "HTTP 404" in err.reason and "s3cr3t" not in err.reason
+    assert "too large" in _read_err(f"{base}/pic.png", timeout=5, max_bytes=10).reason
+    err = _read_err(f"{base}/nope.png", timeout=5, storage_options={"headers": {"Authorization": "Bearer topsecret"}})
+    assert "topsecret" not in str(err)
+
+
+def test_http_server_that_never_answers_times_out():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)  # the kernel completes the handshake; nobody ever reads or replies
+    try:
+        t0 = time.perf_counter()
+        err = _read_err(f"http://127.0.0.1:{sock.getsockname()[1]}/x.png", timeout=1.5)
+        assert time.perf_counter() - t0 < 6
+        assert "timed out after 1.5s" in err.reason
+    finally:
+        sock.close()
+
+
+# ----------------------------------------------------------------------------- end to end vs HF
+
+
+def test_load_rgb_tokens_equal_processor(tmp_path):
+    clusters = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
+    sources = [data.astronaut(), data.coffee(), data.chelsea()[:300, :451], data.rocket()[100:150, 200:237]]
+    uris, decoded = [], []
+    for i, src in enumerate(sources):
+        uri = _write(tmp_path / f"p{i}.jpg", _encode(Image.fromarray(src), "JPEG", quality=90))
+        uris.append(uri)
+        decoded.append(np.asarray(images.decode(images.read_bytes(uri))))
+    assert len({d.shape for d in decoded}) == 4  # all different sizes, incl. a 50x37 one
+    for n_px in (32, 24):
+        ours = np.stack([palette.tokenize(images.load_rgb(u, n_px)[0], clusters) for u in uris])
+        assert np.array_equal(ours, _hf_ids(clusters, decoded, n_px))
+
+
+def test_draft_is_close_to_full_decode(tmp_path):
+    # Large JPEG (2048x1536, stored rotated by EXIF): draft decodes at 1/8 scale.
+    big = Image.fromarray(data.astronaut()).resize((2048, 1536), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    uri = _write(tmp_path / "big.jpg", _encode(big, "JPEG", quality=90, exif=exif.tobytes()))
+    payload = images.read_bytes(uri)
+    drafted = images.decode(payload, draft_size=32)
+    assert max(drafted.size) <= 512 and drafted.info["source_size"] == (1536, 2048)
+    full, w, h = images.load_rgb(uri, 32)
+    fast, wd, hd = images.load_rgb(uri, 32, draft=True)
+    assert (w, h) == (wd, hd) == (1536, 2048)
+    clusters = np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)
+    same = (palette.tokenize(full, clusters) == palette.tokenize(fast, clusters)).mean()
+    assert same >= 0.9, same
+    assert np.abs(full.astype(int) - fast.astype(int)).mean() < 2

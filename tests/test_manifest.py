@@ -1,0 +1,57 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from igpt_batch.manifest import ManifestError, Shard, plan_shards, read_manifest
+
+
+def test_plan_shards_is_a_pure_row_range_split():
+    shards = plan_shards(10, 4)
+    assert [(s.shard_id, s.start, s.stop) for s in shards] == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+    assert shards == plan_shards(10, 4) and shards[2].name == "part-00002" and len(shards[2]) == 2
+    assert [(s.start, s.stop) for s in plan_shards(5, 2, first=100)] == [(100, 102), (102, 104), (104, 105)]
+
+
+def test_parquet_csv_jsonl_and_relative_uris(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "uri": ["x/a.png", "/abs/b.png"]}), tmp_path / "m.parquet")
+    t = read_manifest(str(tmp_path / "m.parquet"))
+    assert t.column("id").to_pylist() == ["a", "b"]
+    assert t.column("uri").to_pylist() == [str(tmp_path / "x/a.png"), "/abs/b.png"]
+    (tmp_path / "m.csv").write_text("uri,label\ns3://bkt/1.jpg,3\nhttp://h/2.jpg,4\n")
+    t = read_manifest(str(tmp_path / "m.csv"))
+    assert t.column("id").to_pylist() == ["s3://bkt/1.jpg", "http://h/2.jpg"]  # id derived from uri
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "p1.jsonl").write_text("\n".join(json.dumps({"id": f"i{i}", "uri": f"/i{i}.png"}) for i in range(3)))
+    (tmp_path / "d" / "p2.jsonl").write_text(json.dumps({"id": "i9", "uri": "/i9.png"}))
+    assert read_manifest(str(tmp_path / "d")).column("id").to_pylist() == ["i0", "i1", "i2", "i9"]
+    assert read_manifest(str(tmp_path / "d" / "p*.jsonl")).num_rows == 4
+
+
+def test_folder_of_images(image_dir):
+    t = read_manifest(str(image_dir))
+    assert t.num_rows == 10 and all(u.startswith(str(image_dir)) for u in t.column("uri").to_pylist())
+    assert read_manifest(str(image_dir / "*.png")).num_rows == 4
+
+
+@pytest.mark.parametrize("content, match", [
+    ("uri\n", "empty"),
+    ("path,id\n/a.png,a\n", "no 'uri' column"),
+    ("id,uri\na,/1.png\na,/2.png\nb,/3.png\n", "duplicate ids"),
+])
+def test_manifest_faults_fail_fast(tmp_path, content, match):
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(ManifestError, match=match):
+        read_manifest(str(tmp_path / "m.csv"))
+
+
+def test_missing_and_unreadable_manifests(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(str(tmp_path / "nope.parquet"))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        read_manifest(str(tmp_path / "bad.parquet"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no manifest or image files"):
+        read_manifest(str(tmp_path / "empty"))
