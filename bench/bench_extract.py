@@ -233,6 +233,7 @@ def section_pipeline(model: IGPT, jpegs: list[bytes], batch: int, n_images: int,
          f"layer {layer}, 4 decode threads, torch threads {torch.get_num_threads()}")
     features_np(model, batches[0], [1])  # warm-up
     with tempfile.TemporaryDirectory() as out_dir, ThreadPoolExecutor(4, thread_name_prefix="decode") as pool:
+        run_pipeline(model, corpus[:2], 2, [1], out_dir, pool)  # warm-up: threads, codecs, Parquet writer (~0.2 s)
         t = best_interleaved({
             "bare": lambda: [features_np(model, b, [layer]) for b in batches],
             "e2e": lambda: run_pipeline(model, corpus, batch, [layer], out_dir, pool),
@@ -323,6 +324,8 @@ class ScaleActor:
 def section_scaling(shape: tuple, batch: int, calls: int, reps: int) -> float:
     import ray
 
+    if __name__ != "__main__":  # imported (not run as a script): ship this module's code to the actors
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

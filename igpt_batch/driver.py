@@ -84,7 +84,11 @@ def prepare(cfg: JobConfig, task: str):
 def open_output(cfg: JobConfig, keys: dict, job: dict) -> OutputFolder:
     """Check a previous run's _job.json against this one; refuse a mismatch unless overwrite."""
     out = OutputFolder(cfg.output.path, cfg.storage_options)
-    previous = out.read_json("_job.json")
+    try:
+        previous = out.read_json("_job.json")
+    except PermissionError:
+        # the message never carries storage options: they hold the keys
+        raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
     if previous is not None and cfg.output.overwrite:
         log.info("--overwrite: removing the previous output at %s", cfg.output.path)
         out.clear()

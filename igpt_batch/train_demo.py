@@ -25,7 +25,7 @@ def digits_rgb() -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(grey[..., None], 3, axis=-1), d.target
 
 
-def train(out: str, steps: int = 2500, n_embd: int = 64, n_layer: int = 4, n_head: int = 4,
+def train(out: str, steps: int = 3000, n_embd: int = 128, n_layer: int = 4, n_head: int = 4,
           batch_size: int = 64, lr: float = 3e-3, seed: int = 0, log_every: int = 100) -> dict:
     import torch
     import torch.nn.functional as F
@@ -77,7 +77,7 @@ def train(out: str, steps: int = 2500, n_embd: int = 64, n_layer: int = 4, n_hea
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=str(Path(__file__).parent / "demo_model"))
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=3000)
     a = p.parse_args()
     print(train(a.out, steps=a.steps))
 

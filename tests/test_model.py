@@ -261,3 +261,22 @@ def test_compiled_static_decode_path_matches(hf):
     assert model.compile_decode(backend="eager", mode=None, require_cuda=False)
     _check_decode(model, 31)
     assert model._compiled_decode is not None
+
+
+def test_load_model_from_local_safetensors_folder(tmp_path, hf, model):
+    import json
+
+    from igpt_batch.model import load_model
+
+    hf.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"clusters": clusters().tolist()}))
+    loaded = load_model(str(tmp_path), dtype="fp32", device="cpu")
+    assert loaded.dtype == torch.float32 and not loaded.hf.training
+    assert not any(p.requires_grad for p in loaded.hf.parameters())
+    np.testing.assert_array_equal(loaded.clusters, clusters())
+    tok = tokens(batch=2, seed=37)
+    torch.testing.assert_close(loaded.features(tok, [2]), model.features(tok, [2]), atol=1e-6, rtol=0)
+    assert load_model(str(tmp_path), dtype="bf16", device="cpu").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(str(tmp_path), dtype="fp8", device="cpu")

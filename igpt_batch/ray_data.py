@@ -1,0 +1,138 @@
+"""Ray Data integration: `Embedder`, a callable class for `Dataset.map_batches`.
+
+    import ray, igpt_batch.ray_data
+    ds = ray.data.read_binary_files("s3://bucket/images/", include_paths=True)
+    ds = ds.map_batches(
+        igpt_batch.ray_data.Embedder,
+        fn_constructor_kwargs={"model": "demo", "layers": [2], "dtype": "fp32", "device": "auto", "column": "bytes"},
+        compute=ray.data.ActorPoolStrategy(size=2), batch_size=64,
+        num_cpus=0.5,  # fractional: on a small machine whole-CPU actors can starve the read stage
+    )
+    ds.write_parquet("out/")
+
+Each output batch is the input batch (all columns, row order kept) plus
+  - "embedding": float32 (B, len(layers) * n_embd), the layers concatenated in the order given
+    (the same features as the batch job: mean over positions of ln_1 of block l's input);
+  - "error": "" for rows that worked, else "<stage>: <reason>" (stage "read" or "decode"); such rows
+    carry a NaN embedding. Rows are never dropped.
+
+No torch import at module import time: the model is loaded in Embedder.__init__, inside the actor.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from . import images, palette
+
+BYTES_TYPES = (bytes, bytearray, memoryview, np.bytes_)
+AUTO_COLUMNS = ("bytes", "path", "uri")
+
+
+class Embedder:
+    """Loads an ImageGPT once per actor; `__call__(batch)` adds "embedding" and "error" columns.
+
+    model: "demo", a local checkpoint folder or a hub id (see igpt_batch.checkpoint.resolve).
+    layers: feature layers (0..n_layer); empty/None means the job default n_layer // 2.
+    dtype: "fp32", "bf16" or "fp16"; device: "auto", "cpu", "cuda" or "cuda:N".
+    column: the input column. Values that are bytes are decoded directly (read_binary_files' "bytes");
+        strings are read as paths/URIs (local, file://, http(s)://, any fsspec URL) with
+        storage_options, read_timeout and max_bytes. None picks the first of "bytes", "path", "uri"
+        present in the batch.
+    model_batch_size: most images per model call (bounds memory whatever Ray's batch_size).
+    torch_threads: torch intra-op threads in this actor (0 leaves torch's default).
+    read_threads: threads decoding (and reading) images of a batch in parallel.
+    draft, max_pixels: as in igpt_batch.images.decode.
+    """
+
+    def __init__(self, model: str = "demo", layers: list[int] | None = None, dtype: str = "fp32",
+                 device: str = "auto", column: str | None = "bytes", model_batch_size: int = 64,
+                 torch_threads: int = 0, read_threads: int = 4, storage_options: dict | None = None,
+                 read_timeout: float = 30.0, max_bytes: int = images.DEFAULT_MAX_BYTES,
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS, draft: bool = False):
+        import torch
+
+        from .checkpoint import resolve_layers
+        from .model import load_model
+
+        if model_batch_size < 1:
+            raise ValueError(f"model_batch_size must be >= 1, got {model_batch_size}")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.model = load_model(model, dtype, device)
+        self.layers = resolve_layers(list(layers or []), self.model.n_layer)
+        self.dim = len(self.layers) * self.model.n_embd
+        self.n_px = self.model.n_px
+        self.column = column
+        self.model_batch_size = model_batch_size
+        self.storage_options = dict(storage_options or {})
+        self.read_timeout, self.max_bytes = read_timeout, max_bytes
+        self.max_pixels, self.draft = max_pixels, draft
+        self.pool = ThreadPoolExecutor(max_workers=max(1, read_threads), thread_name_prefix="igpt-embed")
+
+    # -- one row ---------------------------------------------------------------
+    def _load(self, value: Any) -> tuple[np.ndarray | None, str]:
+        """One cell -> (uint8 (n_px, n_px, 3), "") or (None, "stage: reason"); never raises."""
+        try:
+            if isinstance(value, BYTES_TYPES):
+                img = images.decode(bytes(value), max_pixels=self.max_pixels,
+                                    draft_size=self.n_px if self.draft else None)
+                return images.resize(img, self.n_px), ""
+            if isinstance(value, (str, np.str_)):
+                rgb, _, _ = images.load_rgb(str(value), self.n_px, self.storage_options, timeout=self.read_timeout,
+                                            max_bytes=self.max_bytes, max_pixels=self.max_pixels, draft=self.draft)
+                return rgb, ""
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                return None, "read: missing value"
+            return None, f"read: unsupported value type {type(value).__name__} (expected bytes or a path/URI string)"
+        except images.ImageError as e:
+            return None, f"{e.stage}: {e.reason}"
+        except Exception as e:  # any other decoder failure is still a per-row error, never a lost row
+            return None, f"decode: {type(e).__name__}: {e}"
+
+    def _pick_column(self, batch: dict) -> str:
+        if self.column is not None:
+            if self.column not in batch:
+                raise KeyError(f"Embedder: column {self.column!r} not in batch (columns: {sorted(batch)}); "
+                               f"pass column= one of them")
+            return self.column
+        for name in AUTO_COLUMNS:
+            if name in batch:
+                return name
+        raise KeyError(f"Embedder: batch has none of the columns {AUTO_COLUMNS} (columns: {sorted(batch)}); "
+                       f"pass column=")
+
+    # -- one batch -------------------------------------------------------------
+    def embed_rgb(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (B, n_px, n_px, 3) -> float32 (B, dim), in chunks of model_batch_size."""
+        import torch
+
+        out = np.empty((len(rgb), self.dim), np.float32)
+        for start in range(0, len(rgb), self.model_batch_size):
+            chunk = rgb[start:start + self.model_batch_size]
+            tokens = torch.from_numpy(palette.tokenize(chunk, self.model.clusters)).to(self.model.device)
+            with torch.inference_mode():
+                out[start:start + len(chunk)] = self.model.features(tokens, self.layers).float().cpu().numpy()
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not isinstance(batch, dict):
+            raise TypeError(f"Embedder expects a dict of numpy arrays (batch_format='numpy'), got {type(batch).__name__}")
+        for name in ("embedding", "error"):
+            if name in batch:
+                raise ValueError(f"Embedder: the input batch already has a column {name!r}")
+        values = batch[self._pick_column(batch)]
+        results = list(self.pool.map(self._load, list(values)))
+        emb = np.full((len(results), self.dim), np.nan, np.float32)
+        ok = [i for i, (rgb, _) in enumerate(results) if rgb is not None]
+        if ok:
+            emb[ok] = self.embed_rgb(np.stack([results[i][0] for i in ok]))
+        errors = np.array([err for _, err in results], dtype=object)
+        return {**batch, "embedding": emb, "error": errors}
+
+    def __del__(self):
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)

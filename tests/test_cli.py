@@ -1,0 +1,46 @@
+"""The command line: exit codes, fail-fast messages, inspect --verify, and the demo command."""
+import json
+
+import pyarrow.parquet as pq
+
+from igpt_batch.cli import main
+
+
+def test_bad_values_and_manifests_exit_2_naming_the_problem(tiny_ckpt, tmp_path, capsys):
+    assert main(["generate", "--model", tiny_ckpt, "--output", str(tmp_path / "o"), "--top-p", "7"]) == 2
+    assert "generate.top_p must be in (0, 1]" in capsys.readouterr().err
+    (tmp_path / "empty.csv").write_text("id,uri\n")
+    assert main(["extract", "--model", tiny_ckpt, "--manifest", str(tmp_path / "empty.csv"), "--output", str(tmp_path / "o")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["extract", "--model", str(tmp_path / "no-such-model"), "--manifest", str(tmp_path / "empty.csv"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_then_inspect_and_verify(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "5", "--shard-size", "2",
+                 "--executor", "local", "--temperature", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == {"samples": 5} and summary["shards"] == 3
+    assert main(["inspect", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "3 committed of 3 planned" in text and "samples:     5 rows in 3 files" in text and "verify: ok" in text
+    # tamper: a committed file loses rows -> verify fails
+    part = out / "samples" / "part-00001.parquet"
+    pq.write_table(pq.read_table(part).slice(0, 1), part)
+    assert main(["inspect", str(out), "--verify"]) == 1
+    assert "has 1 rows, commit says 2" in capsys.readouterr().out
+
+
+def test_demo_writes_every_output(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--num-samples", "8", "--executor", "local"]) == 0
+    d = tmp_path / "demo"
+    for rel in ("extract/_SUCCESS", "extract/_job.json", "extract/embeddings/part-00000.parquet",
+                "extract/errors/part-00000.parquet", "extract/_commits/part-00000.json", "extract/preview.png",
+                "generate/_SUCCESS", "generate/samples/part-00000.parquet", "generate/contact_sheet.png"):
+        assert (d / rel).exists(), rel
+    emb = pq.read_table(d / "extract" / "embeddings")
+    assert emb.num_rows == 200 and pq.read_table(d / "extract" / "errors").column("id").to_pylist() == ["broken"]
+    assert pq.read_table(d / "generate" / "samples").num_rows == 8
