@@ -444,6 +444,8 @@ def main(argv=None) -> None:
           f"threads={torch.get_num_threads()} cpus={os.cpu_count()} torch={torch.__version__}", flush=True)
 
     if args.preset == "medium-gpu":
+        if not torch.cuda.is_available():
+            sys.exit("--preset medium-gpu needs a CUDA GPU, and torch sees none (use --smoke for the CPU code path)")
         device = resolve_device("cuda" if args.device == "cpu" else args.device)
         section_gpu(SHAPES["medium"], "bf16", device, args.batch, [20, SHAPES["medium"][2]], max(args.reps, 3),
                     matmul_n=8192, matmul_iters=20, label="gpu")

@@ -178,7 +178,8 @@ def read_bytes(
         if "://" not in uri and "::" not in uri:
             return _read_local(uri, max_bytes, where)
         if scheme in ("file", "local"):
-            return _read_local(uri.split("://", 1)[1], max_bytes, where)
+            # file:// URLs are percent-encoded (RFC 8089): that is how a manifest names a non-UTF-8 path
+            return _read_local(os.fsdecode(urllib.parse.unquote_to_bytes(uri.split("://", 1)[1])), max_bytes, where)
         if scheme in ("http", "https"):
             return _with_deadline(lambda: _read_http(uri, opts, timeout, max_bytes, where), timeout, where)
         return _with_deadline(lambda: _read_fsspec(uri, opts, timeout, max_bytes, where), timeout, where)

@@ -1,7 +1,9 @@
 """Read image manifests (Parquet/CSV/JSONL, folders, globs, or plain image folders) and plan shards."""
 from __future__ import annotations
 
+import os
 import posixpath
+import urllib.parse
 from dataclasses import dataclass
 
 import fsspec
@@ -89,7 +91,7 @@ def read_manifest(spec: str, storage_options: dict | None = None) -> pa.Table:
             tables.append(pa.table({"id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())}))
         table = pa.concat_tables(tables)
     elif images:
-        uris = [fs.unstrip_protocol(f) if fs.protocol not in ("file", ("file", "local")) else f for f in images]
+        uris = [_file_uri(f) if "file" in fs.protocol else fs.unstrip_protocol(f) for f in images]
         table = pa.table({"id": pa.array(uris, pa.string()), "uri": pa.array(uris, pa.string())})
     else:
         raise ManifestError(f"no manifest or image files found at {spec}")
@@ -99,6 +101,15 @@ def read_manifest(spec: str, storage_options: dict | None = None) -> pa.Table:
         raise ManifestError(f"manifest {spec} has empty 'uri' or 'id' values")
     _check_unique(table, spec)
     return table
+
+
+def _file_uri(path: str) -> str:
+    """A local path as a manifest uri: itself, or a percent-encoded file:// URL when it is not valid UTF-8."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:  # undecodable bytes in a file name (surrogateescape)
+        return "file://" + urllib.parse.quote(os.fsencode(path))
 
 
 def _resolve_uri(fs: fsspec.AbstractFileSystem, manifest_path: str, uri: str | None) -> str | None:

@@ -40,7 +40,8 @@ class Embedder:
     column: the input column. Values that are bytes are decoded directly (read_binary_files' "bytes");
         strings are read as paths/URIs (local, file://, http(s)://, any fsspec URL) with
         storage_options, read_timeout and max_bytes. None picks the first of "bytes", "path", "uri"
-        present in the batch.
+        present in the batch. With read_binary_files prefer "bytes": its "path" column has no scheme
+        for object stores ("bucket/key"), so reading it again as a path only works for local files.
     model_batch_size: most images per model call (bounds memory whatever Ray's batch_size).
     torch_threads: torch intra-op threads in this actor (0 leaves torch's default).
     read_threads: threads decoding (and reading) images of a batch in parallel.

@@ -89,6 +89,7 @@ class S3Server:
 
     def __init__(self, root: Path):
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.port = 8333
         self.endpoint = f"http://127.0.0.1:{self.port}"
         (root / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [

@@ -55,3 +55,17 @@ def test_missing_and_unreadable_manifests(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ManifestError, match="no manifest or image files"):
         read_manifest(str(tmp_path / "empty"))
+
+
+def test_image_folder_with_a_non_utf8_name(tmp_path):
+    import os
+
+    from igpt_batch.images import read_bytes
+
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    with open(raw, "wb") as f:
+        f.write(b"bytes")
+    (tmp_path / "plain name.png").write_bytes(b"other")
+    uris = read_manifest(str(tmp_path)).column("uri").to_pylist()
+    assert uris[0].startswith("file://") and uris[0].endswith("caf%E9.png") and uris[1] == str(tmp_path / "plain name.png")
+    assert [read_bytes(u) for u in uris] == [b"bytes", b"other"]
