@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.client
 import io
 import os
@@ -12,6 +13,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -281,7 +283,17 @@ def resize(img: Image.Image, n_px: int) -> np.ndarray:
     return np.array(out, dtype=np.uint8)
 
 
-def load_rgb(
+@dataclass(frozen=True)
+class Loaded:
+    """One input image ready for tokenisation, with what the output records about its source."""
+
+    rgb: np.ndarray  # uint8 (n_px, n_px, 3)
+    width: int  # source size after EXIF rotation
+    height: int
+    sha256: str  # of the source bytes: the content identity used by `refresh`
+
+
+def load(
     uri: str,
     n_px: int,
     storage_options: dict | None = None,
@@ -289,9 +301,15 @@ def load_rgb(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = False,
-) -> tuple[np.ndarray, int, int]:
-    """read_bytes -> decode -> resize: (uint8 (n_px, n_px, 3), source width, source height after EXIF)."""
+) -> Loaded:
+    """read_bytes -> sha256 -> decode -> resize."""
     data = read_bytes(uri, storage_options, timeout=timeout, max_bytes=max_bytes)
     img = decode(data, max_pixels=max_pixels, draft_size=n_px if draft else None)
     width, height = img.info.get("source_size", img.size)
-    return resize(img, n_px), width, height
+    return Loaded(resize(img, n_px), width, height, hashlib.sha256(data).hexdigest())
+
+
+def load_rgb(uri: str, n_px: int, storage_options: dict | None = None, **kw) -> tuple[np.ndarray, int, int]:
+    """load() without the hash: (uint8 (n_px, n_px, 3), source width, source height after EXIF)."""
+    got = load(uri, n_px, storage_options, **kw)
+    return got.rgb, got.width, got.height

@@ -52,12 +52,12 @@ class ShardWorker:
         return os.getpid()
 
     # -- reading ---------------------------------------------------------------
-    def _load(self, uri: str) -> tuple[np.ndarray, int, int, float]:
+    def _load(self, uri: str) -> tuple[images.Loaded, float]:
         t0 = time.perf_counter()
         i = self.cfg.input
-        rgb, w, h = images.load_rgb(uri, self.n_px, self.cfg.storage_options, timeout=i.read_timeout,
-                                     max_bytes=i.max_bytes, max_pixels=i.max_pixels, draft=i.draft)
-        return rgb, w, h, time.perf_counter() - t0
+        got = images.load(uri, self.n_px, self.cfg.storage_options, timeout=i.read_timeout,
+                          max_bytes=i.max_bytes, max_pixels=i.max_pixels, draft=i.draft)
+        return got, time.perf_counter() - t0
 
     def _loaded(self, ids: list[str], uris: list[str], stats: dict) -> Iterator[tuple[str, str, object]]:
         """Yield (id, uri, result-or-ImageError) in order, decoding ahead in threads with a bounded window."""
@@ -75,8 +75,8 @@ class ShardWorker:
                 pending.append((nxt, self.pool.submit(self._load, nxt[1])))
             t0 = time.perf_counter()
             try:
-                result = fut.result()
-                stats["read_s"] += result[3]
+                result, seconds = fut.result()
+                stats["read_s"] += seconds
             except images.ImageError as e:
                 result = e
             except Exception as e:  # any other decoder failure is still a per-row error, never a lost row
@@ -117,29 +117,30 @@ class ShardWorker:
 
         layers = resolve_layers(self.cfg.extract.layers, self.model.n_layer)
         bs = self.cfg.extract.batch_size
-        ok: dict[str, list] = {"id": [], "uri": [], "width": [], "height": []}
+        ok: dict[str, list] = {"id": [], "uri": [], "width": [], "height": [], "sha256": []}
         embs: list[np.ndarray] = []
         errors: list[dict] = []
         batch: list[tuple] = []
 
         def flush() -> None:
             t = time.perf_counter()
-            tokens = palette.tokenize(np.stack([b[2] for b in batch]), self.model.clusters)
+            tokens = palette.tokenize(np.stack([got.rgb for _, _, got in batch]), self.model.clusters)
             stats["preprocess_s"] += time.perf_counter() - t
             t = time.perf_counter()
             with torch.inference_mode():
                 feats = self.model.features(torch.from_numpy(tokens).to(self.model.device), layers)
             embs.append(feats.float().cpu().numpy())
             stats["model_s"] += time.perf_counter() - t
-            for id_, uri, _, w, h in batch:
-                ok["id"].append(id_), ok["uri"].append(uri), ok["width"].append(w), ok["height"].append(h)
+            for id_, uri, got in batch:
+                for key, value in (("id", id_), ("uri", uri), ("width", got.width), ("height", got.height), ("sha256", got.sha256)):
+                    ok[key].append(value)
             batch.clear()
 
         for id_, uri, res in self._loaded(rows["id"], rows["uri"], stats):
             if isinstance(res, images.ImageError):
                 errors.append({"id": id_, "uri": uri, "stage": res.stage, "error": res.reason})
                 continue
-            batch.append((id_, uri, res[0], res[1], res[2]))
+            batch.append((id_, uri, res))
             if len(batch) == bs:
                 flush()
         if batch:
@@ -152,6 +153,7 @@ class ShardWorker:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
             "width": pa.array(ok["width"], pa.int32()),
             "height": pa.array(ok["height"], pa.int32()),
+            "sha256": pa.array(ok["sha256"], pa.string()),
         }).replace_schema_metadata(self._schema_meta({"layers": ",".join(map(str, layers)), "pooling": "mean(ln_1(h[l]))"}))
         return {"embeddings": table, "errors": error_table(errors)}
 
@@ -215,7 +217,7 @@ class ShardWorker:
             if isinstance(res, images.ImageError):
                 errors.append({"id": id_, "uri": uri, "stage": res.stage, "error": res.reason})
                 continue
-            tokens = palette.tokenize(res[0][None], self.model.clusters)[0]
+            tokens = palette.tokenize(res.rgb[None], self.model.clusters)[0]
             pending.append((shard.start + offset, id_, tokens[:r]))
             if len(pending) == per_batch:
                 flush()
