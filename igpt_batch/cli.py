@@ -1,4 +1,4 @@
-"""Command line: igpt-batch extract | generate | complete | demo | inspect."""
+"""Command line: igpt-batch extract | generate | complete | refresh | demo | inspect."""
 from __future__ import annotations
 
 import argparse
@@ -41,12 +41,15 @@ FLAGS = {
     "--torch-threads": ("run.torch_threads", {}),
     "--max-retries": ("run.max_retries", {}),
     "--max-error-fraction": ("run.max_error_fraction", {}),
+    "--store": ("refresh.store", {}),
+    "--deleted": ("refresh.deleted", {"metavar": "mark|drop"}),
 }
 TASK_FLAGS = {
     "extract": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
     "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
     "complete": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
                  "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],
+    "refresh": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--store", "--deleted"],
 }
 COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--workers", "--shard-size", "--address",
           "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]
@@ -57,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for task, help_ in [("extract", "paper-exact embeddings for a manifest of images"),
                         ("generate", "unconditional samples, one image per integer seed"),
-                        ("complete", "complete the bottom of each image from its top rows")]:
+                        ("complete", "complete the bottom of each image from its top rows"),
+                        ("refresh", "nightly incremental embeddings into a versioned store (see docs/REFRESH.md)")]:
         sp = sub.add_parser(task, help=help_)
         sp.add_argument("--config", help="YAML config file (see configs/); flags override it")
         sp.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
         sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call")
         for flag in COMMON + TASK_FLAGS[task]:
+            if task == "refresh" and flag in ("--output", "--overwrite"):  # the store decides where output goes
+                continue
             sp.add_argument(flag, dest=flag[2:].replace("-", "_"), **FLAGS[flag][1])
     d = sub.add_parser("demo", help="run extract and generate on the embedded demo model, offline")
     d.add_argument("--output", default="demo-output")
@@ -81,7 +87,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> config_mod.JobConfi
         if value is not None:
             overrides[key] = value
     if args.batch_size is not None:
-        overrides["extract.batch_size" if task == "extract" else "generate.batch_size"] = args.batch_size
+        overrides["extract.batch_size" if task in ("extract", "refresh") else "generate.batch_size"] = args.batch_size
     if args.storage_options:
         try:
             overrides["storage_options"] = json.loads(args.storage_options)
@@ -106,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect(args.output, verify=args.verify)
         cfg = config_from_args(args, args.command)
-        summary = run_job(cfg, args.command)
+        if args.command == "refresh":
+            from .refresh import refresh
+
+            summary = refresh(cfg)
+        else:
+            summary = run_job(cfg, args.command)
         print(json.dumps(summary, indent=2))
         return 0
     except (ValueError, FileNotFoundError) as e:  # ConfigError, ManifestError: bad input, before any work

@@ -19,6 +19,7 @@ class ModelConfig:
     name: str = "demo"  # "demo", a local checkpoint folder, or a hub id such as openai/imagegpt-medium
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto picks CUDA when present, else cpu; or cpu / cuda / cuda:N
+    compile: bool = True  # CUDA only: torch.compile the decode step (falls back to eager on failure)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class OutputConfig:
 @dataclass
 class ExtractConfig:
     layers: list[int] = field(default_factory=list)  # empty = n_layer // 2 (the paper's best probes are mid-network)
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto": the largest that fits on the GPU
 
 
 @dataclass
@@ -52,7 +53,7 @@ class GenerateConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off; larger than the vocabulary is clamped
     top_p: float = 1.0  # 1 = off
-    batch_size: int = 16
+    batch_size: int | str = 16  # or "auto": as many KV caches as fit in GPU memory
     prompt_rows: int = 0  # complete: keep the top R pixel rows of each image
     samples_per_image: int = 1  # complete: K completions per image
 
@@ -71,6 +72,12 @@ class RunConfig:
 
 
 @dataclass
+class RefreshConfig:
+    store: str | None = None  # embedding store root (local folder or fsspec URL) for `igpt-batch refresh`
+    deleted: str = "mark"  # mark | drop: what happens to ids that left the manifest
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -78,6 +85,7 @@ class JobConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     storage_options: dict = field(default_factory=dict)  # fsspec options (endpoint, keys); never logged or saved
 
     def to_dict(self, redact: bool = True) -> dict:
@@ -202,10 +210,10 @@ def validate(cfg: JobConfig) -> None:
     d = cfg.model.device
     need(d in ("auto", "cpu", "cuda") or d.startswith("cuda:"), "model.device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
     need(all(l >= 0 for l in cfg.extract.layers), "extract.layers", f"must be >= 0, got {cfg.extract.layers}")
-    need(cfg.extract.batch_size >= 1, "extract.batch_size", "must be >= 1")
+    for key, bs in (("extract.batch_size", cfg.extract.batch_size), ("generate.batch_size", cfg.generate.batch_size)):
+        need(bs == "auto" or (isinstance(bs, int) and bs >= 1), key, f"must be an integer >= 1 or 'auto', got {bs!r}")
     g = cfg.generate
     need(g.num_samples >= 0, "generate.num_samples", "must be >= 0")
-    need(g.batch_size >= 1, "generate.batch_size", "must be >= 1")
     need(g.temperature >= 0, "generate.temperature", f"must be >= 0 (0 = greedy), got {g.temperature}")
     need(g.top_k >= 0, "generate.top_k", f"must be >= 0 (0 = off), got {g.top_k}")
     need(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
@@ -219,4 +227,5 @@ def validate(cfg: JobConfig) -> None:
     need(r.max_retries >= 0, "run.max_retries", "must be >= 0")
     need(0 <= r.max_error_fraction <= 1, "run.max_error_fraction", "must be in [0, 1]")
     need(cfg.input.read_timeout > 0, "input.read_timeout", "must be > 0")
+    need(cfg.refresh.deleted in ("mark", "drop"), "refresh.deleted", f"must be mark or drop, got {cfg.refresh.deleted!r}")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

@@ -55,6 +55,9 @@ def init_ray(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, configure_logging=False)
 
 
+IN_FLIGHT = 2  # shards per actor: one computing while the other reads, decodes or writes
+
+
 def execute_ray(cfg, task, meta, shards, rows_for, done) -> dict[str, str]:
     import ray
 
@@ -64,38 +67,41 @@ def execute_ray(cfg, task, meta, shards, rows_for, done) -> dict[str, str]:
     gpus = cfg.run.gpus_per_worker
     if gpus is None:
         gpus = 1 if cfg.model.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
-    actor_cls = ray.remote(ShardWorker).options(num_cpus=cfg.run.cpus_per_worker, num_gpus=gpus)
+    actor_cls = ray.remote(ShardWorker).options(num_cpus=cfg.run.cpus_per_worker, num_gpus=gpus,
+                                                max_concurrency=IN_FLIGHT)
     n = min(cfg.run.workers, len(shards))
     actors = [actor_cls.remote(cfg, task, meta) for _ in range(n)]
     queue = list(reversed(shards))  # pop() takes shards in plan order
     attempts: dict[str, int] = {}
     failed: dict[str, str] = {}
-    running: dict = {}  # ObjectRef -> (actor slot, shard)
+    running: dict = {}  # ObjectRef -> (actor slot, actor handle, shard)
 
-    def submit(slot: int) -> None:
-        if queue:
+    def fill(slot: int) -> None:
+        """Keep IN_FLIGHT shards on the actor in `slot` while there is work."""
+        while queue and sum(1 for s, _, _ in running.values() if s == slot) < IN_FLIGHT:
             shard = queue.pop()
-            running[actors[slot].run.remote(shard, rows_for(shard))] = (slot, shard)
+            running[actors[slot].run.remote(shard, rows_for(shard))] = (slot, actors[slot], shard)
 
     for slot in range(n):
-        submit(slot)
+        fill(slot)
     while running:
         [ref], _ = ray.wait(list(running), num_returns=1)
-        slot, shard = running.pop(ref)
+        slot, actor, shard = running.pop(ref)
         try:
             done(ray.get(ref))
             failed.pop(shard.name, None)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            # The actor died (SIGKILL, OOM, node loss): replace it and retry the shard elsewhere.
-            log.warning("worker for %s died (%s); starting a new worker and retrying", shard.name, type(e).__name__)
-            ray.kill(actors[slot], no_restart=True)
-            actors[slot] = actor_cls.remote(cfg, task, meta)
+            # The actor died (SIGKILL, OOM, node loss): retry the shard on a fresh actor.
+            if actors[slot] is actor:  # replace it once, even though all of its shards in flight fail
+                log.warning("worker for %s died (%s); starting a new worker and retrying", shard.name, type(e).__name__)
+                ray.kill(actor, no_restart=True)
+                actors[slot] = actor_cls.remote(cfg, task, meta)
             _requeue(shard, attempts, failed, queue, cfg.run.max_retries, f"worker died: {type(e).__name__}")
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             log.warning("%s failed: %s: %s", shard.name, type(cause).__name__, cause)
             _requeue(shard, attempts, failed, queue, cfg.run.max_retries, f"{type(cause).__name__}: {cause}")
-        submit(slot)
+        fill(slot)
     for a in actors:
         ray.kill(a, no_restart=True)
     return failed

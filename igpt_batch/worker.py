@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from . import images, palette
+from . import batching, images, palette
+from .checkpoint import resolve_layers
 from .config import JobConfig
 from .manifest import Shard
 from .storage import OutputFolder
@@ -47,6 +49,18 @@ class ShardWorker:
         self.meta = {k: str(v) for k, v in meta.items()}
         self.n_px = self.model.n_px
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="igpt-read")
+        # The Ray executor keeps two shards in flight per actor (max_concurrency=2) so one shard's reading,
+        # decoding and writing overlap the other's compute; the lock keeps model calls one at a time.
+        self.model_lock = threading.Lock()
+        on_gpu = self.model.device.type == "cuda"
+        self.tokenize = (lambda rgb, c: palette.tokenize_torch(rgb, c, self.model.device)) if on_gpu else palette.tokenize
+        if task == "extract":
+            self.layers = resolve_layers(cfg.extract.layers, self.model.n_layer)
+            self.batch_size = batching.extract_batch_size(self.model, self.layers, cfg.extract.batch_size)
+        else:
+            if on_gpu and cfg.model.compile:
+                self.model.compile_decode()
+            self.batch_size = batching.sample_batch_size(self.model, cfg.generate.batch_size)
 
     def pid(self) -> int:
         return os.getpid()
@@ -61,7 +75,7 @@ class ShardWorker:
 
     def _loaded(self, ids: list[str], uris: list[str], stats: dict) -> Iterator[tuple[str, str, object]]:
         """Yield (id, uri, result-or-ImageError) in order, decoding ahead in threads with a bounded window."""
-        window = 4 * self.cfg.extract.batch_size  # bounds memory whatever the shard size
+        window = 4 * self.batch_size  # bounds memory whatever the shard size
         pending: deque = deque()
         rows = iter(zip(ids, uris))
         for row in rows:
@@ -113,10 +127,7 @@ class ShardWorker:
     def _extract(self, rows: dict, stats: dict) -> dict[str, pa.Table]:
         import torch
 
-        from .checkpoint import resolve_layers
-
-        layers = resolve_layers(self.cfg.extract.layers, self.model.n_layer)
-        bs = self.cfg.extract.batch_size
+        layers, bs = self.layers, self.batch_size
         ok: dict[str, list] = {"id": [], "uri": [], "width": [], "height": [], "sha256": []}
         embs: list[np.ndarray] = []
         errors: list[dict] = []
@@ -124,13 +135,13 @@ class ShardWorker:
 
         def flush() -> None:
             t = time.perf_counter()
-            tokens = palette.tokenize(np.stack([got.rgb for _, _, got in batch]), self.model.clusters)
+            tokens = self.tokenize(np.stack([got.rgb for _, _, got in batch]), self.model.clusters)
             stats["preprocess_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            with torch.inference_mode():
+            with self.model_lock, torch.inference_mode():
+                t = time.perf_counter()
                 feats = self.model.features(torch.from_numpy(tokens).to(self.model.device), layers)
-            embs.append(feats.float().cpu().numpy())
-            stats["model_s"] += time.perf_counter() - t
+                embs.append(feats.float().cpu().numpy())
+                stats["model_s"] += time.perf_counter() - t
             for id_, uri, got in batch:
                 for key, value in (("id", id_), ("uri", uri), ("width", got.width), ("height", got.height), ("sha256", got.sha256)):
                     ok[key].append(value)
@@ -161,9 +172,10 @@ class ShardWorker:
         from .sampling import generate
 
         g = self.cfg.generate
-        t = time.perf_counter()
-        tokens = generate(self.model, seeds, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, prompt=prompts)
-        stats["model_s"] += time.perf_counter() - t
+        with self.model_lock:
+            t = time.perf_counter()
+            tokens = generate(self.model, seeds, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, prompt=prompts)
+            stats["model_s"] += time.perf_counter() - t
         t = time.perf_counter()
         rgb = palette.detokenize(tokens, self.model.clusters, self.n_px)
         pngs = [palette.to_png(im) for im in rgb]
@@ -185,7 +197,7 @@ class ShardWorker:
             "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "n_px": self.n_px}))
 
     def _generate(self, shard: Shard, stats: dict) -> dict[str, pa.Table]:
-        bs = self.cfg.generate.batch_size
+        bs = self.batch_size
         all_seeds = list(range(shard.start, shard.stop))
         toks, pngs = [], []
         for i in range(0, len(all_seeds), bs):
@@ -212,12 +224,12 @@ class ShardWorker:
             cols["seed"] += seeds
             pending.clear()
 
-        per_batch = max(1, g.batch_size // k)
+        per_batch = max(1, self.batch_size // k)
         for offset, (id_, uri, res) in enumerate(self._loaded(rows["id"], rows["uri"], stats)):
             if isinstance(res, images.ImageError):
                 errors.append({"id": id_, "uri": uri, "stage": res.stage, "error": res.reason})
                 continue
-            tokens = palette.tokenize(res.rgb[None], self.model.clusters)[0]
+            tokens = self.tokenize(res.rgb[None], self.model.clusters)[0]
             pending.append((shard.start + offset, id_, tokens[:r]))
             if len(pending) == per_batch:
                 flush()
