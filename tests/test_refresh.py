@@ -1,0 +1,212 @@
+"""Nightly refresh, for real: three nights over real photos, a version change, a SIGKILLed night, and a night on S3."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, S3Server, real_photos, write_manifest
+from igpt_batch import config
+from igpt_batch.cli import build_parser, config_from_args, main
+from igpt_batch.driver import run_job
+from igpt_batch.refresh import read_current, refresh
+from igpt_batch.storage import OutputFolder, read_output
+
+IGPT = str(Path(sys.executable).parent / "igpt-batch")
+
+
+def photos(d: Path, scale: int = 1, quality: int = 90) -> list[str]:
+    """Eight real photos re-encoded at different sizes: <name>.jpg and <name>-small.png."""
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, (name, arr) in enumerate(real_photos().items()):
+        img = Image.fromarray(arr)
+        img.resize(((96 + 16 * i) * scale, (72 + 8 * i) * scale)).save(d / f"{name}.jpg", quality=quality)
+        img.resize(((48 + 8 * i) * scale, (40 + 4 * i) * scale)).save(d / f"{name}-small.png")
+        names += [f"{name}.jpg", f"{name}-small.png"]
+    return names
+
+
+def manifest(path: Path, d: Path, names: list[str]) -> str:
+    return str(write_manifest(path, [str(d / n) for n in names], names))
+
+
+def cfg_for(tiny_ckpt, store, m, **extra):
+    return config.load(None, {"model.name": tiny_ckpt, "input.manifest": str(m), "refresh.store": str(store),
+                              "run.executor": "local", "run.shard_size": 3, "extract.layers": [2], **extra})
+
+
+def by_id(t) -> dict:
+    return {r["id"]: r for r in t.to_pylist()}
+
+
+def one_version(store: Path) -> Path:
+    (v,) = store.glob("v-*")
+    return v
+
+
+def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
+    d = tmp_path / "img"
+    names = photos(d)
+    m1 = manifest(tmp_path / "m1.parquet", d, names)
+    mark, drop = tmp_path / "store", tmp_path / "store-drop"
+
+    # night 1: everything is new
+    s1 = refresh(cfg_for(tiny_ckpt, mark, m1))
+    assert set(s1["computed_ids"]) == set(names) and (s1["new"], s1["computed"], s1["errors"]) == (8, 8, 0)
+    refresh(cfg_for(tiny_ckpt, drop, m1, **{"refresh.deleted": "drop"}))
+    v = one_version(mark)
+    cur1 = by_id(read_current(str(mark)))
+    assert set(cur1) == set(names) and all(r["snapshot"] == s1["snapshot"] and not r["deleted"] for r in cur1.values())
+    assert json.loads((v / "_version.json").read_text())["layers"] == [2]
+    pointer1 = (v / "_CURRENT.json").read_bytes()
+    assert json.loads(pointer1)["path"] == f"{mark}/{v.name}/current/{s1['snapshot']}" and not (v / "_PENDING.json").exists()
+
+    # night 2: nothing touched -> nothing embedded, nothing written
+    s2 = refresh(cfg_for(tiny_ckpt, mark, m1))
+    assert s2["computed"] == 0 and s2["snapshot"] is None and s2["message"] == "nothing to embed: 8 rows unchanged"
+    assert s2["precheck"] == {"size_mtime": 8, "hashed": 0}
+    assert (v / "_CURRENT.json").read_bytes() == pointer1 and len(list((v / "snapshots").iterdir())) == 1
+    assert len(list((v / "current").iterdir())) == 1
+
+    # night 3: 2 new rows, 1 new content, 1 rewritten with the same bytes (new mtime), 1 gone from the manifest
+    from PIL import Image
+
+    old = Image.open(d / "coffee-small.png")
+    Image.fromarray(np.asarray(old)[::-1, ::-1].copy()).save(d / "coffee-small.png")  # different pixels, same size
+    same = (d / "chelsea.jpg").read_bytes()
+    (d / "chelsea.jpg").write_bytes(same)
+    t = time.time() + 60
+    os.utime(d / "chelsea.jpg", (t, t))
+    Image.fromarray(real_photos()["astronaut"]).resize((40, 40)).save(d / "astronaut-tiny.jpg", quality=80)
+    Image.fromarray(real_photos()["rocket"]).resize((90, 30)).save(d / "rocket-wide.png")
+    names3 = [n for n in names if n != "rocket.jpg"] + ["astronaut-tiny.jpg", "rocket-wide.png"]
+    m3 = manifest(tmp_path / "m3.parquet", d, names3)
+    s3 = refresh(cfg_for(tiny_ckpt, mark, m3))
+    assert set(s3["computed_ids"]) == {"astronaut-tiny.jpg", "rocket-wide.png", "coffee-small.png"}
+    assert (s3["new"], s3["changed"], s3["unchanged"], s3["deleted"], s3["errors"]) == (2, 1, 6, 1, 0)
+    assert s3["precheck"] == {"size_mtime": 5, "hashed": 2, "hash_unchanged": 1}  # chelsea: same sha, not recomputed
+    assert s3["extract"]["shards"] == 1 and (v / "snapshots" / s3["snapshot"] / "_SUCCESS").exists()
+    assert s3["snapshot"] > s1["snapshot"] and not (v / "_PENDING.json").exists()
+    cur3 = by_id(read_current(str(mark), include_deleted=True))
+    assert cur3["rocket.jpg"]["deleted"] and "rocket.jpg" not in by_id(read_current(str(mark)))
+    assert cur3["chelsea.jpg"]["snapshot"] == s1["snapshot"] and cur3["chelsea.jpg"]["mtime"] != cur1["chelsea.jpg"]["mtime"]
+    assert {k: r["snapshot"] for k, r in cur3.items() if r["snapshot"] == s3["snapshot"]}.keys() == set(s3["computed_ids"])
+    for k in set(names) - {"coffee-small.png"}:
+        assert cur3[k]["embedding"] == cur1[k]["embedding"] and cur3[k]["sha256"] == cur1[k]["sha256"]  # bit-identical
+    new_emb = np.asarray(cur3["coffee-small.png"]["embedding"], np.float32)
+    assert not np.allclose(new_emb, cur1["coffee-small.png"]["embedding"], atol=1e-3)
+    fresh = run_job(config.load(None, {"model.name": tiny_ckpt, "run.executor": "local", "extract.layers": [2],
+                                       "input.manifest": manifest(tmp_path / "one.parquet", d, ["coffee-small.png"]),
+                                       "output.path": str(tmp_path / "fresh")}), "extract")
+    assert fresh["rows"]["embeddings"] == 1
+    np.testing.assert_allclose(new_emb, read_output(str(tmp_path / "fresh")).column("embedding")[0].as_py(), rtol=1e-5, atol=1e-6)
+    import pyarrow.parquet as pq
+
+    pointer = json.loads((v / "_CURRENT.json").read_text())
+    assert (pointer["rows"], pointer["deleted"], pointer["live_rows"]) == (10, 1, 9)
+    schema = pq.read_schema(v / pointer["files"][0])
+    assert schema.metadata[b"layers"] == b"2" and schema.field("embedding").type.list_size == 32
+    assert pq.read_table(v / "manifests" / f"{s3['snapshot']}.parquet").num_rows == 3
+
+    s3d = refresh(cfg_for(tiny_ckpt, drop, m3, **{"refresh.deleted": "drop"}))
+    assert (s3d["deleted"], s3d["dropped"], s3d["computed"]) == (1, 1, 3)
+    assert "rocket.jpg" not in by_id(read_current(str(drop), include_deleted=True)) and len(read_current(str(drop))) == 9
+
+
+def test_changing_layers_starts_a_new_version(tiny_ckpt, tmp_path):
+    d = tmp_path / "img"
+    names = photos(d)[:4]
+    m = manifest(tmp_path / "m.parquet", d, names)
+    store = tmp_path / "store"
+    s1 = refresh(cfg_for(tiny_ckpt, store, m))
+    old = one_version(store)
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    s2 = refresh(cfg_for(tiny_ckpt, store, m, **{"extract.layers": [1, 3]}))
+    assert s2["version"] != s1["version"] and s2["computed"] == 4 and set(s2["computed_ids"]) == set(names)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # the old version is untouched
+    latest, first = read_current(str(store)), read_current(str(store), version=s1["version"])
+    assert latest.schema.metadata[b"layers"] == b"1,3" and latest.schema.field("embedding").type.list_size == 64
+    assert first.schema.metadata[b"layers"] == b"2" and first.num_rows == latest.num_rows == 4
+    assert json.loads((store / "_LATEST.json").read_text())["version"] == s2["version"]
+
+
+def test_killed_night_resumes_the_same_snapshot(tiny_ckpt, tmp_path, capsys):
+    d = tmp_path / "img"
+    names = photos(d, scale=20)  # big sources: each one-row shard takes a while to decode
+    m = manifest(tmp_path / "m.parquet", d, names)
+    store = tmp_path / "store"
+    args = ["refresh", "--model", tiny_ckpt, "--manifest", m, "--store", str(store), "--layer", "2", "--shard-size", "1",
+            "--batch-size", "1", "--executor", "local"]
+    proc = subprocess.Popen([IGPT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(store.glob("v-*/snapshots/*/_commits/*.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    v = one_version(store)
+    pending = json.loads((v / "_PENDING.json").read_text())["snapshot"]
+    snap = OutputFolder(str(v / "snapshots" / pending))
+    before = snap.committed()
+    assert 1 <= len(before) < 8 and not (v / "_CURRENT.json").exists()
+    capsys.readouterr()
+    assert main(args) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["snapshot"] == pending and s["computed"] == 8 and not (v / "_PENDING.json").exists()
+    done = json.loads((v / "snapshots" / pending / "_SUCCESS").read_text())
+    assert done["shards_skipped"] == len(before) > 0 and done["shards_run"] == 8 - len(before)
+    assert all(snap.committed()[k] == rec for k, rec in before.items())  # committed shards were not recomputed
+    assert set(read_current(str(store)).column("id").to_pylist()) == set(names)
+
+
+def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_path):
+    fs = s3_server.fs()
+    fs.mkdir("igpt-refresh")
+    d = tmp_path / "img"
+    names = photos(d)[:4]
+    for n in names:
+        fs.put_file(str(d / n), f"igpt-refresh/images/{n}")
+    fs.pipe_file("igpt-refresh/manifest.csv", ("id,uri\n" + "".join(f"{n},images/{n}\n" for n in names)).encode())
+    so = s3_server.storage_options()
+    cfg = cfg_for(tiny_ckpt, "s3://igpt-refresh/store", "s3://igpt-refresh/manifest.csv", storage_options=so)
+    s1 = refresh(cfg)
+    assert s1["computed"] == 4 and s1["precheck"] == {"hashed": 0}
+    current = read_current("s3://igpt-refresh/store", so)
+    assert set(current.column("id").to_pylist()) == set(names) and all(e for e in current.column("etag").to_pylist())
+    pointer = fs.cat_file(f"igpt-refresh/store/{s1['version']}/_CURRENT.json")
+    s2 = refresh(cfg)
+    assert (s2["computed"], s2["snapshot"], s2["precheck"]) == (0, None, {"etag": 4, "hashed": 0})  # no bytes read
+    assert fs.cat_file(f"igpt-refresh/store/{s1['version']}/_CURRENT.json") == pointer
+    time.sleep(1.1)
+    fs.put_file(str(d / names[0]), f"igpt-refresh/images/{names[0]}")  # same bytes: new LastModified, same ETag
+    s3 = refresh(cfg)
+    assert (s3["computed"], s3["metadata_updates"], s3["precheck"]) == (0, 1, {"etag": 4, "hashed": 0})
+    assert not fs.exists(f"igpt-refresh/store/{s1['version']}/snapshots/{s3['snapshot']}")  # no model run
+    after = read_current("s3://igpt-refresh/store", so)
+    assert after.column("embedding").to_pylist() == current.column("embedding").to_pylist()
+
+
+def test_cli_flags_config_and_k8s_manifest():
+    args = build_parser().parse_args(["refresh", "--manifest", "m.csv", "--store", "s3://b/store", "--deleted", "drop",
+                                      "--layer", "18", "--batch-size", "8", "--dtype", "bf16"])
+    cfg = config_from_args(args, "refresh")
+    assert (cfg.refresh.store, cfg.refresh.deleted, cfg.extract.layers, cfg.extract.batch_size) == ("s3://b/store", "drop", [18], 8)
+    with pytest.raises(config.ConfigError, match="refresh.deleted"):
+        config.load(None, {"refresh.deleted": "purge"})
+    cfg = config.load(str(REPO / "configs" / "nightly-refresh.yaml"))
+    assert cfg.refresh.store.startswith("s3://") and cfg.model.name == "openai/imagegpt-medium"
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "rayjob-nightly-refresh.yaml").read_text()))
+    kinds = [doc["kind"] for doc in docs if doc]
+    assert "CronJob" in kinds
+    cron = next(doc for doc in docs if doc and doc["kind"] == "CronJob")
+    assert cron["spec"]["schedule"] == "0 3 * * *"
+    text = json.dumps(docs)
+    assert "rayproject/ray:2.60.0-py311-gpu" in text and "jobs/nightly_refresh.py" in text and "RAY_AUTH_MODE" in text
