@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from . import checkpoint, images
 from .config import ConfigError, JobConfig
+from .driver import compat_keys, manifest_fingerprint, run_job
 from .manifest import read_manifest
 from .storage import OutputFolder, read_output
 
@@ -60,7 +61,10 @@ def _stat(uri: str, so: dict, timeout: float) -> dict | None:
             path = uri if not scheme else os.fsdecode(urllib.parse.unquote_to_bytes(uri.split("://", 1)[1]))
             st = os.stat(path)
             return {"size": st.st_size, "mtime": str(st.st_mtime_ns), "etag": None}
-        fs, path = fsspec.core.url_to_fs(uri, **so)
+        if scheme in ("http", "https"):  # as images.read_bytes: only storage_options["headers"] applies to http(s)
+            fs, path = fsspec.filesystem("http", **({"client_kwargs": {"headers": so["headers"]}} if so.get("headers") else {})), uri
+        else:
+            fs, path = fsspec.core.url_to_fs(uri, **so)
         fs.invalidate_cache(path)  # object stores cache listings; tonight's answer must be fresh
         info = images._with_deadline(lambda: fs.info(path), timeout, uri)
     except Exception:  # missing, denied, timed out: decided by reading (and the worker records the error)
@@ -90,6 +94,15 @@ def _sha(uri: str, cfg: JobConfig) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
+def _pmap(fn, items: list) -> list:
+    """fn over items in a bounded thread pool, a chunk at a time (millions of rows never make millions of futures)."""
+    out: list = []
+    with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-refresh") as pool:
+        for s in range(0, len(items), 4096):
+            out += pool.map(fn, items[s:s + 4096])
+    return out
+
+
 def _read_prev(vdir: OutputFolder, pointer: dict | None) -> tuple[dict[str, int], dict[str, list]]:
     """The previous current table's planning columns (no embeddings): id -> row index, and the columns."""
     if not pointer:
@@ -111,8 +124,6 @@ def _snapshot_id(vdir: OutputFolder, pointer: dict | None) -> str:
 
 def refresh(cfg: JobConfig) -> dict:
     """One night: plan against the last current table, embed new and changed rows with run_job, write the new current."""
-    from .driver import compat_keys, manifest_fingerprint, run_job
-
     store, so = cfg.refresh.store, cfg.storage_options
     if not store:
         raise ConfigError("refresh.store is required (--store)")
@@ -127,8 +138,7 @@ def refresh(cfg: JobConfig) -> dict:
     prev_ix, prev = _read_prev(vdir, pointer)
 
     # stat every row before any bytes are read: a source that changes after its stat is caught the next night
-    with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-stat") as pool:
-        stats = list(pool.map(lambda u: _stat(u, so, cfg.input.read_timeout), uris))
+    stats = _pmap(lambda u: _stat(u, so, cfg.input.read_timeout), uris)
     pre = Counter()
     new, changed, unchanged, to_hash = [], [], [], []
     for i, (id_, uri, st) in enumerate(zip(ids, uris, stats)):
@@ -142,8 +152,7 @@ def refresh(cfg: JobConfig) -> dict:
             unchanged.append(i)
         else:
             to_hash.append(i)
-    with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-hash") as pool:
-        shas = list(pool.map(lambda i: _sha(uris[i], cfg), to_hash))
+    shas = _pmap(lambda i: _sha(uris[i], cfg), to_hash)
     pre["hashed"] = len(to_hash)
     for i, sha in zip(to_hash, shas):
         if sha is not None and sha == prev["sha256"][prev_ix[ids[i]]]:
@@ -166,7 +175,8 @@ def refresh(cfg: JobConfig) -> dict:
     summary = {"version": version, "snapshot": None, "manifest_rows": len(ids), "new": len(new), "changed": len(changed),
                "unchanged": len(unchanged), "revived": revived, "deleted": len(newly_deleted),
                "dropped": len(gone) if drop else 0, "metadata_updates": len(updates), "computed": len(compute),
-               "errors": 0, "current_rows": len(prev["id"]), "precheck": dict(pre)}
+               "errors": 0, "current_rows": len(prev["id"]), "live_rows": len(prev["id"]) - sum(prev["deleted"]),
+               "precheck": dict(pre)}
     pending = vdir.read_json("_PENDING.json")
     if pending and pointer and pending["snapshot"] <= pointer["snapshot"]:
         pending = None  # that night finished; only its clean-up was lost

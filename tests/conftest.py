@@ -82,6 +82,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_with_grpc() -> int:
+    """A free port p whose gRPC twin p + 10000 (SeaweedFS's convention) is free too."""
+    while True:
+        p = free_port()
+        if p >= 55000:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                continue
+
+
 class S3Server:
     """A real SeaweedFS S3 server (`weed mini`) on 127.0.0.1 with enforced access keys."""
 
@@ -90,8 +104,9 @@ class S3Server:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.port = 8333
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        # every server of its own gets its own ports, so a restarted or second server never meets another's
+        self.ports = {name: free_port_with_grpc() for name in ("master", "volume", "filer", "s3")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         (root / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
             {"accessKey": self.key, "secretKey": self.secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         self.proc = None
@@ -102,10 +117,13 @@ class S3Server:
         self.log = open(self.root / "weed.log", "ab")
         self.proc = subprocess.Popen(
             [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-s3.config={self.root / 's3.json'}", "-webdav=false", "-admin.ui=false"],
+             f"-s3.config={self.root / 's3.json'}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+             *(f"-{name}.port={port}" for name, port in self.ports.items())],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60
         while time.time() < deadline:
+            if self.proc.poll() is not None:
+                break
             try:
                 self.fs().ls("")
                 return

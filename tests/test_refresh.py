@@ -1,6 +1,7 @@
 """Nightly refresh, for real: three nights over real photos, a version change, a SIGKILLed night, and a night on S3."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,11 +116,33 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
     assert (pointer["rows"], pointer["deleted"], pointer["live_rows"]) == (10, 1, 9)
     schema = pq.read_schema(v / pointer["files"][0])
     assert schema.metadata[b"layers"] == b"2" and schema.field("embedding").type.list_size == 32
+    assert schema.metadata[b"snapshot"] == s3["snapshot"].encode() and schema.metadata[b"version"] == v.name.encode()
+    assert schema.metadata[b"weights_fingerprint"] and schema.metadata[b"model"] == tiny_ckpt.encode()
     assert pq.read_table(v / "manifests" / f"{s3['snapshot']}.parquet").num_rows == 3
 
     s3d = refresh(cfg_for(tiny_ckpt, drop, m3, **{"refresh.deleted": "drop"}))
     assert (s3d["deleted"], s3d["dropped"], s3d["computed"]) == (1, 1, 3)
     assert "rocket.jpg" not in by_id(read_current(str(drop), include_deleted=True)) and len(read_current(str(drop))) == 9
+
+    # night 4: the deleted id comes back with the same bytes -> revived without the model
+    names4 = names3 + ["rocket.jpg"]
+    m4 = manifest(tmp_path / "m4.parquet", d, names4)
+    s4 = refresh(cfg_for(tiny_ckpt, mark, m4))
+    assert (s4["computed"], s4["revived"], s4["deleted"], s4["current_rows"], s4["live_rows"]) == (0, 1, 0, 10, 10)
+    assert not (v / "snapshots" / s4["snapshot"]).exists()  # metadata-only night: no model run
+    cur4 = by_id(read_current(str(mark)))
+    assert not cur4["rocket.jpg"]["deleted"] and cur4["rocket.jpg"]["embedding"] == cur1["rocket.jpg"]["embedding"]
+
+    # nights 5 and 6: a known image becomes unreadable and a new one is broken: the old row stays (stale), the new
+    # one is absent, both are reported, and the next night tries them again
+    (d / "astronaut.jpg").write_bytes((d / "astronaut.jpg").read_bytes()[:300])
+    (d / "text.jpg").write_text("not an image")
+    m5 = manifest(tmp_path / "m5.parquet", d, names4 + ["text.jpg"])
+    for night in (5, 6):
+        s5 = refresh(cfg_for(tiny_ckpt, mark, m5))
+        assert set(s5["computed_ids"]) == set(s5["failed_ids"]) == {"astronaut.jpg", "text.jpg"} and s5["errors"] == 2
+        cur5 = by_id(read_current(str(mark)))
+        assert "text.jpg" not in cur5 and cur5["astronaut.jpg"] == cur1["astronaut.jpg"]  # stale but present
 
 
 def test_changing_layers_starts_a_new_version(tiny_ckpt, tmp_path):
@@ -141,8 +164,9 @@ def test_changing_layers_starts_a_new_version(tiny_ckpt, tmp_path):
 
 def test_killed_night_resumes_the_same_snapshot(tiny_ckpt, tmp_path, capsys):
     d = tmp_path / "img"
-    names = photos(d, scale=20)  # big sources: each one-row shard takes a while to decode
-    m = manifest(tmp_path / "m.parquet", d, names)
+    files = photos(d, scale=20)  # big sources: each one-row shard takes a while to decode
+    names = [f"{k}/{n}" for k in range(3) for n in files]  # 24 rows (ids unique, each file listed 3 times)
+    m = str(write_manifest(tmp_path / "m.parquet", [str(d / n.split("/", 1)[1]) for n in names], names))
     store = tmp_path / "store"
     args = ["refresh", "--model", tiny_ckpt, "--manifest", m, "--store", str(store), "--layer", "2", "--shard-size", "1",
             "--batch-size", "1", "--executor", "local"]
@@ -156,15 +180,27 @@ def test_killed_night_resumes_the_same_snapshot(tiny_ckpt, tmp_path, capsys):
     pending = json.loads((v / "_PENDING.json").read_text())["snapshot"]
     snap = OutputFolder(str(v / "snapshots" / pending))
     before = snap.committed()
-    assert 1 <= len(before) < 8 and not (v / "_CURRENT.json").exists()
+    assert 1 <= len(before) < 24 and not (v / "_CURRENT.json").exists()
     capsys.readouterr()
     assert main(args) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["snapshot"] == pending and s["computed"] == 8 and not (v / "_PENDING.json").exists()
+    assert s["snapshot"] == pending and s["computed"] == 24 and not (v / "_PENDING.json").exists()
     done = json.loads((v / "snapshots" / pending / "_SUCCESS").read_text())
-    assert done["shards_skipped"] == len(before) > 0 and done["shards_run"] == 8 - len(before)
+    assert done["shards_skipped"] == len(before) > 0 and done["shards_run"] == 24 - len(before)
     assert all(snap.committed()[k] == rec for k, rec in before.items())  # committed shards were not recomputed
     assert set(read_current(str(store)).column("id").to_pylist()) == set(names)
+    # the state of a night killed after its extract but before its _CURRENT.json; when the plan has changed by the
+    # rerun (one row fewer), the snapshot cannot be resumed and is recomputed from scratch under the same id
+    crashed = tmp_path / "crashed"
+    shutil.copytree(store, crashed)
+    (crashed / v.name / "_CURRENT.json").unlink()
+    (crashed / v.name / "_PENDING.json").write_text(json.dumps({"snapshot": pending}))
+    for p in (crashed / v.name / "current").iterdir():
+        shutil.rmtree(p)
+    m7 = str(write_manifest(tmp_path / "m7.parquet", [str(d / n) for n in files[:7]], names[:7]))
+    s = refresh(cfg_for(tiny_ckpt, crashed, m7, **{"run.shard_size": 1}))
+    assert s["snapshot"] == pending and s["extract"]["shards_skipped"] == 0 and s["extract"]["shards_run"] == 7
+    assert read_current(str(crashed)).num_rows == 7
 
 
 def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_path):
@@ -208,5 +244,11 @@ def test_cli_flags_config_and_k8s_manifest():
     assert "CronJob" in kinds
     cron = next(doc for doc in docs if doc and doc["kind"] == "CronJob")
     assert cron["spec"]["schedule"] == "0 3 * * *"
+    cm = next(doc for doc in docs if doc and doc["kind"] == "ConfigMap")
+    rayjob = yaml.safe_load(cm["data"]["rayjob.yaml"])
+    assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
+    (gpu,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "jobs/nightly_refresh.py" in rayjob["spec"]["entrypoint"] and yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["pip"]
     text = json.dumps(docs)
     assert "rayproject/ray:2.60.0-py311-gpu" in text and "jobs/nightly_refresh.py" in text and "RAY_AUTH_MODE" in text
