@@ -1,4 +1,4 @@
-"""Command line: igpt-batch extract | generate | complete | refresh | demo | inspect."""
+"""Command line: igpt-batch extract | generate | complete | refresh | demo | inspect | probe."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="demo-output")
     d.add_argument("--num-samples", type=int, default=64)
     d.add_argument("--executor", default="ray", choices=["ray", "local"])
+    from .probe import add_arguments as probe_arguments
+
+    probe_arguments(sub.add_parser("probe", help="linear probe (logistic regression) on extracted embeddings + labels"))
     i = sub.add_parser("inspect", help="summarise an output folder")
     i.add_argument("output")
     i.add_argument("--verify", action="store_true", help="check every committed file exists with its recorded row count")
@@ -106,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.output, args.num_samples, args.executor)
+            return 0
+        if args.command == "probe":
+            from .probe import run_from_args
+
+            run_from_args(args)
             return 0
         if args.command == "inspect":
             from .inspect import inspect

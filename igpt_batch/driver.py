@@ -50,6 +50,8 @@ def compat_keys(cfg: JobConfig, task: str, info: checkpoint.CheckpointInfo, laye
     g = cfg.generate
     keys = {"task": task, "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
             "dtype": cfg.model.dtype, "shard_size": cfg.run.shard_size, "rows": n, "manifest_fingerprint": mf}
+    if task in ("extract", "complete"):  # these decide which rows decode and to what pixels
+        keys |= {"draft": cfg.input.draft, "max_pixels": cfg.input.max_pixels, "max_bytes": cfg.input.max_bytes}
     if task == "extract":
         keys["layers"] = layers
     else:

@@ -189,16 +189,24 @@ def main_probe(output_url: str, labels_path: str, layers: Sequence[int] | None =
     return result
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m igpt_batch.probe", description="Linear probe on extracted embeddings")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The probe's arguments, shared by `igpt-batch probe` and `python -m igpt_batch.probe`."""
     p.add_argument("output_url", help="an extract job's output folder (local or fsspec URL)")
     p.add_argument("labels", help="CSV or Parquet with columns id, label")
     p.add_argument("--layers", type=int, nargs="+", help="layers to probe (default: all in the embeddings)")
     p.add_argument("--test-size", dest="test_size", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iter", dest="max_iter", type=int, default=1000)
-    args = p.parse_args(argv)
-    main_probe(args.output_url, args.labels, args.layers, args.test_size, args.seed, max_iter=args.max_iter)
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    return main_probe(args.output_url, args.labels, args.layers, args.test_size, args.seed, max_iter=args.max_iter)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m igpt_batch.probe", description="Linear probe on extracted embeddings")
+    add_arguments(p)
+    run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def version_of(cfg: JobConfig) -> tuple[str, dict, checkpoint.CheckpointInfo, li
     info = checkpoint.read_info(cfg.model.name)
     layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)
     keys = {"weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash, "layers": layers,
-            "dtype": cfg.model.dtype, "n_px": info.n_px}
+            "dtype": cfg.model.dtype, "n_px": info.n_px, "draft": cfg.input.draft}
     return "v-" + hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12], keys, info, layers
 
 
