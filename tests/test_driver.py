@@ -136,3 +136,39 @@ def test_max_error_fraction_fails_but_keeps_commits(tiny_ckpt, image_dir, tmp_pa
         run_job(cfg, "extract")
     assert read_output(str(tmp_path / "o"), "embeddings").num_rows == 1
     assert (tmp_path / "o" / "_FAILED").exists() and not (tmp_path / "o" / "_SUCCESS").exists()
+
+
+def test_resumed_generation_gives_the_same_images(tiny_ckpt, tmp_path):
+    cfg = cfg_for(tiny_ckpt, tmp_path / "g", **{"run.executor": "local", "generate.num_samples": 6, "run.shard_size": 2,
+                                                "generate.top_p": 0.9})
+    run_job(cfg, "generate")
+    before = read_output(str(tmp_path / "g"), "samples").sort_by("seed")
+    for rel in ("_commits/part-00001.json", "samples/part-00001.parquet", "_SUCCESS"):
+        (tmp_path / "g" / rel).unlink()  # as if the job had died during shard 1
+    s = run_job(cfg, "generate")
+    assert (s["shards_skipped"], s["shards_run"]) == (2, 1)
+    after = read_output(str(tmp_path / "g"), "samples").sort_by("seed")
+    assert after.column("tokens").to_pylist() == before.column("tokens").to_pylist()
+
+
+def test_progress_is_logged_off_a_tty_and_stats_are_recorded(tiny_ckpt, tmp_path, caplog):
+    import logging
+
+    from igpt_batch.driver import Progress
+
+    caplog.set_level(logging.INFO, logger="igpt_batch")
+    cfg = cfg_for(tiny_ckpt, tmp_path / "g", **{"run.executor": "local", "generate.num_samples": 4, "run.shard_size": 2,
+                                                "generate.batch_size": "auto"})
+    summary = run_job(cfg, "generate")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert lines and lines[-1].startswith("progress: 4/4 samples")
+    assert any("KV cache: " in r.getMessage() for r in caplog.records)  # the exact per-sample cache size is logged
+    assert any("batch size auto: 32 on CPU" in r.getMessage() for r in caplog.records)
+    assert set(summary["stage_seconds"]) >= {"read_s", "preprocess_s", "model_s", "write_s", "total_s"}
+    assert summary["stage_seconds"]["model_s"] > 0
+    commit = OutputFolder(str(tmp_path / "g")).committed()["part-00000"]
+    assert commit["rows"] == {"samples": 2} and commit["stats"]["model_s"] > 0
+    # the periodic line carries rate and ETA
+    p = Progress(total=10, done=2, unit="images", every_s=0)
+    p.update(3)
+    assert any("progress: 5/10 images" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
