@@ -31,6 +31,35 @@ def make_tiny_checkpoint(path: Path, n_px: int = 8, k: int = 16, n_embd: int = 3
     return path
 
 
+def tiny_hf(seed: int = 0, vocab_size: int = 17, n_positions: int = 64, n_embd: int = 32, n_layer: int = 3, **overrides):
+    """A random tiny ImageGPT with non-trivial weights (random biases and layer-norm gains too), for oracle tests."""
+    import torch
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    torch.manual_seed(seed)
+    cfg = ImageGPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+    hf = ImageGPTForCausalImageModeling(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if ".ln_" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.3)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: intra-op threads only add sync overhead (badly so on a shared, busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> str:
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt")))

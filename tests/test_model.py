@@ -8,35 +8,15 @@ import pytest
 import torch
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
+from conftest import tiny_hf
+
 from igpt_batch.model import IGPT, KVCache, kv_cache_bytes, resolve_device
 
 N_LAYER, N_EMBD, N_POS, VOCAB = 3, 32, 64, 17
 SOS = VOCAB - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add sync overhead (badly so on a shared, busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_hf(seed: int = 0, **overrides) -> ImageGPTForCausalImageModeling:
-    """Random tiny ImageGPT with non-trivial weights (random biases and layer-norm gains too)."""
-    torch.manual_seed(seed)
-    kwargs = dict(vocab_size=VOCAB, n_positions=N_POS, n_embd=N_EMBD, n_layer=N_LAYER, n_head=4,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    kwargs.update(overrides)
-    hf = ImageGPTForCausalImageModeling(ImageGPTConfig(**kwargs)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if ".ln_" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return hf
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def clusters() -> np.ndarray:

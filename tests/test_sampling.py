@@ -6,6 +6,8 @@ import torch
 from scipy.stats import chisquare
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
+from conftest import tiny_hf
+
 from igpt_batch.model import IGPT
 from igpt_batch.sampling import (
     filter_logits,
@@ -20,27 +22,7 @@ N_POS, VOCAB = 64, 17
 K = VOCAB - 1  # colours; SOS = K
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add sync overhead (badly so on a shared, busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_hf(seed: int = 0) -> ImageGPTForCausalImageModeling:
-    torch.manual_seed(seed)
-    cfg = ImageGPTConfig(vocab_size=VOCAB, n_positions=N_POS, n_embd=32, n_layer=3, n_head=4,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = ImageGPTForCausalImageModeling(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if ".ln_" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return hf
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
