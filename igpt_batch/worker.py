@@ -62,9 +62,6 @@ class ShardWorker:
                 self.model.compile_decode()
             self.batch_size = batching.sample_batch_size(self.model, cfg.generate.batch_size)
 
-    def pid(self) -> int:
-        return os.getpid()
-
     # -- reading ---------------------------------------------------------------
     def _load(self, uri: str) -> tuple[images.Loaded, float]:
         t0 = time.perf_counter()

@@ -173,11 +173,12 @@ def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt,
     assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(30))
 
 
-def test_s3_restart_mid_job_is_survived(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("fault", ["restart", "pause"])
+def test_s3_outage_mid_job_is_survived(tiny_ckpt, tmp_path, fault):
     server = S3Server(tmp_path / "weed")
     server.start()
     try:
-        server.fs().mkdir("igpt-flaky")
+        server.fs().mkdir("igpt-flaky")  # a fresh server per case
         so = server.storage_options()
         cfg = config.load(None, {"model.name": tiny_ckpt, "output.path": "s3://igpt-flaky/o", "storage_options": so,
                                  "generate.num_samples": 40, "generate.batch_size": 1, "run.shard_size": 2,
@@ -192,9 +193,14 @@ def test_s3_restart_mid_job_is_survived(tiny_ckpt, tmp_path):
                 if len(fs.glob("igpt-flaky/o/_commits/*.json")) >= 2:
                     break
                 time.sleep(0.05)
-            server.stop()  # the store goes away mid-job ...
-            time.sleep(2)
-            server.start()  # ... and comes back on the same data directory
+            if fault == "restart":
+                server.stop()  # the store goes away mid-job ...
+                time.sleep(2)
+                server.start()  # ... and comes back on the same data directory
+            else:
+                os.killpg(server.proc.pid, signal.SIGSTOP)  # the store hangs: connections open, no answers ...
+                time.sleep(3)
+                os.killpg(server.proc.pid, signal.SIGCONT)  # ... then wakes up
             restarted.append(time.time())
 
         t = threading.Thread(target=restart)
