@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 log = logging.getLogger("igpt_batch")
 CPU_EXTRACT_BATCH = 32  # on CPU memory is not the limit; larger batches gain nothing
 CPU_SAMPLE_BATCH = 32
@@ -12,6 +10,8 @@ MAX_BATCH = 1024
 
 
 def _fits(model, batch: int, layers: list[int]) -> bool:
+    import torch
+
     tokens = torch.zeros((batch, model.n_px * model.n_px), dtype=torch.int64, device=model.device)
     try:
         with torch.inference_mode():
@@ -53,6 +53,8 @@ def sample_batch_size(model, requested: int | str, headroom: float = 0.7) -> int
     if model.device.type != "cuda":
         log.info("batch size auto: %d on CPU", CPU_SAMPLE_BATCH)
         return CPU_SAMPLE_BATCH
+    import torch
+
     free, _ = torch.cuda.mem_get_info(model.device)
     batch = max(1, min(MAX_BATCH, int(free * headroom // per_sample)))
     log.info("batch size auto: %d samples (%.1f GiB free on %s)", batch, free / 2**30, model.device)

@@ -1,19 +1,17 @@
 """The driver: plan shards, skip committed ones, run them in-process or on a Ray actor pool with retries, summarise."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
 import time
 from collections import Counter
-from typing import Callable
 
 import pyarrow as pa
 
 from . import __version__, checkpoint
 from .config import ConfigError, JobConfig
-from .manifest import Shard, plan_shards, read_manifest
+from .manifest import Shard, iter_manifest, plan_shards, scan_manifest, write_plan
 from .storage import OutputFolder, read_output
 
 log = logging.getLogger("igpt_batch")
@@ -33,16 +31,6 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def manifest_fingerprint(table: pa.Table) -> str:
-    h = hashlib.sha256()
-    for col in ("id", "uri"):
-        for chunk in table.column(col).chunks:
-            for buf in chunk.buffers():
-                if buf is not None:
-                    h.update(buf)
-    return h.hexdigest()[:16]
 
 
 def compat_keys(cfg: JobConfig, task: str, info: checkpoint.CheckpointInfo, layers: list[int], n: int, mf: str | None) -> dict:
@@ -67,20 +55,19 @@ def prepare(cfg: JobConfig, task: str):
         raise ConfigError("output.path is required (--output)")
     info = checkpoint.read_info(cfg.model.name)
     layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer) if task == "extract" else []
-    table = None
+    fingerprint = None
     if task in ("extract", "complete"):
         if not cfg.input.manifest:
             raise ConfigError("input.manifest is required (--manifest)")
-        table = read_manifest(cfg.input.manifest, cfg.storage_options)
-        shards = plan_shards(table.num_rows, cfg.run.shard_size)
-        n = table.num_rows
+        scan = scan_manifest(cfg.input.manifest, cfg.storage_options)  # streams: memory stays ~8 bytes a row
+        n, fingerprint = scan.rows, scan.fingerprint
+        shards = plan_shards(n, cfg.run.shard_size)
     else:
         n = cfg.generate.num_samples
         shards = plan_shards(n, cfg.run.shard_size, first=cfg.generate.seed)
     if task == "complete" and not 0 <= cfg.generate.prompt_rows < info.n_px:
         raise ConfigError(f"generate.prompt_rows must be in [0, {info.n_px}) for this {info.n_px}x{info.n_px} model")
-    keys = compat_keys(cfg, task, info, layers, n, manifest_fingerprint(table) if table is not None else None)
-    return info, layers, table, shards, keys
+    return info, layers, shards, compat_keys(cfg, task, info, layers, n, fingerprint)
 
 
 def open_output(cfg: JobConfig, keys: dict, job: dict) -> OutputFolder:
@@ -138,7 +125,7 @@ class Progress:
 def run_job(cfg: JobConfig, task: str) -> dict:
     """Run one job end to end; returns the _SUCCESS summary. Raises JobError if shards fail or too many rows are bad."""
     t0 = time.time()
-    info, layers, table, shards, keys = prepare(cfg, task)
+    info, layers, shards, keys = prepare(cfg, task)
     job = {"task": task, "config": cfg.to_dict(redact=True), "compat": keys, "model": cfg.model.name,
            "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash, "layers": layers,
            "n_px": info.n_px, "shards": len(shards), "versions": _versions()}
@@ -150,12 +137,9 @@ def run_job(cfg: JobConfig, task: str) -> dict:
     meta = {"model": cfg.model.name, "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
             "dtype": cfg.model.dtype, "task": task}
 
-    def rows_for(s: Shard) -> dict | None:
-        if table is None:
-            return None
-        part = table.slice(s.start, len(s))
-        return {"id": part.column("id").to_pylist(), "uri": part.column("uri").to_pylist()}
-
+    if cfg.input.manifest and task != "generate":  # each shard's input rows, for its worker to read
+        write_plan(cfg.input.manifest, cfg.storage_options, cfg.run.shard_size, todo,
+                   lambda s, rows: out.write_part("_plan", s.name, rows))
     unit = "images" if task == "extract" else "samples"
     per_row = cfg.generate.samples_per_image if task == "complete" else 1
     progress = Progress(sum(len(s) for s in shards) * per_row, sum(len(s) for s in shards if s.name in committed) * per_row, unit)
@@ -168,19 +152,20 @@ def run_job(cfg: JobConfig, task: str) -> dict:
     try:
         from .executors import execute
 
-        failed = execute(cfg, task, meta, todo, rows_for, done)
+        failed = execute(cfg, task, meta, todo, done)
     finally:
         progress.close()
     if failed:
         raise JobError(f"{len(failed)} shard(s) failed after {cfg.run.max_retries} retries: "
                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
     summary = summarise(out, task, shards, committed, records, time.time() - t0)
-    _pictures(cfg, task, info, table, out)
+    _pictures(cfg, task, info, out)
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
         out.write_json("_FAILED", summary)
         raise JobError(f"{summary['errors']} of {n_rows} input rows failed, over run.max_error_fraction="
                        f"{cfg.run.max_error_fraction}; committed shards are kept. Errors by reason: {summary['errors_by_reason']}")
+    out.remove("_plan")  # inputs of committed shards; a rerun skips them anyway
     out.write_json("_SUCCESS", summary)
     log.info("done: %s", {k: v for k, v in summary.items() if k != "errors_by_reason"})
     return summary
@@ -209,13 +194,15 @@ def summarise(out: OutputFolder, task: str, shards: list[Shard], before: dict, r
     }
 
 
-def _pictures(cfg: JobConfig, task: str, info: checkpoint.CheckpointInfo, table, out: OutputFolder) -> None:
+def _pictures(cfg: JobConfig, task: str, info: checkpoint.CheckpointInfo, out: OutputFolder) -> None:
     from . import pictures
 
-    clusters = checkpoint.read_clusters(info.path)
+    def clusters_and_head():  # the palette, and the manifest's first rows (the ones pictured)
+        return checkpoint.read_clusters(info.path), next(iter_manifest(cfg.input.manifest, cfg.storage_options))
+
     if task == "generate" and cfg.output.contact_sheet:
         pictures.write_contact_sheet(out, cfg.output.contact_sheet)
     elif task == "complete" and cfg.output.contact_sheet:
-        pictures.write_completion_sheet(out, cfg, table, clusters, info.n_px, cfg.output.contact_sheet)
+        pictures.write_completion_sheet(out, cfg, *clusters_and_head(), info.n_px, cfg.output.contact_sheet)
     elif task == "extract" and cfg.output.preview:
-        pictures.write_preview(out, cfg, table, clusters, info.n_px, cfg.output.preview)
+        pictures.write_preview(out, cfg, *clusters_and_head(), info.n_px, cfg.output.preview)

@@ -9,20 +9,19 @@ from .config import JobConfig
 from .manifest import Shard
 
 log = logging.getLogger("igpt_batch")
-RowsFor = Callable[[Shard], "dict | None"]
 Done = Callable[[dict], None]
 
 
-def execute(cfg: JobConfig, task: str, meta: dict, shards: list[Shard], rows_for: RowsFor, done: Done) -> dict[str, str]:
+def execute(cfg: JobConfig, task: str, meta: dict, shards: list[Shard], done: Done) -> dict[str, str]:
     """Run `shards`, calling done(record) after each commit; returns {shard name: last error} for shards that gave up."""
     if not shards:
         return {}
     if cfg.run.executor == "local":
-        return execute_local(cfg, task, meta, shards, rows_for, done)
-    return execute_ray(cfg, task, meta, shards, rows_for, done)
+        return execute_local(cfg, task, meta, shards, done)
+    return execute_ray(cfg, task, meta, shards, done)
 
 
-def execute_local(cfg, task, meta, shards, rows_for, done) -> dict[str, str]:
+def execute_local(cfg, task, meta, shards, done) -> dict[str, str]:
     from .worker import ShardWorker
 
     worker = ShardWorker(cfg, task, meta)
@@ -30,7 +29,7 @@ def execute_local(cfg, task, meta, shards, rows_for, done) -> dict[str, str]:
     for shard in shards:
         for attempt in range(cfg.run.max_retries + 1):
             try:
-                done(worker.run(shard, rows_for(shard)))
+                done(worker.run(shard))
                 break
             except Exception as e:  # a shard failure is retried, then reported; never silently dropped
                 log.warning("%s attempt %d failed: %s: %s", shard.name, attempt + 1, type(e).__name__, e)
@@ -58,7 +57,7 @@ def init_ray(address: str | None) -> None:
 IN_FLIGHT = 2  # shards per actor: one computing while the other reads, decodes or writes
 
 
-def execute_ray(cfg, task, meta, shards, rows_for, done) -> dict[str, str]:
+def execute_ray(cfg, task, meta, shards, done) -> dict[str, str]:
     import ray
 
     from .worker import ShardWorker
@@ -80,7 +79,7 @@ def execute_ray(cfg, task, meta, shards, rows_for, done) -> dict[str, str]:
         """Keep IN_FLIGHT shards on the actor in `slot` while there is work."""
         while queue and sum(1 for s, _, _ in running.values() if s == slot) < IN_FLIGHT:
             shard = queue.pop()
-            running[actors[slot].run.remote(shard, rows_for(shard))] = (slot, actors[slot], shard)
+            running[actors[slot].run.remote(shard)] = (slot, actors[slot], shard)
 
     for slot in range(n):
         fill(slot)

@@ -33,7 +33,7 @@ def _try_load(uri: str, n_px: int, storage_options: dict) -> np.ndarray | None:
         return None
 
 
-def write_preview(out: OutputFolder, cfg, table, clusters: np.ndarray, n_px: int, n: int, name: str = "preview.png") -> str | None:
+def write_preview(out: OutputFolder, cfg, clusters: np.ndarray, table, n_px: int, n: int, name: str = "preview.png") -> str | None:
     """Pairs of (input resized to n_px | its palette-quantised version) for the first n readable rows."""
     pics = []
     for uri in table.column("uri").to_pylist():
@@ -48,7 +48,7 @@ def write_preview(out: OutputFolder, cfg, table, clusters: np.ndarray, n_px: int
     return name
 
 
-def write_completion_sheet(out: OutputFolder, cfg, table, clusters: np.ndarray, n_px: int, n: int,
+def write_completion_sheet(out: OutputFolder, cfg, clusters: np.ndarray, table, n_px: int, n: int,
                            name: str = "contact_sheet.png") -> str | None:
     """One row per prompt: original | quantised prompt (rest grey) | its K completions; first n prompts."""
     samples = read_output(out.url, "samples", out.fs.storage_options)

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from . import checkpoint, images
 from .config import ConfigError, JobConfig
-from .driver import compat_keys, manifest_fingerprint, run_job
-from .manifest import read_manifest
+from .driver import compat_keys, run_job
+from .manifest import read_manifest, scan_manifest
 from .storage import OutputFolder, read_output
 
 log = logging.getLogger("igpt_batch")
@@ -205,8 +205,8 @@ def refresh(cfg: JobConfig) -> dict:
         sub.input.manifest, sub.output.path, sub.output.overwrite = _join(vurl, "manifests", f"{snap}.parquet"), snap_url, False
         previous_job = OutputFolder(snap_url, so).read_json("_job.json")
         if previous_job is not None:  # resuming a crashed night: reuse its shards unless its plan no longer matches
-            mt = read_manifest(sub.input.manifest, so)
-            keys = compat_keys(sub, "extract", info, layers, mt.num_rows, manifest_fingerprint(mt))
+            scan = scan_manifest(sub.input.manifest, so)
+            keys = compat_keys(sub, "extract", info, layers, scan.rows, scan.fingerprint)
             if previous_job.get("compat") != json.loads(json.dumps(keys)):
                 log.info("refresh: snapshot %s was planned differently; recomputing it", snap)
                 sub.output.overwrite = True

@@ -99,6 +99,13 @@ class OutputFolder:
         blobs = retry(lambda: self.fs.cat(files), "read commits")
         return {posixpath.basename(f)[: -len(".json")]: json.loads(b) for f, b in blobs.items()}
 
+    def read_table(self, rel: str) -> pa.Table:
+        return retry(lambda: pq.read_table(self.path(rel), filesystem=self.fs), f"read {rel}")
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            retry(lambda: self.fs.rm(self.path(rel), recursive=True), f"remove {rel}")
+
     def clear(self) -> None:
         """Remove everything under the root (--overwrite)."""
         if self.fs.exists(self.root):

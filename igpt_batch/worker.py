@@ -96,10 +96,14 @@ class ShardWorker:
             yield id_, uri, result
 
     # -- tasks -----------------------------------------------------------------
-    def run(self, shard: Shard, rows: dict | None = None) -> dict:
+    def run(self, shard: Shard) -> dict:
         """Process one shard and commit it; returns the commit record plus timings."""
         t0 = time.perf_counter()
         stats = {"read_s": 0.0, "wait_s": 0.0, "preprocess_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+        rows = None
+        if self.task != "generate":  # the driver wrote this shard's input rows to _plan/
+            plan = self.out.read_table(f"_plan/{shard.name}.parquet")
+            rows = {"id": plan.column("id").to_pylist(), "uri": plan.column("uri").to_pylist()}
         if self.task == "extract":
             tables = self._extract(rows, stats)
         elif self.task == "generate":

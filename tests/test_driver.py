@@ -55,7 +55,7 @@ def test_extract_on_local_ray_with_errors_resume_and_readers(ray_local, tiny_ckp
     # standard readers see the same rows directly
     assert len(pd.read_parquet(out / "embeddings")) == 8
     assert duckdb.sql(f"select count(*) from '{out}/embeddings/*.parquet'").fetchall()[0][0] == 8
-    assert (out / "_SUCCESS").exists() and (out / "preview.png").exists()
+    assert (out / "_SUCCESS").exists() and (out / "preview.png").exists() and not (out / "_plan").exists()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
     # a rerun recomputes nothing; removing one commit marker recomputes exactly that shard

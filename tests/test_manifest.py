@@ -4,7 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from igpt_batch.manifest import ManifestError, Shard, plan_shards, read_manifest
+from igpt_batch import manifest as manifest_mod
+from igpt_batch.manifest import ManifestError, Shard, plan_shards, read_manifest, scan_manifest, write_plan
 
 
 def test_plan_shards_is_a_pure_row_range_split():
@@ -69,3 +70,20 @@ def test_image_folder_with_a_non_utf8_name(tmp_path):
     uris = read_manifest(str(tmp_path)).column("uri").to_pylist()
     assert uris[0].startswith("file://") and uris[0].endswith("caf%E9.png") and uris[1] == str(tmp_path / "plain name.png")
     assert [read_bytes(u) for u in uris] == [b"bytes", b"other"]
+
+
+def test_scan_and_plan_stream_in_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_mod, "BATCH_ROWS", 7)  # force many small batches
+    ids = [f"r{i}" for i in range(50)]
+    pq.write_table(pa.table({"id": ids, "uri": [f"/img/{i}.png" for i in range(50)]}), tmp_path / "one.parquet")
+    (tmp_path / "split").mkdir()
+    pq.write_table(pa.table({"id": ids[:20], "uri": [f"/img/{i}.png" for i in range(20)]}), tmp_path / "split" / "a.parquet")
+    pq.write_table(pa.table({"id": ids[20:], "uri": [f"/img/{i}.png" for i in range(20, 50)]}), tmp_path / "split" / "b.parquet")
+    one, split = scan_manifest(str(tmp_path / "one.parquet")), scan_manifest(str(tmp_path / "split"))
+    assert one.rows == split.rows == 50 and one.fingerprint == split.fingerprint  # boundaries do not matter
+    pq.write_table(pa.table({"id": ids, "uri": [f"/img/{i}.jpg" for i in range(50)]}), tmp_path / "other.parquet")
+    assert scan_manifest(str(tmp_path / "other.parquet")).fingerprint != one.fingerprint
+    got = {}
+    write_plan(str(tmp_path / "split"), None, 12, [s for s in plan_shards(50, 12) if s.shard_id != 1],
+               lambda s, t: got.__setitem__(s.shard_id, t.column("id").to_pylist()))
+    assert sorted(got) == [0, 2, 3, 4] and got[0] == ids[:12] and got[3] == ids[36:48] and got[4] == ids[48:]
