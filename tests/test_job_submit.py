@@ -1,8 +1,10 @@
 """A real `ray job submit` of jobs/generate.py and jobs/extract.py against a head started by the test."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,12 +20,14 @@ RAY = str(Path(sys.executable).parent / "ray")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` in its own process group; stopped by PID (killpg), never by name."""
     tmp = tmp_path_factory.mktemp("rayhead")
+    # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: keep that path short
+    ray_tmp = tempfile.mkdtemp(prefix="igpt-ray-", dir="/tmp")
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={tmp / 'ray'}"],
+         "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
         env=env, stdout=open(tmp / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -43,6 +47,7 @@ def ray_head(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def submit(address, env, entrypoint: list[str]) -> subprocess.CompletedProcess:
