@@ -27,7 +27,11 @@ def resolve(name: str) -> str:
         raise ValueError(f"model {name!r} is neither a local checkpoint folder nor a hub id like 'openai/imagegpt-small'")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id=name, allow_patterns=WEIGHT_PATTERNS)
+    try:
+        return snapshot_download(repo_id=name, allow_patterns=WEIGHT_PATTERNS)
+    except Exception as e:  # offline, unknown repo, no access: one clear message, before any work
+        raise FileNotFoundError(f"cannot fetch model {name!r} from the Hugging Face hub "
+                                f"({type(e).__name__}); pass a local checkpoint folder, or check HF_HUB_OFFLINE and access") from e
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,13 @@ def plan_shards(n: int, shard_size: int, first: int = 0) -> list[Shard]:
 
 
 def _expand(spec: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    try:
+        return _list(spec, storage_options)
+    except PermissionError:  # never echo storage options: they hold the keys
+        raise ManifestError(f"access denied to manifest {spec}: check the storage credentials") from None
+
+
+def _list(spec: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, path = fsspec.core.url_to_fs(spec, **storage_options)
     if any(c in path for c in "*?["):
         files = sorted(fs.glob(path))

@@ -18,6 +18,15 @@ def test_bad_values_and_manifests_exit_2_naming_the_problem(tiny_ckpt, tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+def test_hub_id_goes_through_the_hub_path_and_fails_clearly_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    assert main(["generate", "--model", "openai/imagegpt-small", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot fetch model 'openai/imagegpt-small' from the Hugging Face hub" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_generate_then_inspect_and_verify(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "5", "--shard-size", "2",

@@ -49,3 +49,10 @@ def test_wrong_credentials_fail_fast_without_leaking_the_secret(s3_server: S3Ser
     with pytest.raises(JobError) as e:
         run_job(cfg, "generate")
     assert "access denied" in str(e.value) and wrong not in str(e.value) and s3_server.key not in str(e.value)
+    from igpt_batch.manifest import ManifestError
+
+    cfg = config.load(None, {"model.name": tiny_ckpt, "output.path": "s3://igpt-creds/out", "input.manifest": "s3://igpt-creds/m.csv",
+                             "storage_options": s3_server.storage_options(secret=wrong), "run.executor": "local"})
+    with pytest.raises(ManifestError) as e:  # the input side fails fast the same way
+        run_job(cfg, "extract")
+    assert "access denied to manifest" in str(e.value) and wrong not in str(e.value)
