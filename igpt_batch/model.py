@@ -112,6 +112,7 @@ class IGPT(torch.nn.Module):
         wte = hf_model.transformer.wte.weight
         self.register_buffer("positions", torch.arange(self.n_positions, device=wte.device), persistent=False)
         self._compiled_decode = None
+        self._static_caches: dict[int, KVCache] = {}  # compiled decode only: batch size -> reused cache
 
     @property
     def tr(self):
@@ -213,12 +214,18 @@ class IGPT(torch.nn.Module):
 
     # ----------------------------------------------------------------- sampling primitives
     def new_cache(self, batch_size: int) -> KVCache:
+        """A preallocated cache. With the compiled decode, one cache per batch size is kept and reused: CUDA
+        graphs replay against fixed addresses, and a fresh cache per call would re-record (stale entries
+        beyond the current position are masked out, and prefill overwrites the rest)."""
+        if self._compiled_decode is not None and batch_size in self._static_caches:
+            return self._static_caches[batch_size]
         shape = (self.n_layer, batch_size, self.n_head, self.n_positions, self.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self._compiled_decode is not None:  # CUDA graphs need the cache at a fixed address
             torch._dynamo.mark_static_address(k)
             torch._dynamo.mark_static_address(v)
+            self._static_caches[batch_size] = KVCache(k, v)
         return KVCache(k, v)
 
     @torch.no_grad()

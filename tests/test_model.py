@@ -260,3 +260,18 @@ def test_load_model_from_local_safetensors_folder(tmp_path, hf, model):
     assert load_model(str(tmp_path), dtype="bf16", device="cpu").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         load_model(str(tmp_path), dtype="fp8", device="cpu")
+
+
+def test_compiled_generation_reuses_its_cache_and_matches_eager(hf):
+    """Repeated generate calls on the compiled path reuse one cache per batch size (fixed addresses for CUDA
+    graphs); stale entries from the previous call must not leak into the next."""
+    from igpt_batch.sampling import generate
+
+    eager = IGPT(hf, clusters())
+    compiled = IGPT(hf, clusters())
+    assert compiled.compile_decode(backend="eager", mode=None, require_cuda=False)
+    first = generate(compiled, [1, 2, 3], temperature=1.0)
+    assert compiled.new_cache(3) is compiled.new_cache(3)
+    second = generate(compiled, [4, 5, 6], temperature=1.0)  # runs over the cache the first call filled
+    np.testing.assert_array_equal(first, generate(eager, [1, 2, 3], temperature=1.0))
+    np.testing.assert_array_equal(second, generate(eager, [4, 5, 6], temperature=1.0))
