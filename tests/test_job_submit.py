@@ -52,7 +52,13 @@ def ray_head(tmp_path_factory):
 
 def submit(address, env, entrypoint: list[str]) -> subprocess.CompletedProcess:
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", sys.executable, *entrypoint]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    deadline = time.time() + 90
+    while True:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # a fresh head answers before its job agent is up: Ray says to try again later
+        if "No available agent to submit job" not in r.stderr + r.stdout or time.time() > deadline:
+            return r
+        time.sleep(2)
 
 
 def test_ray_job_submit_generate_and_extract(ray_head, tiny_ckpt, image_dir, tmp_path):
