@@ -23,11 +23,16 @@ def ray_head(tmp_path_factory):
     # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: keep that path short
     ray_tmp = tempfile.mkdtemp(prefix="igpt-ray-", dir="/tmp")
     port, dash = free_port(), free_port()
+    # Every port of its own: the session's local Ray (ray_local) already holds Ray's default agent ports,
+    # and a head whose job agent cannot bind answers every submit with "No available agent".
+    agent_ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                   "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+                   "ray-client-server-port")]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
+         "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={ray_tmp}", *agent_ports],
         env=env, stdout=open(tmp / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
