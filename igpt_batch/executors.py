@@ -62,7 +62,10 @@ def execute_ray(cfg, task, meta, shards, done) -> dict[str, str]:
 
     from .worker import ShardWorker
 
+    from .storage import OutputFolder
+
     init_ray(cfg.run.address)
+    out = OutputFolder(cfg.output.path, cfg.storage_options)
     gpus = cfg.run.gpus_per_worker
     if gpus is None:
         gpus = 1 if cfg.model.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -92,10 +95,15 @@ def execute_ray(cfg, task, meta, shards, done) -> dict[str, str]:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             # The actor died (SIGKILL, OOM, node loss): retry the shard on a fresh actor.
             if actors[slot] is actor:  # replace it once, even though all of its shards in flight fail
-                log.warning("worker for %s died (%s); starting a new worker and retrying", shard.name, type(e).__name__)
+                log.warning("worker for %s died (%s); starting a new worker", shard.name, type(e).__name__)
                 ray.kill(actor, no_restart=True)
                 actors[slot] = actor_cls.remote(cfg, task, meta)
-            _requeue(shard, attempts, failed, queue, cfg.run.max_retries, f"worker died: {type(e).__name__}")
+            record = out.read_json(f"_commits/{shard.name}.json")
+            if record is not None:  # it died after committing this shard, before the reply: the shard is done
+                done(record)
+                failed.pop(shard.name, None)
+            else:
+                _requeue(shard, attempts, failed, queue, cfg.run.max_retries, f"worker died: {type(e).__name__}")
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             log.warning("%s failed: %s: %s", shard.name, type(cause).__name__, cause)
