@@ -12,7 +12,7 @@ import pyarrow as pa
 from . import __version__, checkpoint
 from .config import ConfigError, JobConfig
 from .manifest import Shard, iter_manifest, plan_shards, scan_manifest, write_plan
-from .storage import OutputFolder, read_output
+from .storage import OutputFolder, errors_by_reason, read_output
 
 log = logging.getLogger("igpt_batch")
 
@@ -172,18 +172,14 @@ def run_job(cfg: JobConfig, task: str) -> dict:
 
 
 def summarise(out: OutputFolder, task: str, shards: list[Shard], before: dict, records: dict, wall_s: float) -> dict:
-    all_records = out.committed()
     rows = Counter()
-    for rec in all_records.values():
+    for rec in {**before, **records}.values():  # every committed shard: earlier runs' and this run's
         rows.update(rec.get("rows", {}))
     errors = read_output(out.url, "errors", out.fs.storage_options) if rows.get("errors") else None
-    by_reason = Counter()
-    if errors is not None and errors.num_rows:
-        for stage, err in zip(errors.column("stage").to_pylist(), errors.column("error").to_pylist()):
-            by_reason[f"{stage}: {err.split(':')[0][:80]}"] += 1
+    by_reason = errors_by_reason(errors) if errors is not None else Counter()
     stage_s = Counter()
     for rec in records.values():
-        stage_s.update({k: v for k, v in rec["stats"].items()})
+        stage_s.update(rec["stats"])
     new_rows = sum(r["stop"] - r["start"] for r in records.values())
     return {
         "task": task, "shards": len(shards), "shards_skipped": len(before), "shards_run": len(records),

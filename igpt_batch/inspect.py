@@ -6,7 +6,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from .storage import KINDS, OutputFolder, committed_files, read_output
+from .storage import KINDS, OutputFolder, committed_files, errors_by_reason, read_output
 
 
 def inspect(url: str, verify: bool = False, storage_options: dict | None = None, echo=print) -> int:
@@ -36,8 +36,7 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
     if rows.get("errors"):
         errors = read_output(url, "errors", storage_options)
         echo("errors by reason:")
-        reasons = Counter(f"{s}: {e.split(':')[0][:80]}" for s, e in zip(errors.column("stage").to_pylist(), errors.column("error").to_pylist()))
-        for reason, n in reasons.most_common(10):
+        for reason, n in errors_by_reason(errors).most_common(10):
             echo(f"  {n:>6}  {reason}")
     for pic in ("contact_sheet.png", "preview.png"):
         if out.exists(pic):

@@ -6,6 +6,7 @@ import logging
 import posixpath
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable
 
 import fsspec
@@ -118,6 +119,12 @@ def committed_files(out: OutputFolder, kind: str) -> list[str]:
     for name, record in sorted(out.committed().items()):
         files += [f["path"] for f in record.get("files", []) if f["path"].startswith(f"{kind}/")]
     return files
+
+
+def errors_by_reason(errors: pa.Table) -> Counter:
+    """Count error rows by stage and the reason's leading clause (the part before the first ':')."""
+    return Counter(f"{stage}: {err.split(':')[0][:80]}"
+                   for stage, err in zip(errors.column("stage").to_pylist(), errors.column("error").to_pylist()))
 
 
 def read_output(url: str, kind: str = "embeddings", storage_options: dict | None = None) -> pa.Table:
