@@ -43,13 +43,14 @@ FLAGS = {
     "--max-error-fraction": ("run.max_error_fraction", {}),
     "--store": ("refresh.store", {}),
     "--deleted": ("refresh.deleted", {"metavar": "mark|drop"}),
+    "--keep-current": ("refresh.keep_current", {"metavar": "N"}),
 }
 TASK_FLAGS = {
     "extract": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
     "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
     "complete": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
                  "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],
-    "refresh": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--store", "--deleted"],
+    "refresh": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--store", "--deleted", "--keep-current"],
 }
 COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--workers", "--shard-size", "--address",
           "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]

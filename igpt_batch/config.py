@@ -75,6 +75,7 @@ class RunConfig:
 class RefreshConfig:
     store: str | None = None  # embedding store root (local folder or fsspec URL) for `igpt-batch refresh`
     deleted: str = "mark"  # mark | drop: what happens to ids that left the manifest
+    keep_current: int = 3  # current/<snapshot>/ tables kept after a night, the live one included (0 = keep all)
 
 
 @dataclass
@@ -228,4 +229,5 @@ def validate(cfg: JobConfig) -> None:
     need(0 <= r.max_error_fraction <= 1, "run.max_error_fraction", "must be in [0, 1]")
     need(cfg.input.read_timeout > 0, "input.read_timeout", "must be > 0")
     need(cfg.refresh.deleted in ("mark", "drop"), "refresh.deleted", f"must be mark or drop, got {cfg.refresh.deleted!r}")
+    need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from . import checkpoint, images
 from .config import ConfigError, JobConfig
 from .driver import compat_keys, run_job
 from .manifest import read_manifest, scan_manifest
-from .storage import OutputFolder, read_output
+from .storage import OutputFolder, read_output, retry
 
 log = logging.getLogger("igpt_batch")
 PART_ROWS = 100_000  # rows per current/<snapshot>/part-*.parquet
@@ -120,6 +121,24 @@ def _snapshot_id(vdir: OutputFolder, pointer: dict | None) -> str:
         if (not pointer or sid > pointer["snapshot"]) and not vdir.exists(f"snapshots/{sid}") and not vdir.exists(f"current/{sid}"):
             return sid
         t += dt.timedelta(seconds=1)
+
+
+def _prune_current(vdir: OutputFolder, live: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` current/<snapshot>/ tables (never the live one); returns their ids.
+    Nothing computed is lost: every embedding in them also lives in its night's snapshots/<id>/."""
+    if keep <= 0:
+        return []
+    top = vdir.path("current")
+    vdir.fs.invalidate_cache(top)  # object stores cache listings
+    # tables by their files, not by listing folders: some stores keep an emptied folder as a prefix
+    files = retry(lambda: vdir.fs.find(top), "list current/")
+    tables = sorted({posixpath.relpath(f, top).split("/", 1)[0] for f in files})
+    old = [sid for sid in tables[:-keep] if sid != live]
+    for sid in old:
+        vdir.remove(f"current/{sid}")
+    if old:
+        log.info("refresh: removed %d old current table(s): %s", len(old), ", ".join(old))
+    return old
 
 
 def refresh(cfg: JobConfig) -> dict:
@@ -229,6 +248,7 @@ def refresh(cfg: JobConfig) -> dict:
         meta = {}
     meta |= {b"version": version.encode(), b"snapshot": snap.encode(), b"layers": ",".join(map(str, layers)).encode()}
     schema = current_schema(dim, meta)
+    vdir.remove(f"current/{snap}")  # a crashed attempt at this night: none of its parts may outlive the rewrite
     parts, n_rows, n_deleted = [], 0, 0
 
     def emit(t: pa.Table) -> None:
@@ -270,7 +290,8 @@ def refresh(cfg: JobConfig) -> dict:
     root.write_json("_LATEST.json", {"version": version, "snapshot": snap, "updated_at": now})
     if vdir.exists("_PENDING.json"):
         vdir.fs.rm(vdir.path("_PENDING.json"))
-    summary |= {"errors": len(failed), "current_rows": n_rows, "live_rows": n_rows - n_deleted}
+    summary |= {"errors": len(failed), "current_rows": n_rows, "live_rows": n_rows - n_deleted,
+                "pruned": _prune_current(vdir, snap, cfg.refresh.keep_current)}
     log.info("refresh done: %s", summary)
     if len(compute) <= SMALL:
         summary["computed_ids"] = [ids[i] for i in compute]

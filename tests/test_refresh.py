@@ -63,7 +63,7 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
     # night 1: everything is new
     s1 = refresh(cfg_for(tiny_ckpt, mark, m1))
     assert set(s1["computed_ids"]) == set(names) and (s1["new"], s1["computed"], s1["errors"]) == (8, 8, 0)
-    refresh(cfg_for(tiny_ckpt, drop, m1, **{"refresh.deleted": "drop"}))
+    d1 = refresh(cfg_for(tiny_ckpt, drop, m1, **{"refresh.deleted": "drop"}))
     v = one_version(mark)
     cur1 = by_id(read_current(str(mark)))
     assert set(cur1) == set(names) and all(r["snapshot"] == s1["snapshot"] and not r["deleted"] for r in cur1.values())
@@ -138,11 +138,25 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
     (d / "astronaut.jpg").write_bytes((d / "astronaut.jpg").read_bytes()[:300])
     (d / "text.jpg").write_text("not an image")
     m5 = manifest(tmp_path / "m5.parquet", d, names4 + ["text.jpg"])
+    later = []
     for night in (5, 6):
         s5 = refresh(cfg_for(tiny_ckpt, mark, m5))
         assert set(s5["computed_ids"]) == set(s5["failed_ids"]) == {"astronaut.jpg", "text.jpg"} and s5["errors"] == 2
         cur5 = by_id(read_current(str(mark)))
         assert "text.jpg" not in cur5 and cur5["astronaut.jpg"] == cur1["astronaut.jpg"]  # stale but present
+        later.append(s5)
+
+    # retention (refresh.keep_current = 3): each night past the third removes the oldest current table; the
+    # snapshots of what was computed all stay
+    assert [s["pruned"] for s in (s1, s3, s4, *later)] == [[], [], [], [s1["snapshot"]], [s3["snapshot"]]]
+    assert sorted(p.name for p in (v / "current").iterdir()) == [s4["snapshot"]] + [s["snapshot"] for s in later]
+    assert sorted(p.name for p in (v / "snapshots").iterdir()) == sorted([s1["snapshot"], s3["snapshot"]] + [s["snapshot"] for s in later])
+    assert json.loads((v / "_CURRENT.json").read_text())["snapshot"] == later[-1]["snapshot"]
+    # keep_current = 1 keeps only the live table
+    s3k = refresh(cfg_for(tiny_ckpt, drop, m4, **{"refresh.deleted": "drop", "refresh.keep_current": 1}))
+    (vd,) = drop.glob("v-*")
+    assert s3k["pruned"] == [d1["snapshot"], s3d["snapshot"]]
+    assert [p.name for p in (vd / "current").iterdir()] == [s3k["snapshot"]] and len(read_current(str(drop))) == 10
 
 
 def test_changing_layers_starts_a_new_version(tiny_ckpt, tmp_path):
@@ -195,12 +209,15 @@ def test_killed_night_resumes_the_same_snapshot(tiny_ckpt, tmp_path, capsys):
     shutil.copytree(store, crashed)
     (crashed / v.name / "_CURRENT.json").unlink()
     (crashed / v.name / "_PENDING.json").write_text(json.dumps({"snapshot": pending}))
-    for p in (crashed / v.name / "current").iterdir():
-        shutil.rmtree(p)
+    # ... and killed while writing its current table, which had one more part than the rerun will write
+    table_dir = crashed / v.name / "current" / pending
+    shutil.copy(table_dir / "part-00000.parquet", table_dir / "part-00001.parquet")
     m7 = str(write_manifest(tmp_path / "m7.parquet", [str(d / n) for n in files[:7]], names[:7]))
     s = refresh(cfg_for(tiny_ckpt, crashed, m7, **{"run.shard_size": 1}))
     assert s["snapshot"] == pending and s["extract"]["shards_skipped"] == 0 and s["extract"]["shards_run"] == 7
     assert read_current(str(crashed)).num_rows == 7
+    files = json.loads((crashed / v.name / "_CURRENT.json").read_text())["files"]
+    assert sorted(f"current/{pending}/{p.name}" for p in table_dir.iterdir()) == sorted(files) == [f"current/{pending}/part-00000.parquet"]
 
 
 def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_path):
@@ -223,8 +240,14 @@ def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_
     assert fs.cat_file(f"igpt-refresh/store/{s1['version']}/_CURRENT.json") == pointer
     time.sleep(1.1)
     fs.put_file(str(d / names[0]), f"igpt-refresh/images/{names[0]}")  # same bytes: new LastModified, same ETag
+    cfg.refresh.keep_current = 1
     s3 = refresh(cfg)
     assert (s3["computed"], s3["metadata_updates"], s3["precheck"]) == (0, 1, {"etag": 4, "hashed": 0})
+    assert s3["pruned"] == [s1["snapshot"]]  # the first night's table, removed from the bucket
+    vprefix = f"igpt-refresh/store/{s1['version']}"
+    fs.invalidate_cache()
+    assert {p.split("/")[-2] for p in fs.find(f"{vprefix}/current")} == {s3["snapshot"]}
+    assert fs.exists(f"{vprefix}/snapshots/{s1['snapshot']}/_SUCCESS")
     assert not fs.exists(f"igpt-refresh/store/{s1['version']}/snapshots/{s3['snapshot']}")  # no model run
     after = read_current("s3://igpt-refresh/store", so)
     assert after.column("embedding").to_pylist() == current.column("embedding").to_pylist()
