@@ -15,6 +15,7 @@ import pyarrow as pa
 MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 BATCH_ROWS = 65_536  # manifest rows held at a time while planning
+JSON_BLOCK_BYTES = 8 << 20  # JSONL is parsed in blocks of this size (column types are inferred from the first)
 
 
 class ManifestError(ValueError):
@@ -63,7 +64,7 @@ def _list(spec: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, 
 
 
 def _read_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.Table]:
-    """Stream one manifest file in record batches (Parquet and CSV stream; JSONL is read whole)."""
+    """Stream one manifest file in record batches (Parquet, CSV and JSONL alike)."""
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
     import pyarrow.parquet as pq
@@ -77,7 +78,8 @@ def _read_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.Table
                 for batch in pcsv.open_csv(f):
                     yield pa.Table.from_batches([batch])
             else:
-                yield pjson.read_json(f)
+                for batch in pjson.open_json(f, read_options=pjson.ReadOptions(block_size=JSON_BLOCK_BYTES)):
+                    yield pa.Table.from_batches([batch])
     except PermissionError as e:
         raise ManifestError(f"cannot read manifest {path}: permission denied") from e
     except (pa.ArrowInvalid, OSError) as e:

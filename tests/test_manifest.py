@@ -87,3 +87,18 @@ def test_scan_and_plan_stream_in_batches(tmp_path, monkeypatch):
     write_plan(str(tmp_path / "split"), None, 12, [s for s in plan_shards(50, 12) if s.shard_id != 1],
                lambda s, t: got.__setitem__(s.shard_id, t.column("id").to_pylist()))
     assert sorted(got) == [0, 2, 3, 4] and got[0] == ids[:12] and got[3] == ids[36:48] and got[4] == ids[48:]
+
+
+def test_jsonl_streams_in_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_mod, "JSON_BLOCK_BYTES", 1024)  # about 30 rows a block
+    rows = [{"id": i, "uri": f"/img/{i}.png", "label": i % 10} for i in range(500)]  # numeric ids become strings
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batches = list(manifest_mod.iter_manifest(str(tmp_path / "m.jsonl")))
+    assert len(batches) > 10 and max(b.num_rows for b in batches) < 100  # never the whole file at once
+    t = pa.concat_tables(batches)
+    assert t.column("id").to_pylist() == [str(i) for i in range(500)] and t.column("uri")[499].as_py() == "/img/499.png"
+    pq.write_table(pa.table({"id": t.column("id"), "uri": t.column("uri")}), tmp_path / "same.parquet")
+    assert scan_manifest(str(tmp_path / "m.jsonl")).fingerprint == scan_manifest(str(tmp_path / "same.parquet")).fingerprint
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "x", "uri": "/x.png"}\n')
+    with pytest.raises(ManifestError, match="cannot read manifest .*mixed.jsonl"):  # ids that change type mid-file
+        read_manifest(str(tmp_path / "mixed.jsonl"))
