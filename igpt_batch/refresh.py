@@ -195,7 +195,7 @@ def refresh(cfg: JobConfig) -> dict:
                "unchanged": len(unchanged), "revived": revived, "deleted": len(newly_deleted),
                "dropped": len(gone) if drop else 0, "metadata_updates": len(updates), "computed": len(compute),
                "errors": 0, "current_rows": len(prev["id"]), "live_rows": len(prev["id"]) - sum(prev["deleted"]),
-               "precheck": dict(pre)}
+               "precheck": dict(pre), "pruned": []}
     pending = vdir.read_json("_PENDING.json")
     if pending and pointer and pending["snapshot"] <= pointer["snapshot"]:
         pending = None  # that night finished; only its clean-up was lost

@@ -74,7 +74,7 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
     # night 2: nothing touched -> nothing embedded, nothing written
     s2 = refresh(cfg_for(tiny_ckpt, mark, m1))
     assert s2["computed"] == 0 and s2["snapshot"] is None and s2["message"] == "nothing to embed: 8 rows unchanged"
-    assert s2["precheck"] == {"size_mtime": 8, "hashed": 0}
+    assert s2["precheck"] == {"size_mtime": 8, "hashed": 0} and s2["pruned"] == []
     assert (v / "_CURRENT.json").read_bytes() == pointer1 and len(list((v / "snapshots").iterdir())) == 1
     assert len(list((v / "current").iterdir())) == 1
 
