@@ -10,40 +10,45 @@ from pathlib import Path
 from . import config as config_mod
 from .config import ConfigError
 
-# flag -> (dotted config key, argparse kwargs); values are type-checked by config.apply, not argparse
+# flag -> (dotted config key, help, extra argparse kwargs); values are type-checked by config.apply, not argparse.
+# --help appends each key's default from igpt_batch/config.py.
+CONST = {"action": "store_const", "const": True}
 FLAGS = {
-    "--model": ("model.name", {}),
-    "--dtype": ("model.dtype", {}),
-    "--device": ("model.device", {}),
-    "--manifest": ("input.manifest", {}),
-    "--read-timeout": ("input.read_timeout", {}),
-    "--max-pixels": ("input.max_pixels", {}),
-    "--draft": ("input.draft", {"action": "store_const", "const": True}),
-    "--output": ("output.path", {}),
-    "--overwrite": ("output.overwrite", {"action": "store_const", "const": True}),
-    "--write-png-files": ("output.write_png_files", {"action": "store_const", "const": True}),
-    "--contact-sheet": ("output.contact_sheet", {"metavar": "N"}),
-    "--preview": ("output.preview", {"metavar": "N"}),
-    "--layer": ("extract.layers", {"action": "append", "metavar": "L"}),
-    "--num-samples": ("generate.num_samples", {}),
-    "--seed": ("generate.seed", {}),
-    "--temperature": ("generate.temperature", {}),
-    "--top-k": ("generate.top_k", {}),
-    "--top-p": ("generate.top_p", {}),
-    "--prompt-rows": ("generate.prompt_rows", {}),
-    "--samples-per-image": ("generate.samples_per_image", {}),
-    "--workers": ("run.workers", {}),
-    "--shard-size": ("run.shard_size", {}),
-    "--address": ("run.address", {}),
-    "--executor": ("run.executor", {}),
-    "--cpus-per-worker": ("run.cpus_per_worker", {}),
-    "--gpus-per-worker": ("run.gpus_per_worker", {}),
-    "--torch-threads": ("run.torch_threads", {}),
-    "--max-retries": ("run.max_retries", {}),
-    "--max-error-fraction": ("run.max_error_fraction", {}),
-    "--store": ("refresh.store", {}),
-    "--deleted": ("refresh.deleted", {"metavar": "mark|drop"}),
-    "--keep-current": ("refresh.keep_current", {"metavar": "N"}),
+    "--model": ("model.name", "demo, a local checkpoint folder, or a hub id", {}),
+    "--dtype": ("model.dtype", "fp32, bf16 or fp16", {}),
+    "--device": ("model.device", "auto (CUDA when present), cpu, cuda or cuda:N", {}),
+    "--manifest": ("input.manifest", "manifest file, folder or glob (Parquet, CSV, JSONL), or a folder or glob of images", {}),
+    "--read-timeout": ("input.read_timeout", "seconds per image fetch", {}),
+    "--max-pixels": ("input.max_pixels", "decompression-bomb limit, checked before decoding", {}),
+    "--draft": ("input.draft", "JPEG draft decoding for big sources (faster, approximate)", CONST),
+    "--output": ("output.path", "output folder or fsspec URL", {}),
+    "--overwrite": ("output.overwrite", "replace an existing output, also one written with another config", CONST),
+    "--write-png-files": ("output.write_png_files", "also write pngs/seed-<seed>.png", CONST),
+    "--contact-sheet": ("output.contact_sheet", "grid picture of the first N samples (0 = none)", {"metavar": "N"}),
+    "--preview": ("output.preview", "extract: the first N inputs beside their quantised versions", {"metavar": "N"}),
+    "--layer": ("extract.layers", "feature layer, repeatable, concatenated in order (none given: n_layer // 2)",
+                {"action": "append", "metavar": "L"}),
+    "--num-samples": ("generate.num_samples", "generate seeds seed .. seed+N-1", {}),
+    "--seed": ("generate.seed", "first seed (generate) or base seed (complete)", {}),
+    "--temperature": ("generate.temperature", "sampling temperature (0 = greedy)", {}),
+    "--top-k": ("generate.top_k", "keep the K most likely tokens (0 = off; above the vocabulary: clamped)", {}),
+    "--top-p": ("generate.top_p", "nucleus sampling mass (1.0 = off)", {}),
+    "--prompt-rows": ("generate.prompt_rows", "complete: pixel rows kept from the top of each image", {}),
+    "--samples-per-image": ("generate.samples_per_image", "complete: completions per image", {}),
+    "--workers": ("run.workers", "actors, one model replica each", {}),
+    "--shard-size": ("run.shard_size", "rows or seeds per shard: the unit of output, commit and retry", {}),
+    "--address": ("run.address", "Ray address (none: RAY_ADDRESS or the job's cluster, else a local Ray)", {}),
+    "--executor": ("run.executor", "ray, or local (in-process, same code path)", {}),
+    "--cpus-per-worker": ("run.cpus_per_worker", "Ray CPUs per actor (fractional is fine)", {}),
+    "--gpus-per-worker": ("run.gpus_per_worker", "Ray GPUs per actor (none: 1 when the cluster has GPUs)", {}),
+    "--torch-threads": ("run.torch_threads", "torch threads per actor (0 = torch's choice)", {}),
+    "--max-retries": ("run.max_retries", "retries per shard after actor death or shard failure", {}),
+    "--max-error-fraction": ("run.max_error_fraction", "fail the job when more input rows than this are bad", {}),
+    "--store": ("refresh.store", "refresh: the embedding store (folder or fsspec URL)", {}),
+    "--deleted": ("refresh.deleted", "refresh: ids that left the manifest are marked deleted or dropped",
+                  {"metavar": "mark|drop"}),
+    "--keep-current": ("refresh.keep_current", "refresh: current tables kept, the live one included (0 = all)",
+                       {"metavar": "N"}),
 }
 TASK_FLAGS = {
     "extract": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
@@ -56,6 +61,14 @@ COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--worker
           "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]
 
 
+def _with_default(help_: str, key: str) -> str:
+    value = config_mod.JobConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    shown = value not in (None, "", []) and not isinstance(value, bool)
+    return f"{help_}; default {value}" if shown else help_
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="igpt-batch", description="ImageGPT embeddings and samples at scale on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(task, help=help_)
         sp.add_argument("--config", help="YAML config file (see configs/); flags override it")
         sp.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
-        sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call")
+        sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call, or auto; "
+                        "default 32 / 16")
         for flag in COMMON + TASK_FLAGS[task]:
             if task == "refresh" and flag in ("--output", "--overwrite"):  # the store decides where output goes
                 continue
-            sp.add_argument(flag, dest=flag[2:].replace("-", "_"), **FLAGS[flag][1])
+            key, help_, extra = FLAGS[flag]
+            sp.add_argument(flag, dest=flag[2:].replace("-", "_"), help=_with_default(help_, key), **extra)
     d = sub.add_parser("demo", help="run extract and generate on the embedded demo model, offline")
     d.add_argument("--output", default="demo-output")
     d.add_argument("--num-samples", type=int, default=64)
@@ -86,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, task: str) -> config_mod.JobConfig:
     overrides = {}
-    for flag, (key, _) in FLAGS.items():
+    for flag, (key, _, _) in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
             overrides[key] = value

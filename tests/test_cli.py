@@ -53,3 +53,24 @@ def test_demo_writes_every_output(tmp_path, capsys):
     emb = pq.read_table(d / "extract" / "embeddings")
     assert emb.num_rows == 200 and pq.read_table(d / "extract" / "errors").column("id").to_pylist() == ["broken"]
     assert pq.read_table(d / "generate" / "samples").num_rows == 8
+
+
+def test_every_flag_is_in_the_readme_and_its_help_shows_the_config_default(capsys):
+    import re
+
+    import pytest
+
+    from conftest import REPO
+    from igpt_batch.cli import FLAGS, TASK_FLAGS
+    from igpt_batch.config import JobConfig
+
+    table = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `--")]
+    documented = {flag for line in table for flag in re.findall(r"`(--[a-z-]+)", line.split("|")[1])}
+    assert set(FLAGS) <= documented, sorted(set(FLAGS) - documented)
+    keys = " ".join(line.split("|")[2] for line in table)
+    assert all(f"`{key}`" in keys or f"`{key.split('.')[0]}.*`" in keys for key, _, _ in FLAGS.values())
+    with pytest.raises(SystemExit):
+        main(["refresh", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default {JobConfig().refresh.keep_current}" in text and f"default {JobConfig().input.read_timeout}" in text
+    assert all(flag in text for flag in TASK_FLAGS["refresh"]) and "--output" not in text
