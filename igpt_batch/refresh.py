@@ -11,8 +11,10 @@ import posixpath
 import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,6 +30,7 @@ PART_ROWS = 100_000  # rows per current/<snapshot>/part-*.parquet
 THREADS = 16  # concurrent stats and re-reads during planning
 SMALL = 1000  # computed_ids / failed_ids are returned only up to this many
 META = ("id", "uri", "sha256", "size", "mtime", "etag", "deleted")  # the columns planning reads
+STAT_SCHEMA = pa.schema([("size", pa.int64()), ("mtime", pa.string()), ("etag", pa.string())])
 
 
 def _join(url: str, *parts: str) -> str:
@@ -76,17 +79,6 @@ def _stat(uri: str, so: dict, timeout: float) -> dict | None:
             (None if mtime is None else str(mtime)), "etag": None if etag is None else str(etag).strip('"')}
 
 
-def _precheck(prev: dict, st: dict | None) -> str | None:
-    """How metadata alone proves the source is unchanged: 'etag', 'size_mtime', or None (read the bytes)."""
-    if st is None:
-        return None
-    if prev["etag"] and st["etag"]:
-        return "etag" if prev["etag"] == st["etag"] else None
-    if st["size"] is not None and st["mtime"] is not None and (prev["size"], prev["mtime"]) == (st["size"], st["mtime"]):
-        return "size_mtime"
-    return None
-
-
 def _sha(uri: str, cfg: JobConfig) -> str | None:
     try:
         data = images.read_bytes(uri, cfg.storage_options, timeout=cfg.input.read_timeout, max_bytes=cfg.input.max_bytes)
@@ -95,27 +87,46 @@ def _sha(uri: str, cfg: JobConfig) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
-def _pmap(fn, items: list) -> list:
-    """fn over items in a bounded thread pool, a chunk at a time (millions of rows never make millions of futures)."""
-    out: list = []
+def _pmap(fn, items: pa.Array | list) -> Iterator[list]:
+    """fn over items in a bounded thread pool, yielding a chunk of results at a time (millions of rows never make
+    millions of futures, nor one Python object per row beyond the chunk)."""
     with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-refresh") as pool:
         for s in range(0, len(items), 4096):
-            out += pool.map(fn, items[s:s + 4096])
-    return out
+            chunk = items[s:s + 4096]
+            yield list(pool.map(fn, chunk.to_pylist() if isinstance(chunk, pa.Array) else chunk))
 
 
-def _read_prev(vdir: OutputFolder, pointer: dict | None) -> tuple[dict[str, int], dict[str, list]]:
-    """The previous current table's planning columns (no embeddings): id -> row index, and the columns."""
+def _stat_table(uris: pa.Array, so: dict, timeout: float) -> pa.Table:
+    """size, mtime, etag of every uri as Arrow columns; nulls where the store cannot say."""
+    parts = [pa.Table.from_pylist([st or {} for st in chunk], schema=STAT_SCHEMA)
+             for chunk in _pmap(lambda u: _stat(u, so, timeout), uris)]
+    return pa.concat_tables(parts) if parts else STAT_SCHEMA.empty_table()
+
+
+def _read_prev(vdir: OutputFolder, pointer: dict | None) -> pa.Table:
+    """The previous current table's planning columns (no embeddings), in the order of its parts."""
     if not pointer:
-        return {}, {c: [] for c in META}
-    t = pa.concat_tables([pq.read_table(vdir.path(f), columns=list(META), filesystem=vdir.fs) for f in pointer["files"]])
-    cols = {c: t.column(c).to_pylist() for c in META}
-    return {k: j for j, k in enumerate(cols["id"])}, cols
+        return current_schema(1).empty_table().select(list(META))
+    return pa.concat_tables([pq.read_table(vdir.path(f), columns=list(META), filesystem=vdir.fs) for f in pointer["files"]])
+
+
+def _differs(a: pa.Array, b: pa.Array) -> np.ndarray:
+    """a != b elementwise, where null equals only null (as Python's None)."""
+    ne = pc.fill_null(pc.not_equal(a, b), False)
+    return _np(pc.or_(ne, pc.xor(pc.is_null(a), pc.is_null(b))))
+
+
+def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _snapshot_id(vdir: OutputFolder, pointer: dict | None) -> str:
-    """A new snapshot id that sorts by time after the previous one and names nothing that exists yet."""
+    """A new snapshot id that sorts by time after the previous one and names nothing that exists yet (a clock behind
+    the previous night's starts one second after it)."""
     t = _now()
+    if pointer:
+        t = max(t, dt.datetime.strptime(pointer["snapshot"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+                + dt.timedelta(seconds=1))
     while True:
         sid = t.strftime("%Y%m%dT%H%M%SZ")
         if (not pointer or sid > pointer["snapshot"]) and not vdir.exists(f"snapshots/{sid}") and not vdir.exists(f"current/{sid}"):
@@ -152,55 +163,57 @@ def refresh(cfg: JobConfig) -> dict:
     vurl = _join(store, version)
     root, vdir = OutputFolder(store, so), OutputFolder(vurl, so)
     table = read_manifest(cfg.input.manifest, so)
-    ids, uris = table.column("id").to_pylist(), table.column("uri").to_pylist()
+    ids, n = table.column("id").combine_chunks(), table.num_rows
     pointer = vdir.read_json("_CURRENT.json")
-    prev_ix, prev = _read_prev(vdir, pointer)
+    prev = _read_prev(vdir, pointer)
 
-    # stat every row before any bytes are read: a source that changes after its stat is caught the next night
-    stats = _pmap(lambda u: _stat(u, so, cfg.input.read_timeout), uris)
-    pre = Counter()
-    new, changed, unchanged, to_hash = [], [], [], []
-    for i, (id_, uri, st) in enumerate(zip(ids, uris, stats)):
-        j = prev_ix.get(id_)
-        if j is None:
-            new.append(i)
-            continue
-        how = _precheck({c: prev[c][j] for c in ("size", "mtime", "etag")}, st) if prev["uri"][j] == uri else None
-        if how:
-            pre[how] += 1
-            unchanged.append(i)
-        else:
-            to_hash.append(i)
-    shas = _pmap(lambda i: _sha(uris[i], cfg), to_hash)
-    pre["hashed"] = len(to_hash)
-    for i, sha in zip(to_hash, shas):
-        if sha is not None and sha == prev["sha256"][prev_ix[ids[i]]]:
-            pre["hash_unchanged"] += 1
-            unchanged.append(i)
-        else:
-            changed.append(i)  # different bytes, or unreadable now (the extract run records why)
-    updates, revived = {}, 0  # id -> fresh uri/size/mtime/etag for unchanged rows whose metadata moved
-    for i in unchanged:
-        j = prev_ix[ids[i]]
-        m = {"uri": uris[i], **(stats[i] or {"size": None, "mtime": None, "etag": None})}
-        revived += prev["deleted"][j]
-        if prev["deleted"][j] or any(prev[k][j] != v for k, v in m.items()):
-            updates[ids[i]] = m
-    in_manifest = set(ids)
-    gone = [k for k in prev["id"] if k not in in_manifest]
-    newly_deleted = [k for k in gone if not prev["deleted"][prev_ix[k]]]
+    # Planning runs on Arrow columns aligned to the manifest's rows (`was`: the previous row of the same id).
+    # Every row is stat-ed before any bytes are read: a source that changes after its stat is caught the next night.
+    st = _stat_table(table.column("uri").combine_chunks(), so, cfg.input.read_timeout)
+    at = pc.index_in(ids, value_set=prev.column("id"))  # row in prev, null for a new id
+    was = prev.select(["uri", *STAT_SCHEMA.names, "deleted"]).take(at)
+    known = _np(pc.is_valid(at))
+    same_uri = _np(pc.equal(table.column("uri"), was.column("uri")))
+    both_etag = _np(pc.not_equal(was.column("etag"), "")) & _np(pc.not_equal(st.column("etag"), ""))
+    by_etag = known & same_uri & both_etag & _np(pc.equal(was.column("etag"), st.column("etag")))
+    by_size_mtime = known & same_uri & ~both_etag & _np(pc.equal(was.column("size"), st.column("size"))) \
+        & _np(pc.equal(was.column("mtime"), st.column("mtime")))
+    to_hash = np.flatnonzero(known & ~by_etag & ~by_size_mtime)
+    shas = [sha for chunk in _pmap(lambda u: _sha(u, cfg), table.column("uri").take(to_hash).combine_chunks())
+            for sha in chunk]
+    same_bytes = np.array([sha is not None and sha == old for sha, old in
+                           zip(shas, prev.column("sha256").take(at.take(to_hash)).to_pylist())], dtype=bool)
+    unchanged = by_etag | by_size_mtime
+    unchanged[to_hash[same_bytes]] = True
+    changed = np.zeros(n, dtype=bool)
+    changed[to_hash[~same_bytes]] = True  # different bytes, or unreadable now (the extract run records why)
+    pre = {"etag": int(by_etag.sum()), "size_mtime": int(by_size_mtime.sum()), "hashed": len(to_hash),
+           "hash_unchanged": int(same_bytes.sum())}
+    pre = {k: v for k, v in pre.items() if v or k == "hashed"}
+    # unchanged rows whose uri/size/mtime/etag moved (or that come back from deleted) keep their embedding
+    was_deleted = _np(was.column("deleted"))
+    moved = was_deleted | _differs(table.column("uri"), was.column("uri"))
+    for c in STAT_SCHEMA.names:
+        moved |= _differs(st.column(c), was.column(c))
+    updates = pa.table({"id": ids, "uri": table.column("uri"), **{c: st.column(c) for c in STAT_SCHEMA.names}}) \
+        .filter(pa.array(unchanged & moved))
+    revived = int((unchanged & was_deleted).sum())
+    prev_in_manifest = _np(pc.is_in(prev.column("id"), value_set=ids))
+    prev_deleted = _np(prev.column("deleted"))
+    gone, newly_deleted = int((~prev_in_manifest).sum()), int((~prev_in_manifest & ~prev_deleted).sum())
     drop = cfg.refresh.deleted == "drop" and bool(gone)
-    compute = sorted(new + changed)  # manifest order
-    summary = {"version": version, "snapshot": None, "manifest_rows": len(ids), "new": len(new), "changed": len(changed),
-               "unchanged": len(unchanged), "revived": revived, "deleted": len(newly_deleted),
-               "dropped": len(gone) if drop else 0, "metadata_updates": len(updates), "computed": len(compute),
-               "errors": 0, "current_rows": len(prev["id"]), "live_rows": len(prev["id"]) - sum(prev["deleted"]),
-               "precheck": dict(pre), "pruned": []}
+    compute = np.flatnonzero(~known | changed)  # manifest order
+    compute_ids = ids.take(compute)
+    summary = {"version": version, "snapshot": None, "manifest_rows": n, "new": int((~known).sum()),
+               "changed": int(changed.sum()), "unchanged": int(unchanged.sum()), "revived": revived,
+               "deleted": newly_deleted, "dropped": gone if drop else 0, "metadata_updates": updates.num_rows,
+               "computed": len(compute), "errors": 0, "current_rows": prev.num_rows,
+               "live_rows": prev.num_rows - int(prev_deleted.sum()), "precheck": pre, "pruned": []}
     pending = vdir.read_json("_PENDING.json")
     if pending and pointer and pending["snapshot"] <= pointer["snapshot"]:
         pending = None  # that night finished; only its clean-up was lost
-    if not compute and not updates and not newly_deleted and not drop:
-        summary["message"] = f"nothing to embed: {len(unchanged)} rows unchanged"
+    if not len(compute) and not updates.num_rows and not newly_deleted and not drop:
+        summary["message"] = f"nothing to embed: {summary['unchanged']} rows unchanged"
         log.info("refresh %s: %s", version, summary["message"])
         if vdir.exists("_PENDING.json"):
             vdir.fs.rm(vdir.path("_PENDING.json"))
@@ -208,14 +221,14 @@ def refresh(cfg: JobConfig) -> dict:
             root.write_json("_LATEST.json", {"version": version, "snapshot": pointer["snapshot"], "updated_at": _now().isoformat()})
         return summary
 
-    snap = pending["snapshot"] if pending and compute else _snapshot_id(vdir, pointer)
+    snap = pending["snapshot"] if pending and len(compute) else _snapshot_id(vdir, pointer)
     summary["snapshot"] = snap
-    log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, snap, len(new),
-             len(changed), len(unchanged), len(newly_deleted), len(compute))
+    log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, snap,
+             summary["new"], summary["changed"], summary["unchanged"], newly_deleted, len(compute))
     if not vdir.exists("_version.json"):
         vdir.write_json("_version.json", {**vkeys, "model": cfg.model.name, "n_embd": info.n_embd, "created_at": _now().isoformat()})
     snap_url, emb = _join(vurl, "snapshots", snap), None
-    if compute:
+    if len(compute):
         vdir.write_json("_PENDING.json", {"snapshot": snap, "started_at": _now().isoformat(), "rows": len(compute)})
         sink = pa.BufferOutputStream()
         pq.write_table(table.take(compute), sink)
@@ -233,12 +246,13 @@ def refresh(cfg: JobConfig) -> dict:
         summary["extract"] = {k: result[k] for k in ("shards", "shards_skipped", "shards_run", "wall_s")}
         emb = read_output(snap_url, "embeddings", so)
         if emb.num_rows:
-            emb = emb.filter(pc.is_in(emb.column("id"), pa.array([ids[i] for i in compute], pa.string())))
+            emb = emb.filter(pc.is_in(emb.column("id"), value_set=compute_ids))
 
     # merge: previous rows (metadata refreshed, deletions applied) then the rows embedded tonight
-    index = {k: i for i, k in enumerate(ids)}
-    done = set(emb.column("id").to_pylist()) if emb is not None and emb.num_rows else set()
-    failed = [ids[i] for i in compute if ids[i] not in done]
+    if emb is None:
+        emb = pa.table({"id": pa.array([], pa.string())})
+    done = emb.column("id")
+    failed = compute_ids.filter(pc.invert(pc.is_in(compute_ids, value_set=done)))
     dim = len(layers) * info.n_embd
     if emb is not None and emb.schema.metadata:
         meta = dict(emb.schema.metadata)
@@ -259,28 +273,31 @@ def refresh(cfg: JobConfig) -> dict:
         n_rows += t.num_rows
         n_deleted += pc.sum(t.column("deleted")).as_py() or 0
 
+    # the previous table's rows line up with `prev` (same parts, same order): masks are sliced part by part
+    keep_all = _np(pc.invert(pc.is_in(prev.column("id"), value_set=done))) & (prev_in_manifest | (not drop))
+    update_at = pc.index_in(prev.column("id"), value_set=updates.column("id"))  # row in updates, or null
+    offset = 0
     for f in (pointer or {}).get("files", []):
         t = pq.read_table(vdir.path(f), filesystem=vdir.fs)
-        keep = [j for j, k in enumerate(t.column("id").to_pylist()) if k not in done and (k in in_manifest or not drop)]
-        if not keep:
+        rows = slice(offset, offset + t.num_rows)
+        offset += t.num_rows
+        keep = np.flatnonzero(keep_all[rows])
+        if not len(keep):
             continue
-        t = t.take(keep)
-        cols = {c: t.column(c).to_pylist() for c in ("id", "uri", "size", "mtime", "etag", "deleted")}
-        for j, k in enumerate(cols["id"]):
-            for c, v in updates.get(k, {}).items():
-                cols[c][j] = v
-            cols["deleted"][j] = k not in in_manifest  # a failed recompute keeps its stale row, and its old sha256
-        for c in ("uri", "size", "mtime", "etag", "deleted"):
-            t = t.set_column(t.schema.get_field_index(c), c, pa.array(cols[c], schema.field(c).type))
+        t, at = t.take(keep), update_at[rows].take(keep)
+        for c in ("uri", *STAT_SCHEMA.names):  # metadata refreshed where tonight's stat moved it
+            new = pc.if_else(pc.is_valid(at), updates.column(c).take(at), t.column(c))
+            t = t.set_column(t.schema.get_field_index(c), c, new.cast(schema.field(c).type))
+        # a failed recompute keeps its stale row, and its old sha256
+        t = t.set_column(t.schema.get_field_index("deleted"), "deleted", pa.array(~prev_in_manifest[rows][keep]))
         emit(t.select(schema.names))
-    if done:
-        rows = [stats[index[k]] or {} for k in emb.column("id").to_pylist()]
+    if emb.num_rows:
+        night = st.take(pc.index_in(emb.column("id"), value_set=ids))  # tonight's stat of each embedded row
         emit(pa.table({"id": emb.column("id"), "uri": emb.column("uri"), "sha256": emb.column("sha256"),
-                       "size": pa.array([r.get("size") for r in rows], pa.int64()),
-                       "mtime": pa.array([r.get("mtime") for r in rows], pa.string()),
-                       "etag": pa.array([r.get("etag") for r in rows], pa.string()),
+                       **{c: night.column(c) for c in STAT_SCHEMA.names},
                        "embedding": emb.column("embedding"), "width": emb.column("width"), "height": emb.column("height"),
-                       "snapshot": pa.array([snap] * len(rows), pa.string()), "deleted": pa.array([False] * len(rows))}))
+                       "snapshot": pa.array([snap] * emb.num_rows, pa.string()),
+                       "deleted": pa.array(np.zeros(emb.num_rows, dtype=bool))}))
     if not parts:
         emit(schema.empty_table())
     now = _now().isoformat()
@@ -294,8 +311,8 @@ def refresh(cfg: JobConfig) -> dict:
                 "pruned": _prune_current(vdir, snap, cfg.refresh.keep_current)}
     log.info("refresh done: %s", summary)
     if len(compute) <= SMALL:
-        summary["computed_ids"] = [ids[i] for i in compute]
-        summary["failed_ids"] = failed
+        summary["computed_ids"] = compute_ids.to_pylist()
+        summary["failed_ids"] = failed.to_pylist()
     return summary
 
 

@@ -54,7 +54,10 @@ def one_version(store: Path) -> Path:
     return v
 
 
-def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
+def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path, monkeypatch):
+    import igpt_batch.refresh
+
+    monkeypatch.setattr(igpt_batch.refresh, "PART_ROWS", 4)  # current tables of several parts, merged part by part
     d = tmp_path / "img"
     names = photos(d)
     m1 = manifest(tmp_path / "m1.parquet", d, names)
@@ -113,7 +116,7 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
     import pyarrow.parquet as pq
 
     pointer = json.loads((v / "_CURRENT.json").read_text())
-    assert (pointer["rows"], pointer["deleted"], pointer["live_rows"]) == (10, 1, 9)
+    assert (pointer["rows"], pointer["deleted"], pointer["live_rows"]) == (10, 1, 9) and len(pointer["files"]) >= 3
     schema = pq.read_schema(v / pointer["files"][0])
     assert schema.metadata[b"layers"] == b"2" and schema.field("embedding").type.list_size == 32
     assert schema.metadata[b"snapshot"] == s3["snapshot"].encode() and schema.metadata[b"version"] == v.name.encode()
@@ -275,3 +278,18 @@ def test_cli_flags_config_and_k8s_manifest():
     assert "jobs/nightly_refresh.py" in rayjob["spec"]["entrypoint"] and yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["pip"]
     text = json.dumps(docs)
     assert "rayproject/ray:2.60.0-py311-gpu" in text and "jobs/nightly_refresh.py" in text and "RAY_AUTH_MODE" in text
+
+
+def test_snapshot_ids_sort_after_the_previous_night_even_with_a_clock_behind(tmp_path, monkeypatch):
+    import datetime as dt
+
+    import igpt_batch.refresh as R
+
+    vdir = OutputFolder(str(tmp_path))
+    monkeypatch.setattr(R, "_now", lambda: dt.datetime(2026, 11, 27, 3, 15, tzinfo=dt.timezone.utc))
+    assert R._snapshot_id(vdir, None) == "20261127T031500Z"
+    assert R._snapshot_id(vdir, {"snapshot": "20261127T031459Z"}) == "20261127T031500Z"
+    (tmp_path / "snapshots" / "20261127T031500Z").mkdir(parents=True)  # taken by a killed attempt
+    assert R._snapshot_id(vdir, {"snapshot": "20261127T031459Z"}) == "20261127T031501Z"
+    # the previous night ran on a clock three years ahead: the next id follows it at once, no walk through time
+    assert R._snapshot_id(vdir, {"snapshot": "20291231T235959Z"}) == "20300101T000000Z"
