@@ -9,7 +9,6 @@ import logging
 import os
 import posixpath
 import urllib.parse
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -227,7 +226,7 @@ def refresh(cfg: JobConfig) -> dict:
              summary["new"], summary["changed"], summary["unchanged"], newly_deleted, len(compute))
     if not vdir.exists("_version.json"):
         vdir.write_json("_version.json", {**vkeys, "model": cfg.model.name, "n_embd": info.n_embd, "created_at": _now().isoformat()})
-    snap_url, emb = _join(vurl, "snapshots", snap), None
+    snap_url, emb = _join(vurl, "snapshots", snap), pa.table({"id": pa.array([], pa.string())})  # tonight's rows
     if len(compute):
         vdir.write_json("_PENDING.json", {"snapshot": snap, "started_at": _now().isoformat(), "rows": len(compute)})
         sink = pa.BufferOutputStream()
@@ -249,12 +248,10 @@ def refresh(cfg: JobConfig) -> dict:
             emb = emb.filter(pc.is_in(emb.column("id"), value_set=compute_ids))
 
     # merge: previous rows (metadata refreshed, deletions applied) then the rows embedded tonight
-    if emb is None:
-        emb = pa.table({"id": pa.array([], pa.string())})
     done = emb.column("id")
     failed = compute_ids.filter(pc.invert(pc.is_in(compute_ids, value_set=done)))
     dim = len(layers) * info.n_embd
-    if emb is not None and emb.schema.metadata:
+    if emb.schema.metadata:
         meta = dict(emb.schema.metadata)
     elif pointer:
         meta = dict(pq.read_schema(vdir.path(pointer["files"][0]), filesystem=vdir.fs).metadata or {})
@@ -284,10 +281,10 @@ def refresh(cfg: JobConfig) -> dict:
         keep = np.flatnonzero(keep_all[rows])
         if not len(keep):
             continue
-        t, at = t.take(keep), update_at[rows].take(keep)
+        t, upd = t.take(keep), update_at[rows].take(keep)
         for c in ("uri", *STAT_SCHEMA.names):  # metadata refreshed where tonight's stat moved it
-            new = pc.if_else(pc.is_valid(at), updates.column(c).take(at), t.column(c))
-            t = t.set_column(t.schema.get_field_index(c), c, new.cast(schema.field(c).type))
+            fresh = pc.if_else(pc.is_valid(upd), updates.column(c).take(upd), t.column(c))
+            t = t.set_column(t.schema.get_field_index(c), c, fresh.cast(schema.field(c).type))
         # a failed recompute keeps its stale row, and its old sha256
         t = t.set_column(t.schema.get_field_index("deleted"), "deleted", pa.array(~prev_in_manifest[rows][keep]))
         emit(t.select(schema.names))
