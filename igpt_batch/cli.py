@@ -61,8 +61,8 @@ COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--worker
           "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]
 
 
-def _with_default(help_: str, key: str) -> str:
-    value = config_mod.JobConfig()
+def _with_default(help_: str, key: str, defaults: config_mod.JobConfig) -> str:
+    value = defaults
     for part in key.split("."):
         value = getattr(value, part)
     shown = value not in (None, "", []) and not isinstance(value, bool)
@@ -72,6 +72,7 @@ def _with_default(help_: str, key: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="igpt-batch", description="ImageGPT embeddings and samples at scale on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
+    defaults = config_mod.JobConfig()
     for task, help_ in [("extract", "paper-exact embeddings for a manifest of images"),
                         ("generate", "unconditional samples, one image per integer seed"),
                         ("complete", "complete the bottom of each image from its top rows"),
@@ -80,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config file (see configs/); flags override it")
         sp.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
         sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call, or auto; "
-                        "default 32 / 16")
+                        f"default {defaults.extract.batch_size} / {defaults.generate.batch_size}")
         for flag in COMMON + TASK_FLAGS[task]:
             if task == "refresh" and flag in ("--output", "--overwrite"):  # the store decides where output goes
                 continue
             key, help_, extra = FLAGS[flag]
-            sp.add_argument(flag, dest=flag[2:].replace("-", "_"), help=_with_default(help_, key), **extra)
+            sp.add_argument(flag, dest=flag[2:].replace("-", "_"), help=_with_default(help_, key, defaults), **extra)
     d = sub.add_parser("demo", help="run extract and generate on the embedded demo model, offline")
     d.add_argument("--output", default="demo-output")
     d.add_argument("--num-samples", type=int, default=64)
