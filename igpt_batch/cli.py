@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .probe import add_arguments as probe_arguments
 
     probe_arguments(sub.add_parser("probe", help="linear probe (logistic regression) on extracted embeddings + labels"))
-    i = sub.add_parser("inspect", help="summarise an output folder")
-    i.add_argument("output")
-    i.add_argument("--verify", action="store_true", help="check every committed file exists with its recorded row count")
+    i = sub.add_parser("inspect", help="summarise an output folder or a refresh store")
+    i.add_argument("output", help="an output folder, or a refresh store (local folder or fsspec URL)")
+    i.add_argument("--verify", action="store_true",
+                   help="check every committed file (or every live current-table file) exists with its row count")
+    i.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     return p
 
 
@@ -109,11 +111,15 @@ def config_from_args(args: argparse.Namespace, task: str) -> config_mod.JobConfi
     if args.batch_size is not None:
         overrides["extract.batch_size" if task in ("extract", "refresh") else "generate.batch_size"] = args.batch_size
     if args.storage_options:
-        try:
-            overrides["storage_options"] = json.loads(args.storage_options)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--storage-options is not valid JSON: {e.msg}") from None
+        overrides["storage_options"] = _storage_options(args.storage_options)
     return config_mod.load(args.config, overrides)
+
+
+def _storage_options(text: str | None) -> dict | None:
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--storage-options is not valid JSON: {e.msg}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             from .inspect import inspect
 
-            return inspect(args.output, verify=args.verify)
+            return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options))
         cfg = config_from_args(args, args.command)
         if args.command == "refresh":
             from .refresh import refresh

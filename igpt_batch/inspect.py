@@ -1,4 +1,5 @@
-"""`igpt-batch inspect OUTPUT`: what a run planned, committed and produced; --verify checks committed files."""
+"""`igpt-batch inspect OUTPUT|STORE`: what a run planned, committed and produced, or the state of a refresh store;
+--verify checks the committed files (of a run) or the live current tables' files (of a store)."""
 from __future__ import annotations
 
 import posixpath
@@ -14,7 +15,10 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
     out = OutputFolder(url, storage_options)
     job = out.read_json("_job.json")
     if job is None:
-        echo(f"{url}: no _job.json, not an igpt-batch output")
+        versions = sorted(f.split("/")[-2] for f in out.fs.glob(out.path("v-*", "_version.json")))
+        if versions:
+            return inspect_store(out, versions, verify, storage_options, echo)
+        echo(f"{url}: no _job.json (not an igpt-batch output) and no v-*/_version.json (not a refresh store)")
         return 1
     commits = out.committed()
     success = out.read_json("_SUCCESS")
@@ -56,6 +60,48 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
             n = pq.read_metadata(out.path(f["path"]), filesystem=out.fs).num_rows
             if n != f["rows"]:
                 problems.append(f"{name}: {f['path']} has {n} rows, commit says {f['rows']}")
+    for p in problems:
+        echo(f"VERIFY FAILED  {p}")
+    echo("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def inspect_store(store: OutputFolder, versions: list[str], verify: bool, storage_options: dict | None, echo) -> int:
+    """A refresh store: each version's live current table, its kept tables and snapshots, and a night in flight."""
+    latest = store.read_json("_LATEST.json") or {}
+    echo(f"store:       {store.url}")
+    echo(f"latest:      {latest.get('version', '-')}  snapshot {latest.get('snapshot', '-')}  at {latest.get('updated_at', '-')}")
+    problems = []
+    for name in versions:
+        v = OutputFolder(posixpath.join(store.url, name), storage_options)
+        keys = v.read_json("_version.json")
+        echo(f"version {name}: model {keys.get('model')}  layers {keys.get('layers')}  dtype {keys.get('dtype')}  "
+             f"n_px {keys.get('n_px')}  weights {keys.get('weights_fingerprint')}  created {keys.get('created_at')}")
+        listed = {kind: sorted({posixpath.relpath(f, v.path(kind)).split("/", 1)[0] for f in v.fs.find(v.path(kind))})
+                  if v.exists(kind) else [] for kind in ("current", "snapshots")}
+        cur = v.read_json("_CURRENT.json")
+        if cur:
+            echo(f"  current:   {cur['snapshot']}: {cur['rows']} rows, {cur['live_rows']} live, {cur['deleted']} deleted; "
+                 f"that night computed {cur['computed']}, {cur['errors']} failed  [{cur['path']}]")
+        else:
+            echo("  current:   none yet (no night has finished)")
+        echo(f"  tables:    {len(listed['current'])} kept in current/ ({', '.join(listed['current']) or '-'})")
+        echo(f"  snapshots: {len(listed['snapshots'])}" + (f", newest {listed['snapshots'][-1]}" if listed["snapshots"] else ""))
+        pending = v.read_json("_PENDING.json")
+        if pending:
+            echo(f"  in flight: snapshot {pending['snapshot']} ({pending.get('rows', '?')} rows), started "
+                 f"{pending.get('started_at', '?')}; a rerun resumes it")
+        if verify and cur:
+            rows = 0
+            for f in cur["files"]:
+                if not v.exists(f):
+                    problems.append(f"{name}: {f} is missing")
+                    continue
+                rows += pq.read_metadata(v.path(f), filesystem=v.fs).num_rows
+            if rows != cur["rows"] and not any(p.startswith(f"{name}:") for p in problems):
+                problems.append(f"{name}: the current table's files hold {rows} rows, _CURRENT.json says {cur['rows']}")
+    if not verify:
+        return 0
     for p in problems:
         echo(f"VERIFY FAILED  {p}")
     echo("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")

@@ -16,6 +16,7 @@ from conftest import REPO, S3Server, real_photos, write_manifest
 from igpt_batch import config
 from igpt_batch.cli import build_parser, config_from_args, main
 from igpt_batch.driver import run_job
+from igpt_batch.inspect import inspect
 from igpt_batch.refresh import read_current, refresh
 from igpt_batch.storage import OutputFolder, read_output
 
@@ -155,6 +156,17 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path, monkeypat
     assert sorted(p.name for p in (v / "current").iterdir()) == [s4["snapshot"]] + [s["snapshot"] for s in later]
     assert sorted(p.name for p in (v / "snapshots").iterdir()) == sorted([s1["snapshot"], s3["snapshot"]] + [s["snapshot"] for s in later])
     assert json.loads((v / "_CURRENT.json").read_text())["snapshot"] == later[-1]["snapshot"]
+    # `igpt-batch inspect STORE` says the same, and --verify checks the live table's files
+    lines = []
+    assert inspect(str(mark), verify=True, echo=lines.append) == 0
+    text = "\n".join(lines)
+    assert f"latest:      {v.name}  snapshot {later[-1]['snapshot']}" in text
+    assert f"current:   {later[-1]['snapshot']}: 10 rows, 10 live, 0 deleted; that night computed 2, 2 failed" in text
+    assert "tables:    3 kept" in text and "snapshots: 4, newest" in text and lines[-1] == "verify: ok"
+    live = json.loads((v / "_CURRENT.json").read_text())["files"]
+    (v / live[-1]).unlink()
+    lines.clear()
+    assert main(["inspect", str(mark), "--verify"]) == 1
     # keep_current = 1 keeps only the live table
     s3k = refresh(cfg_for(tiny_ckpt, drop, m4, **{"refresh.deleted": "drop", "refresh.keep_current": 1}))
     (vd,) = drop.glob("v-*")
@@ -215,6 +227,10 @@ def test_killed_night_resumes_the_same_snapshot(tiny_ckpt, tmp_path, capsys):
     # ... and killed while writing its current table, which had one more part than the rerun will write
     table_dir = crashed / v.name / "current" / pending
     shutil.copy(table_dir / "part-00000.parquet", table_dir / "part-00001.parquet")
+    lines = []
+    assert inspect(str(crashed), echo=lines.append) == 0
+    assert "  current:   none yet (no night has finished)" in lines
+    assert f"  in flight: snapshot {pending} (? rows)" in "\n".join(lines)  # this _PENDING.json was written by hand
     m7 = str(write_manifest(tmp_path / "m7.parquet", [str(d / n) for n in files[:7]], names[:7]))
     s = refresh(cfg_for(tiny_ckpt, crashed, m7, **{"run.shard_size": 1}))
     assert s["snapshot"] == pending and s["extract"]["shards_skipped"] == 0 and s["extract"]["shards_run"] == 7
