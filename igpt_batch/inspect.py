@@ -68,6 +68,8 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
 
 def inspect_store(store: OutputFolder, versions: list[str], verify: bool, storage_options: dict | None, echo) -> int:
     """A refresh store: each version's live current table, its kept tables and snapshots, and a night in flight."""
+    from .refresh import current_tables
+
     latest = store.read_json("_LATEST.json") or {}
     echo(f"store:       {store.url}")
     echo(f"latest:      {latest.get('version', '-')}  snapshot {latest.get('snapshot', '-')}  at {latest.get('updated_at', '-')}")
@@ -77,16 +79,18 @@ def inspect_store(store: OutputFolder, versions: list[str], verify: bool, storag
         keys = v.read_json("_version.json")
         echo(f"version {name}: model {keys.get('model')}  layers {keys.get('layers')}  dtype {keys.get('dtype')}  "
              f"n_px {keys.get('n_px')}  weights {keys.get('weights_fingerprint')}  created {keys.get('created_at')}")
-        listed = {kind: sorted({posixpath.relpath(f, v.path(kind)).split("/", 1)[0] for f in v.fs.find(v.path(kind))})
-                  if v.exists(kind) else [] for kind in ("current", "snapshots")}
+        # snapshots are never deleted, so listing their folders is enough (no walk through their files)
+        snapshots = sorted(posixpath.basename(p.rstrip("/")) for p in v.fs.ls(v.path("snapshots"), detail=False)) \
+            if v.exists("snapshots") else []
+        tables = current_tables(v)
         cur = v.read_json("_CURRENT.json")
         if cur:
             echo(f"  current:   {cur['snapshot']}: {cur['rows']} rows, {cur['live_rows']} live, {cur['deleted']} deleted; "
                  f"that night computed {cur['computed']}, {cur['errors']} failed  [{cur['path']}]")
         else:
             echo("  current:   none yet (no night has finished)")
-        echo(f"  tables:    {len(listed['current'])} kept in current/ ({', '.join(listed['current']) or '-'})")
-        echo(f"  snapshots: {len(listed['snapshots'])}" + (f", newest {listed['snapshots'][-1]}" if listed["snapshots"] else ""))
+        echo(f"  tables:    {len(tables)} kept in current/ ({', '.join(tables) or '-'})")
+        echo(f"  snapshots: {len(snapshots)}" + (f", newest {snapshots[-1]}" if snapshots else ""))
         pending = v.read_json("_PENDING.json")
         if pending:
             echo(f"  in flight: snapshot {pending['snapshot']} ({pending.get('rows', '?')} rows), started "

@@ -86,13 +86,12 @@ def _sha(uri: str, cfg: JobConfig) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
-def _pmap(fn, items: pa.Array | list) -> Iterator[list]:
+def _pmap(fn, items: pa.Array) -> Iterator[list]:
     """fn over items in a bounded thread pool, yielding a chunk of results at a time (millions of rows never make
     millions of futures, nor one Python object per row beyond the chunk)."""
     with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-refresh") as pool:
         for s in range(0, len(items), 4096):
-            chunk = items[s:s + 4096]
-            yield list(pool.map(fn, chunk.to_pylist() if isinstance(chunk, pa.Array) else chunk))
+            yield list(pool.map(fn, items[s:s + 4096].to_pylist()))
 
 
 def _stat_table(uris: pa.Array, so: dict, timeout: float) -> pa.Table:
@@ -133,17 +132,23 @@ def _snapshot_id(vdir: OutputFolder, pointer: dict | None) -> str:
         t += dt.timedelta(seconds=1)
 
 
+def current_tables(vdir: OutputFolder) -> list[str]:
+    """Snapshot ids of the current/<snapshot>/ tables a version folder holds, oldest first. Found by their files,
+    not by listing folders: some stores keep an emptied folder as a prefix."""
+    top = vdir.path("current")
+    vdir.fs.invalidate_cache(top)  # object stores cache listings
+    if not vdir.exists("current"):
+        return []
+    files = retry(lambda: vdir.fs.find(top), "list current/")
+    return sorted({posixpath.relpath(f, top).split("/", 1)[0] for f in files})
+
+
 def _prune_current(vdir: OutputFolder, live: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` current/<snapshot>/ tables (never the live one); returns their ids.
     Nothing computed is lost: every embedding in them also lives in its night's snapshots/<id>/."""
     if keep <= 0:
         return []
-    top = vdir.path("current")
-    vdir.fs.invalidate_cache(top)  # object stores cache listings
-    # tables by their files, not by listing folders: some stores keep an emptied folder as a prefix
-    files = retry(lambda: vdir.fs.find(top), "list current/")
-    tables = sorted({posixpath.relpath(f, top).split("/", 1)[0] for f in files})
-    old = [sid for sid in tables[:-keep] if sid != live]
+    old = [sid for sid in current_tables(vdir)[:-keep] if sid != live]
     for sid in old:
         vdir.remove(f"current/{sid}")
     if old:
