@@ -1,18 +1,17 @@
 """The driver: plan shards, skip committed ones, run them in-process or on a Ray actor pool with retries, summarise."""
 from __future__ import annotations
 
+import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
 
-import pyarrow as pa
-
-from . import __version__, checkpoint
+from . import __version__, checkpoint, tasks
 from .config import ConfigError, JobConfig
-from .manifest import Shard, iter_manifest, plan_shards, scan_manifest, write_plan
+from .manifest import write_plan
 from .storage import OutputFolder, errors_by_reason, read_output
+from .tasks import Plan, Resolved, Task
 
 log = logging.getLogger("igpt_batch")
 
@@ -33,64 +32,41 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def compat_keys(cfg: JobConfig, task: str, info: checkpoint.CheckpointInfo, layers: list[int], n: int, mf: str | None) -> dict:
-    """Everything that decides what a shard contains; a rerun must match these to reuse committed shards."""
-    g = cfg.generate
-    keys = {"task": task, "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
-            "dtype": cfg.model.dtype, "shard_size": cfg.run.shard_size, "rows": n, "manifest_fingerprint": mf}
-    if task in ("extract", "complete"):  # these decide which rows decode and to what pixels
-        keys |= {"draft": cfg.input.draft, "max_pixels": cfg.input.max_pixels, "max_bytes": cfg.input.max_bytes}
-    if task == "extract":
-        keys["layers"] = layers
-    else:
-        keys |= {"seed": g.seed, "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
-    if task == "complete":
-        keys |= {"prompt_rows": g.prompt_rows, "samples_per_image": g.samples_per_image}
-    return keys
-
-
-def prepare(cfg: JobConfig, task: str):
-    """Everything that can fail fast before a model is loaded: output, checkpoint files, manifest, plan."""
+def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None) -> tuple[Resolved, Plan, dict]:
+    """Everything that can fail fast before a model is loaded: output, checkpoint files, manifest, plan.
+    `info` is a checkpoint already read by the caller (refresh reads, and so hashes, the weights once a night)."""
     if not cfg.output.path:
         raise ConfigError("output.path is required (--output)")
-    info = checkpoint.read_info(cfg.model.name)
-    layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer) if task == "extract" else []
-    fingerprint = None
-    if task in ("extract", "complete"):
-        if not cfg.input.manifest:
-            raise ConfigError("input.manifest is required (--manifest)")
-        scan = scan_manifest(cfg.input.manifest, cfg.storage_options)  # streams: memory stays ~8 bytes a row
-        n, fingerprint = scan.rows, scan.fingerprint
-        shards = plan_shards(n, cfg.run.shard_size)
-    else:
-        n = cfg.generate.num_samples
-        shards = plan_shards(n, cfg.run.shard_size, first=cfg.generate.seed)
-    if task == "complete" and not 0 <= cfg.generate.prompt_rows < info.n_px:
-        raise ConfigError(f"generate.prompt_rows must be in [0, {info.n_px}) for this {info.n_px}x{info.n_px} model")
-    return info, layers, shards, compat_keys(cfg, task, info, layers, n, fingerprint)
+    if task.reads_manifest and not cfg.input.manifest:
+        raise ConfigError("input.manifest is required (--manifest)")
+    info = info or checkpoint.read_info(cfg.model.name)
+    task.check(cfg, info)
+    resolved = task.resolve(cfg, info)
+    plan = task.plan(cfg)
+    return resolved, plan, task.compat_keys(cfg, resolved, plan)
 
 
-def open_output(cfg: JobConfig, keys: dict, job: dict) -> OutputFolder:
-    """Check a previous run's _job.json against this one; refuse a mismatch unless overwrite."""
+def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> OutputFolder:
+    """Check a previous run's job against this one. With cfg.output.overwrite the previous output is replaced;
+    otherwise a mismatch is refused (on_mismatch="refuse") or replaced ("overwrite"), and a match resumes."""
     out = OutputFolder(cfg.output.path, cfg.storage_options)
     try:
-        previous = out.read_json("_job.json")
+        previous = out.read_job()
     except PermissionError:
         # the message never carries storage options: they hold the keys
         raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
-    if previous is not None and cfg.output.overwrite:
-        log.info("--overwrite: removing the previous output at %s", cfg.output.path)
+    old = (previous or {}).get("compat", {})
+    diff = sorted(k for k in set(old) | set(keys) if old.get(k) != json.loads(json.dumps(keys)).get(k))
+    if previous is not None and (cfg.output.overwrite or (diff and on_mismatch == "overwrite")):
+        log.info("removing the previous output at %s (%s)", cfg.output.path,
+                 "--overwrite" if cfg.output.overwrite else "planned differently")
         out.clear()
-    elif previous is not None:
-        old = previous.get("compat", {})
-        diff = sorted(k for k in set(old) | set(keys) if old.get(k) != keys.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {keys.get(k)!r}" for k in diff)
-            raise JobError(f"output {cfg.output.path} was written with a different config ({detail}). "
-                           "Use a new output, or --overwrite to replace it.")
-    if out.exists("_SUCCESS"):
-        out.fs.rm(out.path("_SUCCESS"))
-    out.write_json("_job.json", job)
+    elif previous is not None and diff:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {keys.get(k)!r}" for k in diff)
+        raise JobError(f"output {cfg.output.path} was written with a different config ({detail}). "
+                       "Use a new output, or --overwrite to replace it.")
+    out.sweep_temp()
+    out.start_job(job)
     return out
 
 
@@ -122,27 +98,27 @@ class Progress:
             self.bar.close()
 
 
-def run_job(cfg: JobConfig, task: str) -> dict:
+def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointInfo | None = None,
+            on_mismatch: str = "refuse") -> dict:
     """Run one job end to end; returns the _SUCCESS summary. Raises JobError if shards fail or too many rows are bad."""
     t0 = time.time()
-    info, layers, shards, keys = prepare(cfg, task)
-    job = {"task": task, "config": cfg.to_dict(redact=True), "compat": keys, "model": cfg.model.name,
-           "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash, "layers": layers,
-           "n_px": info.n_px, "shards": len(shards), "versions": _versions()}
-    out = open_output(cfg, keys, job)
+    task = tasks.get(task)
+    resolved, plan, keys = prepare(cfg, task, info)
+    info = resolved.info
+    job = {"task": task.name, "config": cfg.to_dict(redact=True), "compat": keys, "model": cfg.model.name,
+           "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
+           "layers": list(resolved.layers), "n_px": info.n_px, "shards": len(plan.shards), "versions": _versions()}
+    out = open_output(cfg, keys, job, on_mismatch)
     committed = out.committed()
-    todo = [s for s in shards if s.name not in committed]
-    log.info("%s: %d shards planned, %d already committed, %d to run -> %s", task, len(shards),
-             len(shards) - len(todo), len(todo), cfg.output.path)
-    meta = {"model": cfg.model.name, "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
-            "dtype": cfg.model.dtype, "task": task}
-
-    if cfg.input.manifest and task != "generate":  # each shard's input rows, for its worker to read
+    todo = [s for s in plan.shards if s.name not in committed]
+    log.info("%s: %d shards planned, %d already committed, %d to run -> %s", task.name, len(plan.shards),
+             len(plan.shards) - len(todo), len(todo), cfg.output.path)
+    if task.reads_manifest:  # each shard's input rows, for its worker to read
         write_plan(cfg.input.manifest, cfg.storage_options, cfg.run.shard_size, todo,
-                   lambda s, rows: out.write_part("_plan", s.name, rows))
-    unit = "images" if task == "extract" else "samples"
-    per_row = cfg.generate.samples_per_image if task == "complete" else 1
-    progress = Progress(sum(len(s) for s in shards) * per_row, sum(len(s) for s in shards if s.name in committed) * per_row, unit)
+                   lambda s, rows: out.write_plan(s.name, rows))
+    per_row = task.outputs_per_row(cfg)
+    progress = Progress(sum(len(s) for s in plan.shards) * per_row,
+                        sum(len(s) for s in plan.shards if s.name in committed) * per_row, task.unit)
     records: dict[str, dict] = {}
 
     def done(rec: dict) -> None:
@@ -152,26 +128,25 @@ def run_job(cfg: JobConfig, task: str) -> dict:
     try:
         from .executors import execute
 
-        failed = execute(cfg, task, meta, todo, done)
+        failed = execute(cfg, task, resolved, todo, done)
     finally:
         progress.close()
     if failed:
         raise JobError(f"{len(failed)} shard(s) failed after {cfg.run.max_retries} retries: "
                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
-    summary = summarise(out, task, shards, committed, records, time.time() - t0)
-    _pictures(cfg, task, info, out)
+    summary = summarise(out, task, plan, committed, records, time.time() - t0)
+    task.pictures(cfg, resolved, out)
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
-        out.write_json("_FAILED", summary)
+        out.finish(summary, ok=False)
         raise JobError(f"{summary['errors']} of {n_rows} input rows failed, over run.max_error_fraction="
                        f"{cfg.run.max_error_fraction}; committed shards are kept. Errors by reason: {summary['errors_by_reason']}")
-    out.remove("_plan")  # inputs of committed shards; a rerun skips them anyway
-    out.write_json("_SUCCESS", summary)
+    out.finish(summary, ok=True)
     log.info("done: %s", {k: v for k, v in summary.items() if k != "errors_by_reason"})
     return summary
 
 
-def summarise(out: OutputFolder, task: str, shards: list[Shard], before: dict, records: dict, wall_s: float) -> dict:
+def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: dict, wall_s: float) -> dict:
     rows = Counter()
     for rec in {**before, **records}.values():  # every committed shard: earlier runs' and this run's
         rows.update(rec.get("rows", {}))
@@ -182,23 +157,9 @@ def summarise(out: OutputFolder, task: str, shards: list[Shard], before: dict, r
         stage_s.update(rec["stats"])
     new_rows = sum(r["stop"] - r["start"] for r in records.values())
     return {
-        "task": task, "shards": len(shards), "shards_skipped": len(before), "shards_run": len(records),
-        "input_rows": sum(len(s) for s in shards) if task != "generate" else 0,
+        "task": task.name, "shards": len(plan.shards), "shards_skipped": len(before), "shards_run": len(records),
+        "input_rows": plan.rows if task.reads_manifest else 0,
         "rows": dict(rows), "errors": rows.get("errors", 0), "errors_by_reason": dict(by_reason.most_common()),
         "wall_s": round(wall_s, 3), "rows_per_s": round(new_rows / wall_s, 3) if wall_s else None,
         "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()},
     }
-
-
-def _pictures(cfg: JobConfig, task: str, info: checkpoint.CheckpointInfo, out: OutputFolder) -> None:
-    from . import pictures
-
-    def clusters_and_head():  # the palette, and the manifest's first rows (the ones pictured)
-        return checkpoint.read_clusters(info.path), next(iter_manifest(cfg.input.manifest, cfg.storage_options))
-
-    if task == "generate" and cfg.output.contact_sheet:
-        pictures.write_contact_sheet(out, cfg.output.contact_sheet)
-    elif task == "complete" and cfg.output.contact_sheet:
-        pictures.write_completion_sheet(out, cfg, *clusters_and_head(), info.n_px, cfg.output.contact_sheet)
-    elif task == "extract" and cfg.output.preview:
-        pictures.write_preview(out, cfg, *clusters_and_head(), info.n_px, cfg.output.preview)

@@ -7,24 +7,25 @@ from typing import Callable
 
 from .config import JobConfig
 from .manifest import Shard
+from .tasks import Resolved, Task
 
 log = logging.getLogger("igpt_batch")
 Done = Callable[[dict], None]
 
 
-def execute(cfg: JobConfig, task: str, meta: dict, shards: list[Shard], done: Done) -> dict[str, str]:
+def execute(cfg: JobConfig, task: Task, resolved: Resolved, shards: list[Shard], done: Done) -> dict[str, str]:
     """Run `shards`, calling done(record) after each commit; returns {shard name: last error} for shards that gave up."""
     if not shards:
         return {}
     if cfg.run.executor == "local":
-        return execute_local(cfg, task, meta, shards, done)
-    return execute_ray(cfg, task, meta, shards, done)
+        return execute_local(cfg, task, resolved, shards, done)
+    return execute_ray(cfg, task, resolved, shards, done)
 
 
-def execute_local(cfg, task, meta, shards, done) -> dict[str, str]:
+def execute_local(cfg, task, resolved, shards, done) -> dict[str, str]:
     from .worker import ShardWorker
 
-    worker = ShardWorker(cfg, task, meta)
+    worker = ShardWorker(cfg, task, resolved)
     failed = {}
     for shard in shards:
         for attempt in range(cfg.run.max_retries + 1):
@@ -57,7 +58,7 @@ def init_ray(address: str | None) -> None:
 IN_FLIGHT = 2  # shards per actor: one computing while the other reads, decodes or writes
 
 
-def execute_ray(cfg, task, meta, shards, done) -> dict[str, str]:
+def execute_ray(cfg, task, resolved, shards, done) -> dict[str, str]:
     import ray
 
     from .worker import ShardWorker
@@ -72,7 +73,7 @@ def execute_ray(cfg, task, meta, shards, done) -> dict[str, str]:
     actor_cls = ray.remote(ShardWorker).options(num_cpus=cfg.run.cpus_per_worker, num_gpus=gpus,
                                                 max_concurrency=IN_FLIGHT)
     n = min(cfg.run.workers, len(shards))
-    actors = [actor_cls.remote(cfg, task, meta) for _ in range(n)]
+    actors = [actor_cls.remote(cfg, task, resolved) for _ in range(n)]
     queue = list(reversed(shards))  # pop() takes shards in plan order
     attempts: dict[str, int] = {}
     failed: dict[str, str] = {}
@@ -97,8 +98,8 @@ def execute_ray(cfg, task, meta, shards, done) -> dict[str, str]:
             if actors[slot] is actor:  # replace it once, even though all of its shards in flight fail
                 log.warning("worker for %s died (%s); starting a new worker", shard.name, type(e).__name__)
                 ray.kill(actor, no_restart=True)
-                actors[slot] = actor_cls.remote(cfg, task, meta)
-            record = out.read_json(f"_commits/{shard.name}.json")
+                actors[slot] = actor_cls.remote(cfg, task, resolved)
+            record = out.commit_record(shard.name)
             if record is not None:  # it died after committing this shard, before the reply: the shard is done
                 done(record)
                 failed.pop(shard.name, None)

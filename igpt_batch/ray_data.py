@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import images, palette
+from . import images
 
 BYTES_TYPES = (bytes, bytearray, memoryview, np.bytes_)
 AUTO_COLUMNS = ("bytes", "path", "uri")
@@ -56,18 +56,15 @@ class Embedder:
         import torch
 
         from .checkpoint import resolve_layers
+        from .extractor import Extractor
         from .model import load_model
 
-        if model_batch_size < 1:
-            raise ValueError(f"model_batch_size must be >= 1, got {model_batch_size}")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.model = load_model(model, dtype, device)
-        self.layers = resolve_layers(list(layers or []), self.model.n_layer)
-        self.dim = len(self.layers) * self.model.n_embd
-        self.n_px = self.model.n_px
+        self.extractor = Extractor(self.model, resolve_layers(list(layers or []), self.model.n_layer), model_batch_size)
+        self.layers, self.dim, self.n_px = self.extractor.layers, self.extractor.dim, self.model.n_px
         self.column = column
-        self.model_batch_size = model_batch_size
         self.storage_options = dict(storage_options or {})
         self.read_timeout, self.max_bytes = read_timeout, max_bytes
         self.max_pixels, self.draft = max_pixels, draft
@@ -107,16 +104,8 @@ class Embedder:
 
     # -- one batch -------------------------------------------------------------
     def embed_rgb(self, rgb: np.ndarray) -> np.ndarray:
-        """uint8 (B, n_px, n_px, 3) -> float32 (B, dim), in chunks of model_batch_size."""
-        import torch
-
-        out = np.empty((len(rgb), self.dim), np.float32)
-        for start in range(0, len(rgb), self.model_batch_size):
-            chunk = rgb[start:start + self.model_batch_size]
-            tokens = torch.from_numpy(palette.tokenize(chunk, self.model.clusters)).to(self.model.device)
-            with torch.inference_mode():
-                out[start:start + len(chunk)] = self.model.features(tokens, self.layers).float().cpu().numpy()
-        return out
+        """uint8 (B, n_px, n_px, 3) -> float32 (B, dim), through the one extraction path."""
+        return self.extractor(rgb)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(batch, dict):

@@ -1,9 +1,10 @@
-"""The fsspec output folder: part files, commit markers, _job.json, _SUCCESS, and read_output()."""
+"""The fsspec output folder: the one owner of an output's layout (parts, commit markers, plan, job and status files)."""
 from __future__ import annotations
 
 import json
 import logging
 import posixpath
+import re
 import time
 import uuid
 from collections import Counter
@@ -16,6 +17,10 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 KINDS = ("embeddings", "samples", "errors")
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
+JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS = "_job.json", "_SUCCESS", "_FAILED", "_plan", "_commits", "pngs"
+PICTURES = ("contact_sheet.png", "preview.png")
+OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES)  # all that --overwrite may remove
+_TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
 
 
 def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay: float = 0.5) -> Any:
@@ -33,12 +38,8 @@ def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay: float
             time.sleep(delay)
 
 
-class OutputFolder:
-    """One output root on any fsspec filesystem; local disk and s3:// share this code path.
-
-    Every file appears whole (temp file + rename locally, one PUT on object stores); a shard's data files come
-    first and only then is _commits/part-SSSSS.json written. Readers trust only parts named in commit markers (read_output).
-    """
+class Folder:
+    """A folder on any fsspec filesystem, written whole-file: local disk and s3:// share this code path."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
@@ -48,18 +49,27 @@ class OutputFolder:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    # -- small files ---------------------------------------------------------
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol
+        return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file so that readers see either nothing or all of it."""
         final = self.path(rel)
-        if self._is_local:
-            # a hidden temp file beside the target, then an atomic rename; readers skip dot-files
-            tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
-            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        if not self.is_local:
+            retry(lambda: self.fs.pipe_file(final, data), f"write {rel}")  # an S3 PUT is atomic
+            return
+        # a hidden temp file beside the target, then an atomic rename; readers skip dot-files
+        tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        try:
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, final)
-        else:
-            retry(lambda: self.fs.pipe_file(final, data), f"write {rel}")  # an S3 PUT is atomic
+        except BaseException:  # disk full, interrupted: never leave the temp file behind
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
 
     def read_json(self, rel: str) -> dict | None:
         try:
@@ -73,57 +83,110 @@ class OutputFolder:
     def exists(self, rel: str) -> bool:
         return bool(retry(lambda: self.fs.exists(self.path(rel)), f"stat {rel}"))
 
-    @property
-    def _is_local(self) -> bool:
-        protocol = self.fs.protocol
-        return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
-
-    # -- shards --------------------------------------------------------------
-    def write_part(self, kind: str, shard_name: str, table: pa.Table) -> dict:
-        """Write one shard's Parquet file for `kind`; a retried shard replaces the same name."""
-        rel = f"{kind}/{shard_name}.parquet"
+    def write_table(self, rel: str, table: pa.Table) -> dict:
+        """One whole Parquet file (zstd); returns {path, rows}."""
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         self.write_bytes(rel, sink.getvalue().to_pybytes())
         return {"path": rel, "rows": table.num_rows}
 
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return retry(lambda: pq.read_table(self.path(rel), columns=columns, filesystem=self.fs), f"read {rel}")
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            retry(lambda: self.fs.rm(self.path(rel), recursive=True), f"remove {rel}")
+
+
+class OutputFolder(Folder):
+    """One job output. A shard's data files come first and only then _commits/part-SSSSS.json; readers trust only
+    parts named in commit markers (read_output). Only this class spells the output's file names."""
+
+    # -- the job and its status ----------------------------------------------
+    def read_job(self) -> dict | None:
+        return self.read_json(JOB)
+
+    def start_job(self, job: dict) -> None:
+        """Record this run's job (the rerun check reads it) and drop a previous run's status."""
+        for status in (SUCCESS, FAILED):
+            self.remove(status)
+        self.write_json(JOB, job)
+
+    def finish(self, summary: dict, ok: bool) -> None:
+        """_SUCCESS (and the plan files removed: a rerun skips their shards) or _FAILED, written last."""
+        if ok:
+            self.remove(PLAN)
+        self.write_json(SUCCESS if ok else FAILED, summary)
+
+    def status(self) -> tuple[str, dict | None]:
+        """('succeeded', summary) after _SUCCESS, ('failed', summary) after _FAILED, else ('running or stopped', None)."""
+        for name, word in ((SUCCESS, "succeeded"), (FAILED, "failed")):
+            summary = self.read_json(name)
+            if summary is not None:
+                return word, summary
+        return "running or stopped", None
+
+    def clear(self) -> None:
+        """Remove what igpt-batch wrote here (--overwrite), and nothing else: other files in the folder stay."""
+        for name in OURS:
+            self.remove(name)
+
+    def sweep_temp(self) -> int:
+        """Remove temp files a killed writer left in this output's folders; returns how many."""
+        if not self.is_local or not self.fs.exists(self.root):
+            return 0
+        found = [p for d in ("", PLAN, COMMITS, PNGS, *KINDS) if self.fs.isdir(self.path(d))
+                 for p in self.fs.ls(self.path(d), detail=False) if _TMP.match(posixpath.basename(p))]
+        for p in found:
+            self.fs.rm(p)
+        return len(found)
+
+    # -- shards --------------------------------------------------------------
+    def write_plan(self, shard_name: str, rows: pa.Table) -> None:
+        self.write_table(f"{PLAN}/{shard_name}.parquet", rows)
+
+    def read_plan(self, shard_name: str) -> pa.Table:
+        return self.read_table(f"{PLAN}/{shard_name}.parquet")
+
+    def write_part(self, kind: str, shard_name: str, table: pa.Table) -> dict:
+        """Write one shard's Parquet file for `kind`; a retried shard replaces the same name."""
+        return self.write_table(f"{kind}/{shard_name}.parquet", table)
+
+    def write_png(self, seed: int, png: bytes) -> None:
+        self.write_bytes(f"{PNGS}/seed-{seed:012d}.png", png)
+
+    def has_pngs(self) -> bool:
+        return self.exists(PNGS)
+
     def commit(self, shard_name: str, record: dict) -> None:
         """Write the commit marker after all of the shard's files exist."""
-        self.write_json(f"_commits/{shard_name}.json", record)
+        self.write_json(f"{COMMITS}/{shard_name}.json", record)
+
+    def commit_record(self, shard_name: str) -> dict | None:
+        return self.read_json(f"{COMMITS}/{shard_name}.json")
 
     def committed(self) -> dict[str, dict]:
         """Commit markers by shard name."""
-        pattern = self.path("_commits", "part-*.json")
+        pattern = self.path(COMMITS, "part-*.json")
         files = retry(lambda: self.fs.glob(pattern), "list commits")
         if not files:
             return {}
         blobs = retry(lambda: self.fs.cat(files), "read commits")
         return {posixpath.basename(f)[: -len(".json")]: json.loads(b) for f, b in blobs.items()}
 
-    def read_table(self, rel: str) -> pa.Table:
-        return retry(lambda: pq.read_table(self.path(rel), filesystem=self.fs), f"read {rel}")
-
-    def remove(self, rel: str) -> None:
-        if self.exists(rel):
-            retry(lambda: self.fs.rm(self.path(rel), recursive=True), f"remove {rel}")
-
-    def clear(self) -> None:
-        """Remove everything under the root (--overwrite)."""
-        if self.fs.exists(self.root):
-            for entry in self.fs.ls(self.root, detail=False):
-                self.fs.rm(entry, recursive=True)
-
-
-def committed_files(out: OutputFolder, kind: str) -> list[str]:
-    files = []
-    for name, record in sorted(out.committed().items()):
-        files += [f["path"] for f in record.get("files", []) if f["path"].startswith(f"{kind}/")]
-    return files
+    def committed_files(self, kind: str, commits: dict[str, dict] | None = None) -> list[str]:
+        """The committed files of one kind, in shard order."""
+        commits = self.committed() if commits is None else commits
+        return [f["path"] for _, rec in sorted(commits.items()) for f in rec.get("files", [])
+                if f["path"].startswith(f"{kind}/")]
 
 
 def errors_by_reason(errors: pa.Table) -> Counter:
-    """Count error rows by stage and the reason's leading clause (the part before the first ':')."""
-    return Counter(f"{stage}: {err.split(':')[0][:80]}"
+    """Count error rows by stage and the reason's class (no paths or URLs, so the summary stays small)."""
+    from . import images
+
+    reason_class = getattr(images, "reason_class", lambda err: err.split(":")[0][:80])  # TODO(lead): images owns it
+    return Counter(f"{stage}: {reason_class(err)}"
                    for stage, err in zip(errors.column("stage").to_pylist(), errors.column("error").to_pylist()))
 
 
@@ -136,8 +199,7 @@ def read_output(url: str, kind: str = "embeddings", storage_options: dict | None
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     out = OutputFolder(url, storage_options)
-    files = committed_files(out, kind)
+    files = out.committed_files(kind)
     if not files:
         return pa.table({})
-    tables = [pq.read_table(out.path(f), filesystem=out.fs) for f in files]
-    return pa.concat_tables(tables, promote_options="default")
+    return pa.concat_tables([out.read_table(f) for f in files], promote_options="default")
