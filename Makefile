@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (offline except for the package registries):
 #   make demo   -> installs into .venv and runs the demo job on the embedded model
 #   make test   -> installs (with test extras) into .venv and runs the test suite
+# Both install the exact versions in constraints.txt (pyproject.toml holds only compatible ranges).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,8 +9,8 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,5 +24,6 @@ test: install
 bench: install
 	$(BIN)/python bench/bench_sampler.py
 	$(BIN)/python bench/bench_extract.py
+	$(BIN)/python bench/capacity.py
 
 .PHONY: install demo test bench
