@@ -1,195 +1,17 @@
-"""Image input: fetch bytes (fsspec/HTTP, timeout, size cap), decode safely (pixel limit, modes, EXIF), resize like HF."""
+"""Image input: decode safely (pixel limit, modes, EXIF) and resize like HF; fetching lives in fetch.py."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import http.client
 import io
-import os
-import socket
-import stat
-import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .fetch import DEFAULT_MAX_BYTES, ImageError, _with_deadline, read_bytes, reason_class, redact_uri  # noqa: F401
+
 DEFAULT_MAX_PIXELS = 64_000_000
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-
-
-class ImageError(Exception):
-    """A per-image failure. stage is "read" or "decode"; str(e) is the readable reason."""
-
-    def __init__(self, stage: str, reason: str):
-        super().__init__(reason)
-        self.stage = stage
-        self.reason = reason
-
-    def __reduce__(self):
-        # Default exception pickling re-calls __init__(*self.args) = (reason,) and fails;
-        # Ray ships these between processes.
-        return (ImageError, (self.stage, self.reason))
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _show(uri: str) -> str:
-    """The URI as safe to print: no password, no query string (presigned URLs carry signatures)
-    and non-UTF-8 path bytes (surrogate escapes) written as backslash escapes."""
-    if "://" in uri:
-        try:
-            p = urllib.parse.urlsplit(uri)
-            host = p.hostname or ""
-            if p.port:
-                host += f":{p.port}"
-            if p.username or p.password:
-                host = "***@" + host
-            uri = f"{p.scheme}://{host}{p.path}" + ("?***" if p.query else "")
-        except ValueError:
-            pass
-    return uri.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _secrets(opts) -> list[str]:
-    """Every string value nested in storage_options (keys, tokens, passwords...)."""
-    if isinstance(opts, dict):
-        return [s for v in opts.values() for s in _secrets(v)]
-    if isinstance(opts, (list, tuple)):
-        return [s for v in opts for s in _secrets(v)]
-    return [opts] if isinstance(opts, str) and len(opts) >= 4 else []
-
-
-def _too_large(size: int, max_bytes: int, where: str) -> ImageError:
-    return ImageError("read", f"too large: {size} bytes > max_bytes {max_bytes}: {where}")
-
-
-def _os_error(e: OSError, where: str) -> ImageError:
-    if isinstance(e, FileNotFoundError):
-        return ImageError("read", f"file not found: {where}")
-    if isinstance(e, PermissionError):
-        return ImageError("read", f"permission denied: {where}")
-    if isinstance(e, IsADirectoryError):
-        return ImageError("read", f"is a directory: {where}")
-    return ImageError("read", f"cannot read {where}: {e.strerror or type(e).__name__}")
-
-
-def _read_local(path: str, max_bytes: int, where: str) -> bytes:
-    try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device could block forever
-            raise ImageError("read", f"not a regular file: {where}")
-        if st.st_size > max_bytes:
-            raise _too_large(st.st_size, max_bytes, where)
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)  # the file may have grown since stat
-    except OSError as e:
-        raise _os_error(e, where) from None
-    if len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes, where)
-    return data
-
-
-def _read_http(url: str, opts: dict, timeout: float, max_bytes: int, where: str) -> bytes:
-    # Plain urllib: every socket operation is bounded by `timeout`, and read_bytes bounds the total.
-    # Only storage_options["headers"] applies to http(s).
-    headers = {"User-Agent": "igpt-batch", **(opts.get("headers") or {})}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise _too_large(int(length), max_bytes, where)
-            data = resp.read(max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        e.close()
-        raise ImageError("read", f"HTTP {e.code} {e.reason}: {where}") from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, (TimeoutError, socket.timeout)):
-            raise ImageError("read", f"timed out after {timeout:g}s: {where}") from None
-        raise ImageError("read", f"cannot connect: {e.reason}: {where}") from None
-    except (TimeoutError, socket.timeout):
-        raise ImageError("read", f"timed out after {timeout:g}s: {where}") from None
-    except (OSError, http.client.HTTPException) as e:
-        raise ImageError("read", f"HTTP read failed ({type(e).__name__}: {e}): {where}") from None
-    if len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes, where)
-    return data
-
-
-def _read_fsspec(uri: str, opts: dict, timeout: float, max_bytes: int, where: str) -> bytes:
-    import fsspec  # imported here so local-only use never pays for it
-
-    fs, path = fsspec.core.url_to_fs(uri, **opts)
-    try:
-        with fs.open(path, "rb") as f:
-            size = getattr(f, "size", None)  # most filesystems learn it from the listing/HEAD
-            if size is not None and size > max_bytes:
-                raise _too_large(size, max_bytes, where)
-            data = f.read(max_bytes + 1)
-    except (TimeoutError, asyncio.TimeoutError):
-        raise ImageError("read", f"timed out after {timeout:g}s: {where}") from None
-    except OSError as e:
-        raise _os_error(e, where) from None
-    if len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes, where)
-    return data
-
-
-def _with_deadline(fn, timeout: float, where: str):
-    """Run fn() in a daemon thread and give up after `timeout` seconds (the thread is abandoned;
-    its own socket timeouts end it soon after). This bounds any remote filesystem, whatever
-    timeouts it does or does not implement."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed back to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=target, name="igpt-read", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise ImageError("read", f"timed out after {timeout:g}s: {where}")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def read_bytes(
-    uri: str, storage_options: dict | None = None, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES
-) -> bytes:
-    """Read a whole object from a local path, file://, http(s):// or any fsspec URL (s3://, gs://, memory://...).
-
-    Raises ImageError("read", reason) for missing files, permission errors, directories, objects
-    over max_bytes (checked from the size first, and the read itself is capped), HTTP errors and
-    timeouts. Messages never contain storage_options values or URL query strings.
-    """
-    opts = dict(storage_options or {})
-    where = _show(uri)
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri and "::" not in uri else ""
-    try:
-        if "://" not in uri and "::" not in uri:
-            return _read_local(uri, max_bytes, where)
-        if scheme in ("file", "local"):
-            # file:// URLs are percent-encoded (RFC 8089): that is how a manifest names a non-UTF-8 path
-            return _read_local(os.fsdecode(urllib.parse.unquote_to_bytes(uri.split("://", 1)[1])), max_bytes, where)
-        if scheme in ("http", "https"):
-            return _with_deadline(lambda: _read_http(uri, opts, timeout, max_bytes, where), timeout, where)
-        return _with_deadline(lambda: _read_fsspec(uri, opts, timeout, max_bytes, where), timeout, where)
-    except ImageError as e:
-        reason = e.reason
-        for secret in _secrets(opts):
-            reason = reason.replace(secret, "***")
-        raise ImageError("read", reason) from None
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -234,8 +56,9 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
         raise ImageError("decode", "empty data (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("decode", f"image too large: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # over Pillow's own limit
+        raise ImageError("decode", f"image too large (decompression bomb): over --max-pixels {max_pixels} "
+                                   f"or Pillow's limit ({e})") from None
     except UnidentifiedImageError:
         raise ImageError("decode", f"not a recognised image format ({len(data)} bytes)") from None
     except Exception as e:
@@ -243,7 +66,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
     try:
         w, h = img.size  # from the header only; nothing decoded yet
         if w * h > max_pixels:
-            raise ImageError("decode", f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+            raise ImageError("decode", f"image too large (decompression bomb): {w}x{h} = {w * h} pixels "
+                                       f"> --max-pixels {max_pixels}")
         if w < 1 or h < 1:
             raise ImageError("decode", f"image has no pixels: {w}x{h}")
         if draft_size and img.format == "JPEG" and min(w, h) >= 2 * draft_size:

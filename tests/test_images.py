@@ -331,3 +331,96 @@ def test_draft_is_close_to_full_decode(tmp_path):
     same = (palette.tokenize(full, clusters) == palette.tokenize(fast, clusters)).mean()
     assert same >= 0.9, same
     assert np.abs(full.astype(int) - fast.astype(int)).mean() < 2
+
+
+# ----------------------------------------------------------------------------- safe uris, error classes and stages
+
+
+@pytest.mark.parametrize("uri, safe", [
+    ("https://user:pa55word@host.example:8443/a/b.png?x=1", "https://host.example:8443/a/b.png?x=1"),
+    ("https://bkt.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F2024&"
+     "X-Amz-Signature=abc123&X-Amz-Security-Token=tok", "https://bkt.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4-HMAC-"
+     "SHA256&X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***"),
+    ("https://acct.blob.core.windows.net/c/p.jpg?sv=2022&se=2030&sp=r&sig=SAS%3D", "https://acct.blob.core.windows.net/"
+     "c/p.jpg?sv=2022&se=2030&sp=r&sig=***"),
+    ("https://storage.googleapis.com/b/o.png?GoogleAccessId=svc@x&Expires=1&Signature=s1g", "https://storage.googleapis"
+     ".com/b/o.png?GoogleAccessId=***&Expires=1&Signature=***"),
+    ("http://h/x.png?token=t0k&versionId=3#access_token=frag", "http://h/x.png?token=***&versionId=3#access_token=***"),
+    ("simplecache::s3://key:secret@bkt/a.png", "simplecache::s3://bkt/a.png"),
+    ("s3://bkt/dir/a.png", "s3://bkt/dir/a.png"),
+    ("/data/my photo::1.png", "/data/my photo::1.png"),
+    ("/data/caf\udce9.png", "/data/caf\\udce9.png"),
+])
+def test_redact_uri(uri, safe):
+    assert images.redact_uri(uri) == safe
+
+
+def test_reason_classes_of_the_reasons_this_module_gives(tmp_path, http_root):
+    root, base = http_root
+    _write(root / "pic.png", _encode(Image.new("RGB", (7, 3)), "PNG"))
+    jpg = _encode(Image.fromarray(data.coffee()), "JPEG", quality=90)
+    got = {
+        "missing": _read_err(str(tmp_path / "secret-folder" / "gone.png")).reason,
+        "dir": _read_err(str(tmp_path)).reason,
+        "big": _read_err(f"{base}/pic.png", timeout=5, max_bytes=10).reason,
+        "404": _read_err(f"{base}/nope.png?sig=abc", timeout=5).reason,
+        "protocol": _read_err("nosuchproto://bkt/x.png").reason,
+        "truncated": _decode_err(jpg[: len(jpg) // 2]).reason,
+        "bomb": _decode_err(_png_header_only(100, 100), max_pixels=9_999).reason,
+        "pil bomb": _decode_err(_png_header_only(100_000, 100_000), max_pixels=50_000_000).reason,
+        "empty": _decode_err(b"").reason,
+        "not image": _decode_err(b"hello" * 10).reason,
+    }
+    classes = {k: images.reason_class(v) for k, v in got.items()}
+    assert classes == {
+        "missing": "file not found", "dir": "is a directory", "big": "too large (over max_bytes 10)", "404": "HTTP 404",
+        "protocol": "unknown protocol (nosuchproto)", "truncated": "corrupt or truncated image",
+        "bomb": "decompression bomb (over --max-pixels 9999)", "pil bomb": "decompression bomb (over --max-pixels 50000000)",
+        "empty": "empty data", "not image": "not a recognised image format",
+    }
+    assert images.reason_class("timed out after 1.5s: http://h/x.png") == "timed out after 1.5s"
+    assert images.reason_class("ValueError: bad things at /secret/x.png") == "ValueError"
+    assert images.reason_class(got["truncated"].replace("truncated", "x")) != ""  # never empty
+
+
+def test_bomb_reason_names_the_flag_and_its_value():
+    err = _decode_err(_png_header_only(9_000, 9_000), max_pixels=64_000_000)
+    assert "--max-pixels 64000000" in err.reason and "9000x9000 = 81000000 pixels" in err.reason
+
+
+def test_unknown_protocols_and_bad_storage_options_are_read_errors():
+    assert "unknown protocol" in _read_err("nosuchproto://bkt/x.png").reason
+    err = _read_err("memory://igpt-test/x.png", storage_options={"nonsense_option": "zzz-secret-value"})
+    assert "zzz-secret-value" not in err.reason
+
+
+def test_missing_credentials_are_read_errors(monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup over the network
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    so = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "skip_instance_cache": True}
+    assert "access denied" in _read_err("s3://bkt/x.png", storage_options=so, timeout=20).reason
+
+
+def test_refused_connections_are_read_errors():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert _read_err(f"http://127.0.0.1:{port}/x.png", timeout=5).reason.startswith("cannot connect (")
+    so = {"key": "k", "secret": "zzz-secret-value", "skip_instance_cache": True,
+          "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    err = _read_err("s3://bkt/x.png", storage_options=so, timeout=20)
+    assert "zzz-secret-value" not in err.reason and images.reason_class(err.reason) in (
+        "cannot connect (EndpointConnectionError)", "cannot connect (ClientConnectorError)")
+
+
+def test_local_names_with_double_colons_are_files(tmp_path):
+    png = _encode(Image.new("RGB", (2, 2)), "PNG")
+    path = _write(tmp_path / "shot::2024.png", png)
+    assert images.read_bytes(path) == png
+    assert images.read_bytes("file://" + path) == png
