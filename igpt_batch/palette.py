@@ -1,4 +1,4 @@
-"""Colour palette: nearest-cluster tokenisation (bit-exact with HF), tokens -> RGB -> PNG, k-means, picture grids."""
+"""Colour palette: nearest-cluster tokenisation (bit-exact with HF), tokens -> RGB -> PNG, palette hash."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _check_clusters(clusters) -> np.ndarray:
     return c
 
 
-def _unique_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unique_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (..., 3) -> (unique colours uint8 (U, 3), inverse (N,) index of each pixel's colour)."""
     flat = rgb.reshape(-1, 3).astype(np.uint32)
     packed = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2]  # (N,) 24-bit colour
@@ -49,12 +49,14 @@ def _unique_colours(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return colours, inverse.reshape(-1)
 
 
-def _chunks(n: int, rows: int):
-    """Row ranges of about `rows`, never a 1-row range when n >= 2.
+def row_chunks(n: int, k: int):
+    """Row ranges of an (n, k) distance matrix that keep each chunk near _CHUNK_ELEMS entries,
+    never a 1-row range when n >= 2.
 
     A single-row matmul goes through BLAS gemv, which rounds differently from the gemm HF's
     whole-image matmul uses, so a lone row could flip a near-tie.
     """
+    rows = max(2, _CHUNK_ELEMS // k)
     start = 0
     while start < n:
         stop = min(n, start + rows)
@@ -73,12 +75,12 @@ def _nearest(x: np.ndarray, clusters: np.ndarray) -> np.ndarray:
     Each entry of d depends only on its own row and cluster, so evaluating it on unique colours
     in row chunks gives the same bits as HF evaluating it on every pixel at once.
     """
-    if len(x) == 1:  # avoid the gemv path (see _chunks)
+    if len(x) == 1:  # avoid the gemv path (see row_chunks)
         return _nearest(np.repeat(x, 2, axis=0), clusters)[:1]
     b = clusters.T  # (3, K) view, as in HF (BLAS sees the same transposed layout)
     b2 = np.sum(np.square(b), axis=0)  # (K,)
     out = np.empty(len(x), dtype=np.int64)
-    for start, stop in _chunks(len(x), max(2, _CHUNK_ELEMS // clusters.shape[0])):
+    for start, stop in row_chunks(len(x), clusters.shape[0]):
         a = x[start:stop]
         a2 = np.sum(np.square(a), axis=1)
         ab = np.matmul(a, b)
@@ -129,7 +131,7 @@ def tokenize(rgb: np.ndarray, clusters: np.ndarray) -> np.ndarray:
     """
     batch, single = _as_batch(rgb)
     clusters = _check_clusters(clusters)
-    colours, inverse = _unique_colours(batch)
+    colours, inverse = unique_colours(batch)
     ids = _nearest_fast(normalize(colours), clusters)  # (U,)
     tokens = ids[inverse].reshape(batch.shape[0], -1)
     return tokens[0] if single else tokens
@@ -148,7 +150,7 @@ def tokenize_torch(rgb: np.ndarray, clusters: np.ndarray, device=None) -> np.nda
     clusters = _check_clusters(clusters)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    colours, inverse = _unique_colours(batch)
+    colours, inverse = unique_colours(batch)
     x = normalize(colours)  # float32 (U, 3)
     k = clusters.shape[0]
     if k == 1:
@@ -160,7 +162,7 @@ def tokenize_torch(rgb: np.ndarray, clusters: np.ndarray, device=None) -> np.nda
         margin = _margin(clusters)
         ids = np.empty(len(x), dtype=np.int64)
         gaps = np.empty(len(x), dtype=np.float32)  # (U,) second-best minus best distance
-        for start, stop in _chunks(len(x), max(2, _CHUNK_ELEMS // k)):
+        for start, stop in row_chunks(len(x), k):
             a = xt[start:stop]
             # Elementwise dot product rather than matmul: no TF32 on GPUs, plain float32 everywhere.
             ab = (a[:, None, :] * ct[None, :, :]).sum(dim=2)  # (rows, K)
@@ -213,118 +215,3 @@ def palette_hash(clusters: np.ndarray) -> str:
     """First 16 hex chars of sha256 over the clusters as float32 little-endian bytes."""
     c = np.ascontiguousarray(np.asarray(clusters), dtype="<f4")
     return hashlib.sha256(c.tobytes()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- k-means
-
-
-def _assign(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """float32 (U, 3), (k, 3) -> int64 (U,) index of the nearest centre, in row chunks.
-
-    |x|^2 is the same for every centre of a row, so argmin only needs |c|^2 - 2 x.c;
-    float32 is plenty for fitting and halves the memory traffic.
-    """
-    labels = np.empty(len(x), dtype=np.int64)
-    c2 = np.sum(centres**2, axis=1)  # (k,)
-    for start, stop in _chunks(len(x), max(2, _CHUNK_ELEMS // len(centres))):
-        d = x[start:stop] @ centres.T  # (rows, k)
-        d *= -2
-        d += c2
-        labels[start:stop] = np.argmin(d, axis=1)
-    return labels
-
-
-def _pick(weights: np.ndarray, rng: np.random.Generator) -> int:
-    # Sample an index with probability proportional to weights (cumsum is robust to tiny totals).
-    cdf = np.cumsum(weights)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
-
-
-def _kmeans_pp(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Weighted k-means++ seeding over unique colours x (U, 3) with pixel counts w (U,)."""
-    centres = np.empty((k, 3), dtype=np.float64)
-    centres[0] = x[_pick(w, rng)]
-    d2 = np.sum((x - centres[0]) ** 2, axis=1)  # (U,) distance to the closest centre so far
-    for i in range(1, k):
-        p = w * d2
-        # Every colour already is a centre (fewer unique colours than k): duplicate one by weight.
-        centres[i] = x[_pick(p if p.sum() > 0 else w, rng)]
-        d2 = np.minimum(d2, np.sum((x - centres[i]) ** 2, axis=1))
-    return centres
-
-
-def fit_palette(pixels: np.ndarray, k: int, seed: int = 0, iters: int = 50, sample: int = 200_000) -> np.ndarray:
-    """k-means palette of uint8 pixels (N, 3) or (..., 3) -> float32 (k, 3) in [-1, 1], sorted by luminance.
-
-    k-means++ seeding then Lloyd iterations, numpy only, deterministic for a seed. At most `sample`
-    pixels are used; they are collapsed to unique colours weighted by count (same objective, less
-    work). Fewer unique colours than k gives duplicated centres, never NaN.
-    """
-    px = np.asarray(pixels)
-    if px.dtype != np.uint8 or px.shape[-1] != 3:
-        raise ValueError(f"fit_palette expects uint8 (..., 3) pixels, got {px.dtype} {px.shape}")
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    px = px.reshape(-1, 3)
-    if len(px) == 0:
-        raise ValueError("fit_palette needs at least one pixel")
-    rng = np.random.default_rng(seed)
-    if len(px) > sample:
-        px = px[np.sort(rng.choice(len(px), size=sample, replace=False))]
-    colours, inverse = _unique_colours(px)
-    w = np.bincount(inverse, minlength=len(colours)).astype(np.float64)  # (U,) pixel counts
-    x = normalize(colours).astype(np.float64)  # (U, 3)
-
-    centres = _kmeans_pp(x, w, k, rng)
-    x32 = x.astype(np.float32)
-    for _ in range(iters):
-        labels = _assign(x32, centres.astype(np.float32))
-        count = np.bincount(labels, weights=w, minlength=k)  # (k,)
-        sums = np.stack([np.bincount(labels, weights=w * x[:, j], minlength=k) for j in range(3)], axis=1)
-        new = centres.copy()  # empty clusters keep their centre
-        filled = count > 0
-        new[filled] = sums[filled] / count[filled, None]
-        shift = np.max(np.abs(new - centres))
-        centres = new
-        if shift < 1e-7:
-            break
-
-    out = np.clip(centres, -1.0, 1.0).astype(np.float32)
-    lum = 0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]
-    order = np.lexsort((out[:, 2], out[:, 1], out[:, 0], lum))  # luminance, then R, G, B for ties
-    return out[order]
-
-
-# ----------------------------------------------------------------------------- pictures
-
-
-def grid(images: list[np.ndarray], ncols: int, scale: int = 4, pad: int = 2) -> np.ndarray:
-    """Contact sheet: uint8 RGB images -> one uint8 (H, W, 3) picture on white.
-
-    Every image is upscaled by `scale` with nearest-neighbour (each pixel becomes a scale x scale
-    block, so tokens stay crisp) and placed top-left in a cell sized for the largest image;
-    cells are separated and surrounded by `pad` white pixels. ncols is capped at len(images).
-    """
-    if not images:
-        raise ValueError("grid needs at least one image")
-    if scale < 1 or pad < 0 or ncols < 1:
-        raise ValueError("need scale >= 1, pad >= 0, ncols >= 1")
-    pics = []
-    for im in images:
-        im = np.asarray(im)
-        if im.ndim == 2:  # grayscale convenience
-            im = np.repeat(im[:, :, None], 3, axis=2)
-        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-            raise ValueError(f"grid expects uint8 (h, w, 3) images, got {im.dtype} {im.shape}")
-        pics.append(im)
-    ncols = min(ncols, len(pics))
-    nrows = -(-len(pics) // ncols)
-    cell_h = max(p.shape[0] for p in pics) * scale
-    cell_w = max(p.shape[1] for p in pics) * scale
-    sheet = np.full((nrows * cell_h + (nrows + 1) * pad, ncols * cell_w + (ncols + 1) * pad, 3), 255, np.uint8)
-    for i, im in enumerate(pics):
-        r, c = divmod(i, ncols)
-        y, x = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
-        big = np.repeat(np.repeat(im, scale, axis=0), scale, axis=1)  # (h*scale, w*scale, 3)
-        sheet[y : y + big.shape[0], x : x + big.shape[1]] = big
-    return sheet

@@ -1,10 +1,9 @@
 """Linear probe (Chen et al. 2020, section 3.2): logistic regression on frozen iGPT features.
 
-    from igpt_batch.probe import probe, main_probe
+    from igpt_batch.probe import probe
     result = probe(embeddings_table, "labels.csv")          # {"accuracy": ..., "per_layer": {...}, ...}
-    main_probe("out/", "labels.csv")                         # reads committed embeddings, prints a table
 
-    python -m igpt_batch.probe OUTPUT_URL LABELS [--layers 2 4] [--test-size 0.2] [--seed 0]
+    igpt-batch probe OUTPUT_URL LABELS [--layers 2 4] [--test-size 0.2] [--seed 0]   # the one entry point
 
 Embeddings: a table with columns id and embedding (a fixed-size or plain list of floats), as the
 extract job writes them; its schema metadata b"layers" ("2,4") names the layers concatenated in
@@ -81,6 +80,46 @@ def _fit_score(x_train, y_train, x_test, y_test, max_iter: int, C: float) -> flo
     return float(clf.score(x_test, y_test))
 
 
+def _labelled_rows(embeddings: pa.Table, labels) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Join embeddings and labels on id (as strings) -> (x float64 (N, D), y (N,), n unlabelled, n non-finite)."""
+    for col in ("id", "embedding"):
+        if col not in embeddings.column_names:
+            raise ValueError(f"embeddings need columns id and embedding; missing {col!r} (have {embeddings.column_names})")
+    lab = read_labels(labels)
+    label_ids = [str(i) for i in lab.column("id").to_pylist()]
+    label_values = lab.column("label").to_pylist()
+    if len(set(label_ids)) != len(label_ids):
+        raise ValueError("labels: duplicate ids")
+    label_of = dict(zip(label_ids, label_values))
+
+    x_all = embedding_matrix(embeddings.column("embedding"))
+    ids = [str(i) for i in embeddings.column("id").to_pylist()]
+    keep_label = np.array([i in label_of and label_of[i] is not None for i in ids], dtype=bool)
+    finite = np.isfinite(x_all).all(axis=1) if x_all.size else np.ones(len(ids), bool)
+    keep = keep_label & finite
+    y = np.array([label_of[i] for i, k in zip(ids, keep) if k], dtype=object)
+    if len(y) == 0:
+        raise ValueError("no embedding row has a label (ids are joined as strings)")
+    y = y.astype(type(y[0]) if all(type(v) is type(y[0]) for v in y) else str)
+    return x_all[keep], y, int((~keep_label).sum()), int((keep_label & ~finite).sum())
+
+
+def _layer_columns(meta_layers: list[int] | None, layers: Sequence[int] | None, dim: int) -> tuple[dict, list]:
+    """Which embedding columns belong to which layer ({layer: slice}), and the layers selected."""
+    all_layers = meta_layers if meta_layers is not None else (list(layers) if layers is not None else None)
+    if all_layers is None:
+        all_layers = [-1]  # unknown single layer
+    if dim % len(all_layers):
+        raise ValueError(f"embedding width {dim} is not divisible by the {len(all_layers)} layers {all_layers}")
+    width = dim // len(all_layers)
+    chunk = {layer: slice(j * width, (j + 1) * width) for j, layer in enumerate(all_layers)}
+    selected = list(layers) if layers is not None else all_layers
+    unknown = [l for l in selected if l not in chunk]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not in the embeddings (they hold layers {all_layers})")
+    return chunk, selected
+
+
 def probe(embeddings: pa.Table, labels: pa.Table | str | os.PathLike, layers: Sequence[int] | None = None,
           test_size: float = 0.2, seed: int = 0, max_iter: int = 1000, C: float = 1.0) -> dict:
     """Fit a linear probe on a stratified train split and score it on the held-out split.
@@ -96,41 +135,8 @@ def probe(embeddings: pa.Table, labels: pa.Table | str | os.PathLike, layers: Se
     """
     from sklearn.model_selection import train_test_split
 
-    for col in ("id", "embedding"):
-        if col not in embeddings.column_names:
-            raise ValueError(f"embeddings need columns id and embedding; missing {col!r} (have {embeddings.column_names})")
-    meta_layers = embedding_layers(embeddings)
-    lab = read_labels(labels)
-    label_ids = [str(i) for i in lab.column("id").to_pylist()]
-    label_values = lab.column("label").to_pylist()
-    if len(set(label_ids)) != len(label_ids):
-        raise ValueError("labels: duplicate ids")
-    label_of = dict(zip(label_ids, label_values))
-
-    x_all = embedding_matrix(embeddings.column("embedding"))
-    ids = [str(i) for i in embeddings.column("id").to_pylist()]
-    keep_label = np.array([i in label_of and label_of[i] is not None for i in ids], dtype=bool)
-    finite = np.isfinite(x_all).all(axis=1) if x_all.size else np.ones(len(ids), bool)
-    keep = keep_label & finite
-    x = x_all[keep]
-    y = np.array([label_of[i] for i, k in zip(ids, keep) if k], dtype=object)
-    if len(y) == 0:
-        raise ValueError("no embedding row has a label (ids are joined as strings)")
-    y = y.astype(type(y[0]) if all(type(v) is type(y[0]) for v in y) else str)
-
-    # layout: which columns belong to which layer
-    all_layers = meta_layers if meta_layers is not None else (list(layers) if layers is not None else None)
-    if all_layers is None:
-        all_layers = [-1]  # unknown single layer
-    dim = x.shape[1]
-    if dim % len(all_layers):
-        raise ValueError(f"embedding width {dim} is not divisible by the {len(all_layers)} layers {all_layers}")
-    width = dim // len(all_layers)
-    chunk = {layer: slice(j * width, (j + 1) * width) for j, layer in enumerate(all_layers)}
-    selected = list(layers) if layers is not None else all_layers
-    unknown = [l for l in selected if l not in chunk]
-    if unknown:
-        raise ValueError(f"layers {unknown} are not in the embeddings (they hold layers {all_layers})")
+    x, y, n_unlabelled, n_nonfinite = _labelled_rows(embeddings, labels)
+    chunk, selected = _layer_columns(embedding_layers(embeddings), layers, x.shape[1])
 
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
@@ -156,8 +162,8 @@ def probe(embeddings: pa.Table, labels: pa.Table | str | os.PathLike, layers: Se
         "n_train": int(len(idx_train)),
         "n_test": int(len(idx_test)),
         "classes": [c.item() if hasattr(c, "item") else c for c in classes],
-        "n_dropped_unlabelled": int((~keep_label).sum()),
-        "n_dropped_nonfinite": int((keep_label & ~finite).sum()),
+        "n_dropped_unlabelled": n_unlabelled,
+        "n_dropped_nonfinite": n_nonfinite,
     }
 
 
@@ -175,22 +181,8 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main_probe(output_url: str, labels_path: str, layers: Sequence[int] | None = None, test_size: float = 0.2,
-               seed: int = 0, storage_options: dict | None = None, max_iter: int = 1000, C: float = 1.0,
-               print_fn=print) -> dict:
-    """Read the committed embeddings of an extract job's output folder, probe them, print a table."""
-    from .storage import read_output
-
-    table = read_output(output_url, "embeddings", storage_options)
-    if table.num_rows == 0:
-        raise ValueError(f"no committed embeddings in {output_url}")
-    result = probe(table, labels_path, layers=layers, test_size=test_size, seed=seed, max_iter=max_iter, C=C)
-    print_fn(format_result(result))
-    return result
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The probe's arguments, shared by `igpt-batch probe` and `python -m igpt_batch.probe`."""
+    """The arguments of `igpt-batch probe`."""
     p.add_argument("output_url", help="an extract job's output folder (local or fsspec URL)")
     p.add_argument("labels", help="CSV or Parquet with columns id, label")
     p.add_argument("--layers", type=int, nargs="+", help="layers to probe (default: all in the embeddings)")
@@ -200,14 +192,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    return main_probe(args.output_url, args.labels, args.layers, args.test_size, args.seed, max_iter=args.max_iter)
+    """`igpt-batch probe`: read the committed embeddings of an extract output, probe them, print a table."""
+    from .storage import read_output
 
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m igpt_batch.probe", description="Linear probe on extracted embeddings")
-    add_arguments(p)
-    run_from_args(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+    table = read_output(args.output_url, "embeddings")
+    if table.num_rows == 0:
+        raise ValueError(f"no committed embeddings in {args.output_url}")
+    result = probe(table, args.labels, layers=args.layers, test_size=args.test_size, seed=args.seed,
+                   max_iter=args.max_iter)
+    print(format_result(result))
+    return result

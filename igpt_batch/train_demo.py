@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .kmeans import fit_palette
+from .palette import tokenize
+
 N_PX = 8
 N_CLUSTERS = 16
 
@@ -30,8 +33,6 @@ def train(out: str, steps: int = 3000, n_embd: int = 128, n_layer: int = 4, n_he
     import torch
     import torch.nn.functional as F
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor
-
-    from .palette import fit_palette, tokenize
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # one thread: a fixed reduction order makes the run reproducible

@@ -62,7 +62,17 @@ def test_cli_flags_map_to_config_and_override_yaml(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert len(files) >= 3
-    for f in files:
-        config.load(str(f))
+    folder = Path(__file__).parent.parent / "configs"
+    # each shipped file, with a setting that shows it loaded as itself (not just the defaults)
+    expected = {
+        "demo.yaml": lambda c: (c.model.name, c.extract.layers, c.output.preview) == ("demo", [2, 4], 8),
+        "imagegpt-medium-extract.yaml": lambda c: (c.model.name, c.extract.layers, c.input.draft)
+        == ("openai/imagegpt-medium", [18], True),
+        "imagegpt-small-generate.yaml": lambda c: (c.model.name, c.generate.num_samples) == ("openai/imagegpt-small", 10000),
+        "nightly-refresh.yaml": lambda c: (c.refresh.store, c.input.manifest)
+        == ("s3://my-bucket/igpt/embedding-store", "s3://my-bucket/catalog/images-manifest.parquet"),
+    }
+    assert sorted(f.name for f in folder.glob("*.yaml")) == sorted(expected)
+    for name, check in expected.items():
+        cfg = config.load(str(folder / name))
+        assert check(cfg), f"{name} did not load its own settings: {cfg.to_dict()}"

@@ -7,6 +7,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 from igpt_batch import checkpoint, config, palette
+from igpt_batch.kmeans import fit_palette
 from igpt_batch.model import load_model
 from igpt_batch.sampling import generate
 from igpt_batch.train_demo import N_CLUSTERS, digits_rgb, train
@@ -46,7 +47,7 @@ def test_demo_checkpoint_is_a_small_safetensors_imagegpt_with_our_palette():
     assert (info.n_px, info.vocab_size) == (8, N_CLUSTERS + 1)
     # the palette is exactly what the project's own k-means gives on the digits (reproducible)
     rgb, _ = digits_rgb()
-    np.testing.assert_array_equal(checkpoint.read_clusters(str(path)), palette.fit_palette(rgb.reshape(-1, 3), k=N_CLUSTERS, seed=0))
+    np.testing.assert_array_equal(checkpoint.read_clusters(str(path)), fit_palette(rgb.reshape(-1, 3), k=N_CLUSTERS, seed=0))
 
 
 def test_training_script_produces_a_loadable_checkpoint(tmp_path):

@@ -1,6 +1,8 @@
 """Tests for igpt_batch.palette against the real HF ImageGPT processor and brute force."""
 
+import hashlib
 import io
+import re
 import warnings
 
 import numpy as np
@@ -8,9 +10,11 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from igpt_batch import images, palette
+from igpt_batch import checkpoint, images, palette
+from igpt_batch.kmeans import fit_palette
 
 N_PX = 32
+DEMO_PALETTE_HASH = "290da7a411e21d41"  # palette_hash of the committed demo model's clusters
 
 
 def _processor(clusters, n_px=N_PX, **kw):
@@ -83,7 +87,7 @@ def test_tokenize_equals_processor_on_full_size_photos(photos, small):
 
 def test_tokenize_equals_processor_fitted_palette(photos, small):
     pixels = np.concatenate([p.reshape(-1, 3) for p in photos])
-    clusters = palette.fit_palette(pixels, 64, seed=0, iters=15, sample=20_000)
+    clusters = fit_palette(pixels, 64, seed=0, iters=15, sample=20_000)
     assert np.array_equal(palette.tokenize(small, clusters), _hf_ids(clusters, small))
 
 
@@ -162,74 +166,28 @@ def test_to_png_round_trip(small):
 def test_palette_hash():
     c = np.random.default_rng(0).uniform(-1, 1, (8, 3)).astype(np.float32)
     h = palette.palette_hash(c)
-    assert len(h) == 16 and int(h, 16) >= 0
-    assert palette.palette_hash(c.astype(np.float64)) == h
-    assert palette.palette_hash(c.copy()) == h
-    c2 = c.copy()
-    c2[3, 1] = np.nextafter(c2[3, 1], 2)
-    assert palette.palette_hash(c2) != h
+    # the documented recipe: sha256 of the float32 little-endian bytes, first 16 hex digits
+    assert h == hashlib.sha256(c.astype("<f4").tobytes()).hexdigest()[:16]
+    assert re.fullmatch(r"[0-9a-f]{16}", h)
+    # stable across calls, copies, dtypes, byte order and memory layout
+    assert palette.palette_hash(c) == h and palette.palette_hash(c.copy()) == h
+    assert palette.palette_hash(c.astype(np.float64)) == h and palette.palette_hash(c.astype(">f4")) == h
+    assert palette.palette_hash(np.asfortranarray(c)) == h and palette.palette_hash(c.tolist()) == h
+    # any change to one cluster changes it: by 1e-4, or by one float32 ulp
+    for delta in (1e-4, np.nextafter(c[3, 1], np.float32(2)) - c[3, 1]):
+        c2 = c.copy()
+        c2[3, 1] += delta
+        assert palette.palette_hash(c2) != h
+    # so does the order of the clusters (token ids would change meaning)
+    assert palette.palette_hash(c[::-1]) != h
+    # pinned: stored outputs and refresh-store versions are keyed by this value, so it must never drift
+    assert palette.palette_hash(np.zeros((2, 3), np.float32)) == hashlib.sha256(bytes(24)).hexdigest()[:16]
+    assert palette.palette_hash(checkpoint.read_clusters(checkpoint.resolve("demo"))) == DEMO_PALETTE_HASH
 
 
-# ----------------------------------------------------------------------------- k-means
-
-
-def test_fit_palette_deterministic_and_better_than_random(photos):
-    pixels = photos[0]  # (512, 512, 3) accepted as (..., 3)
-    a = palette.fit_palette(pixels, 16, seed=3, iters=20, sample=20_000)
-    b = palette.fit_palette(pixels, 16, seed=3, iters=20, sample=20_000)
-    assert a.dtype == np.float32 and a.shape == (16, 3)
-    assert np.array_equal(a, b)
-    assert np.all(np.abs(a) <= 1) and np.isfinite(a).all()
-    lum = a @ np.array([0.299, 0.587, 0.114], np.float32)
-    assert np.all(np.diff(lum) >= -1e-6)  # sorted by luminance
-
-    def err(c):
-        return _brute_dist(pixels[::8, ::8], c).min(axis=1).mean()
-
-    rand = [err(np.random.default_rng(s).uniform(-1, 1, (16, 3))) for s in range(3)]
-    assert err(a) < 0.5 * min(rand)
-
-
-def test_fit_palette_few_colours():
-    three = np.array([[255, 0, 0], [0, 0, 255], [10, 200, 10]], np.uint8)
-    pixels = three[np.random.default_rng(0).integers(0, 3, 500)]
-    c = palette.fit_palette(pixels, 8, seed=1)
-    assert c.shape == (8, 3) and np.isfinite(c).all()
-    # every real colour is a centre exactly, so quantisation is lossless
-    img = pixels.reshape(20, 25, 3)
-    assert np.array_equal(palette.detokenize(palette.tokenize(img[:20, :20], c), c, 20), img[:20, :20])
-    # fewer pixels than k, and a single colour
-    assert palette.fit_palette(three[:2], 5).shape == (5, 3)
-    one = palette.fit_palette(np.full((10, 3), 7, np.uint8), 4)
-    assert np.isfinite(one).all() and np.allclose(one, palette.normalize(np.full(3, 7, np.uint8)))
-    with pytest.raises(ValueError):
-        palette.fit_palette(np.zeros((0, 3), np.uint8), 4)
-
-
-# ----------------------------------------------------------------------------- grid
-
-
-def test_grid_shape_and_crisp_blocks():
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    b = rng.integers(0, 256, (3, 2, 3), dtype=np.uint8)  # smaller: padded into the max cell
-    scale, pad = 3, 2
-    g = palette.grid([a, b, a], ncols=2, scale=scale, pad=pad)
-    cell_h, cell_w = 4 * scale, 5 * scale
-    assert g.dtype == np.uint8
-    assert g.shape == (2 * cell_h + 3 * pad, 2 * cell_w + 3 * pad, 3)
-    # each source pixel is a scale x scale block
-    block = g[pad : pad + 4 * scale, pad : pad + 5 * scale]
-    assert np.array_equal(block, np.kron(a, np.ones((scale, scale, 1), np.uint8)))
-    assert np.array_equal(block[::scale, ::scale], a)
-    # second image top-left of its cell, the rest of the cell white
-    x0 = pad + cell_w + pad
-    assert np.array_equal(g[pad : pad + 3 * scale : scale, x0 : x0 + 2 * scale : scale], b)
-    assert (g[pad + 3 * scale : pad + cell_h, x0 : x0 + cell_w] == 255).all()
-    # padding rows/columns are white, and the empty 4th cell too
-    assert (g[:pad] == 255).all() and (g[:, :pad] == 255).all()
-    assert (g[pad + cell_h + pad :, x0:] == 255).all()
-    # ncols larger than the number of images is capped
-    assert palette.grid([a], ncols=8, scale=1, pad=0).shape == (4, 5, 3)
-    with pytest.raises(ValueError):
-        palette.grid([], ncols=2)
+def test_row_chunks_cover_rows_without_lone_rows(monkeypatch):
+    monkeypatch.setattr(palette, "_CHUNK_ELEMS", 30)
+    assert list(palette.row_chunks(7, 10)) == [(0, 3), (3, 7)]  # (6, 7) would be a lone row: merged
+    assert list(palette.row_chunks(6, 10)) == [(0, 3), (3, 6)]
+    assert list(palette.row_chunks(5, 100)) == [(0, 2), (2, 5)]  # at least 2 rows per chunk
+    assert list(palette.row_chunks(1, 10)) == [(0, 1)] and list(palette.row_chunks(0, 10)) == []

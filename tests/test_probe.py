@@ -1,5 +1,7 @@
 """igpt_batch.probe: synthetic embeddings (exact expectations), the output-folder CLI path, and the
 demo model vs a randomly initialised model of the same shape on scikit-learn's digits."""
+import argparse
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,7 +10,7 @@ import torch
 
 from igpt_batch import palette
 from igpt_batch.model import IGPT, load_model
-from igpt_batch.probe import main_probe, probe
+from igpt_batch.probe import add_arguments, probe, run_from_args
 from igpt_batch.storage import OutputFolder
 from igpt_batch.train_demo import digits_rgb
 
@@ -65,7 +67,13 @@ def test_label_files_join_and_dropped_rows(synthetic, tmp_path):
     assert r2["classes"] == [0, 1, 2] and r2["accuracy"] >= 0.95
 
 
-def test_main_probe_reads_committed_output(synthetic, tmp_path, capsys):
+def probe_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_run_from_args_reads_committed_output(synthetic, tmp_path, capsys):
     ids, emb, y = synthetic
     out = OutputFolder(str(tmp_path / "out"))
     for k, part in enumerate((slice(0, 60), slice(60, None))):
@@ -73,10 +81,15 @@ def test_main_probe_reads_committed_output(synthetic, tmp_path, capsys):
         f = out.write_part("embeddings", name, embeddings_table(ids[part], emb[part], [2, 4]))
         out.commit(name, {"shard": name, "files": [f]})
     pq.write_table(pa.table({"id": ids, "label": y}), tmp_path / "labels.parquet")
-    r = main_probe(str(tmp_path / "out"), str(tmp_path / "labels.parquet"), test_size=0.25)
+    r = run_from_args(probe_args(str(tmp_path / "out"), str(tmp_path / "labels.parquet"), "--test-size", "0.25"))
     text = capsys.readouterr().out
     assert "90 train / 30 test" in text and "concat" in text
-    assert r["per_layer"][2] >= 0.95
+    assert r["per_layer"][2] >= 0.95 and r["layers"] == [2, 4]
+    only = run_from_args(probe_args(str(tmp_path / "out"), str(tmp_path / "labels.parquet"), "--layers", "4",
+                                    "--test-size", "0.25", "--seed", "1", "--max-iter", "200"))
+    assert only["layers"] == [4] and only["per_layer"] == {4: only["accuracy"]}
+    with pytest.raises(ValueError, match="no committed embeddings"):
+        run_from_args(probe_args(str(tmp_path / "empty"), str(tmp_path / "labels.parquet")))
 
 
 # ----------------------------------------------------------------------------- digits: trained vs random
@@ -112,7 +125,9 @@ def test_probe_mechanics_on_digits_with_tiny_model(tiny_ckpt):
     trained, random = trained_vs_random(load_model(tiny_ckpt, "fp32", "cpu"))
     for r in (trained, random):
         assert r["classes"] == list(range(10)) and (r["n_train"], r["n_test"]) == (1437, 360)
-        assert 0.1 < r["accuracy"] <= 1.0
+        # measured 0.653 for this random tiny model (its random 16-colour palette loses detail): far above
+        # the 0.1 of chance with 10 balanced classes, so the features carry the digits through the probe
+        assert r["accuracy"] >= 0.5, r
 
 
 def test_demo_model_features_beat_random_init_on_digits():
@@ -120,7 +135,8 @@ def test_demo_model_features_beat_random_init_on_digits():
     # must give clearly better linear-probe features than the same architecture with random weights.
     trained, random = trained_vs_random(load_model("demo", "fp32", "cpu"))
     print(f"digits linear probe: demo {trained['accuracy']:.4f} vs random init {random['accuracy']:.4f}")
-    # measured: demo 0.883 vs random init 0.794 at layer 2 (deterministic: committed weights, fixed split)
+    # measured: demo 0.883 vs random init 0.797 at layer 2, last layer 0.789 (deterministic: committed weights, fixed split)
+    assert trained["accuracy"] >= 0.85, trained  # chance is 0.1 with 10 balanced classes
     assert trained["accuracy"] >= random["accuracy"] + 0.05, (trained, random)
     # and, as in the paper, the mid-network layer probes better than the last one
     last = probe(*digit_features(load_model("demo", "fp32", "cpu"), [4]), test_size=0.2, seed=0)
