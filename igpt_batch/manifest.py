@@ -12,14 +12,14 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from .fetch import redact_uri, scrub_secrets
+from .manifest_files import ManifestError, read_batches
+
 MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 BATCH_ROWS = 65_536  # manifest rows held at a time while planning
-JSON_BLOCK_BYTES = 8 << 20  # JSONL is parsed in blocks of this size (column types are inferred from the first)
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used; raised before any model is loaded."""
+JSON_BLOCK_BYTES = 8 << 20  # JSONL is read in blocks of this size
+OUTPUT_MARKER = "_job.json"  # a folder holding it is an igpt-batch output: never read as input
 
 
 @dataclass(frozen=True)
@@ -43,75 +43,146 @@ def plan_shards(n: int, shard_size: int, first: int = 0) -> list[Shard]:
     return [Shard(i, first + s, first + min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
 
 
-def _expand(spec: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+@dataclass(frozen=True)
+class _Inputs:
+    """What a manifest spec names: manifest files or image files, and the folder image ids are relative to."""
+
+    fs: fsspec.AbstractFileSystem
+    kind: str  # "manifests" | "images"
+    files: list[str]
+    base: str
+
+
+def _expand(spec: str, storage_options: dict) -> _Inputs:
     try:
         return _list(spec, storage_options)
+    except ManifestError:
+        raise
     except PermissionError:  # never echo storage options: they hold the keys
-        raise ManifestError(f"access denied to manifest {spec}: check the storage credentials") from None
+        raise ManifestError(f"access denied to manifest {redact_uri(spec)}: check the storage credentials") from None
+    except (TypeError, ValueError, AttributeError, ImportError, OSError) as e:  # options the filesystem rejects...
+        why = scrub_secrets(f"{type(e).__name__}: {e}", storage_options)
+        raise ManifestError(f"cannot open manifest {redact_uri(spec)} ({why}): check the URL and the storage options "
+                            "(their names and types)") from None
 
 
-def _list(spec: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def _list(spec: str, storage_options: dict) -> _Inputs:
     fs, path = fsspec.core.url_to_fs(spec, **storage_options)
     if any(c in path for c in "*?["):
-        files = sorted(fs.glob(path))
-    elif fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if not posixpath.basename(f).startswith((".", "_")))
-    elif fs.exists(path):
-        files = [path]
-    else:
-        raise ManifestError(f"manifest not found: {spec}")
-    return fs, files
+        base = path[:min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
+        outputs: dict[str, bool] = {}
+        found = [f for f in sorted(fs.glob(path)) if not _excluded(fs, f, base, outputs)]
+        return _classify(fs, spec, base, found, found)
+    if fs.isdir(path):
+        top, found = _walk(fs, path.rstrip("/"), spec)
+        return _classify(fs, spec, path.rstrip("/"), top, found)
+    if fs.exists(path):
+        return _classify(fs, spec, posixpath.dirname(path), [path], [path])
+    raise ManifestError(f"manifest not found: {redact_uri(spec)}")
 
 
-def _read_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[pa.Table]:
-    """Stream one manifest file in record batches (Parquet, CSV and JSONL alike)."""
-    import pyarrow.csv as pcsv
-    import pyarrow.json as pjson
-    import pyarrow.parquet as pq
+def _excluded(fs: fsspec.AbstractFileSystem, path: str, base: str, outputs: dict[str, bool]) -> bool:
+    """A glob match inside a _ or . folder, or inside an igpt-batch output folder (one holding _job.json)."""
+    rel = path[len(base) + 1:] if base and path.startswith(base + "/") else path
+    if any(_hidden(p) for p in rel.split("/")):
+        return True
+    folder = posixpath.dirname(path)
+    while folder and folder.startswith(base):
+        if folder not in outputs:
+            outputs[folder] = fs.exists(posixpath.join(folder, OUTPUT_MARKER))
+        if outputs[folder]:
+            return True
+        if folder == base or posixpath.dirname(folder) == folder:
+            break
+        folder = posixpath.dirname(folder)
+    return False
 
-    try:
-        with fs.open(path, "rb") as f:
-            if path.endswith(".parquet"):
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS):
-                    yield pa.Table.from_batches([batch])
-            elif path.endswith(".csv"):
-                for batch in pcsv.open_csv(f):
-                    yield pa.Table.from_batches([batch])
-            else:
-                for batch in pjson.open_json(f, read_options=pjson.ReadOptions(block_size=JSON_BLOCK_BYTES)):
-                    yield pa.Table.from_batches([batch])
-    except PermissionError as e:
-        raise ManifestError(f"cannot read manifest {path}: permission denied") from e
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ManifestError(f"cannot read manifest {path}: {e}") from e
+
+def _walk(fs: fsspec.AbstractFileSystem, root: str, spec: str) -> tuple[list[str], list[str]]:
+    """(files at the top level, all files) under root, never entering _ or . folders or igpt-batch outputs."""
+    top: list[str] | None = None
+    found: list[str] = []
+    for folder, dirs, files in fs.walk(root, topdown=True, detail=False):
+        if OUTPUT_MARKER in files:
+            if top is None:
+                raise ManifestError(f"{redact_uri(spec)} is an igpt-batch output (it holds {OUTPUT_MARKER}), not input: "
+                                    "pass the manifest or the images it was made from")
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if not _hidden(d)]  # pruned in place: fsspec's walk then skips them
+        paths = [posixpath.join(folder, f) for f in files if not _hidden(f)]
+        top = paths if top is None else top
+        found += paths
+    return top or [], sorted(found)
+
+
+def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> _Inputs:
+    """Manifest files when the top level holds them and no images; else images (at any depth)."""
+    is_manifest = lambda f: f.lower().endswith(MANIFEST_EXTS)  # noqa: E731
+    is_image = lambda f: f.lower().endswith(IMAGE_EXTS)  # noqa: E731
+    top_manifests, top_images = [f for f in top if is_manifest(f)], [f for f in top if is_image(f)]
+    if top_manifests and top_images:
+        names = lambda fs_: ", ".join(posixpath.basename(f) for f in fs_[:3]) + (", ..." if len(fs_) > 3 else "")  # noqa: E731
+        ext = posixpath.splitext(top_images[0])[1]
+        raise ManifestError(f"{redact_uri(spec)} holds both manifest files ({names(top_manifests)}) and images "
+                            f"({names(top_images)}): pass the manifest file itself (e.g. "
+                            f"{redact_uri(fs.unstrip_protocol(top_manifests[0]))}) or a glob of the images "
+                            f"(e.g. '{redact_uri(fs.unstrip_protocol(posixpath.join(base, '*' + ext)))}')")
+    manifests, images = [f for f in found if is_manifest(f)], [f for f in found if is_image(f)]
+    if top_manifests or (manifests and not images):
+        return _Inputs(fs, "manifests", manifests, base)
+    if images:
+        return _Inputs(fs, "images", images, base)
+    raise ManifestError(f"no manifest or image files found at {redact_uri(spec)}")
 
 
 def iter_manifest(spec: str, storage_options: dict | None = None) -> Iterator[pa.Table]:
     """Yield the manifest as tables of string columns `id` and `uri`, a batch at a time, never all at once.
 
     `spec` is a manifest file, a folder or glob of manifest files, or a folder or glob of image files.
-    A missing `id` column is derived from `uri` (the uri itself). Relative local uris are resolved against
-    the manifest's folder.
+    A missing `id` column is derived from `uri` (the uri itself); an image's id is its path relative to the
+    folder (or the glob's fixed part), so moving the mount does not change ids. Relative local uris are
+    resolved against the manifest's folder.
     """
-    fs, files = _expand(spec, storage_options or {})
-    manifests = [f for f in files if f.lower().endswith(MANIFEST_EXTS)]
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTS)]
-    if manifests:
-        for path in manifests:
-            for t in _read_batches(fs, path):
-                if "uri" not in t.column_names:
-                    raise ManifestError(f"manifest {path} has no 'uri' column (columns: {', '.join(t.column_names) or 'none'})")
-                uris = _resolve_uris(fs, path, t.column("uri").cast(pa.string()))
-                ids = t.column("id").cast(pa.string()) if "id" in t.column_names else uris
-                if uris.null_count or ids.null_count:
-                    raise ManifestError(f"manifest {path} has empty 'uri' or 'id' values")
-                yield pa.table({"id": ids, "uri": uris})
-    elif images:
-        for i in range(0, len(images), BATCH_ROWS):
-            uris = [_file_uri(f) if "file" in fs.protocol else fs.unstrip_protocol(f) for f in images[i:i + BATCH_ROWS]]
-            yield pa.table({"id": pa.array(uris, pa.string()), "uri": pa.array(uris, pa.string())})
-    else:
-        raise ManifestError(f"no manifest or image files found at {spec}")
+    inputs = _expand(spec, storage_options or {})
+    if inputs.kind == "images":
+        yield from _image_tables(inputs)
+        return
+    for path in inputs.files:
+        for t in read_batches(inputs.fs, path, BATCH_ROWS, JSON_BLOCK_BYTES):
+            uris = _resolve_uris(inputs.fs, path, t.column("uri"))
+            ids = t.column("id") if "id" in t.column_names else uris
+            if _has_empty(t.column("uri")) or _has_empty(ids):
+                raise ManifestError(f"manifest {path} has empty 'uri' or 'id' values")
+            yield pa.table({"id": ids, "uri": uris})
+
+
+def _has_empty(column: pa.ChunkedArray) -> bool:
+    import pyarrow.compute as pc
+
+    return bool(column.null_count) or (len(column) > 0 and pc.min(pc.binary_length(column)).as_py() == 0)
+
+
+def _image_tables(inputs: _Inputs) -> Iterator[pa.Table]:
+    local = "file" in inputs.fs.protocol
+    for i in range(0, len(inputs.files), BATCH_ROWS):
+        files = inputs.files[i:i + BATCH_ROWS]
+        uris = [_file_uri(f) if local else inputs.fs.unstrip_protocol(f) for f in files]
+        ids = [_relative_id(f, inputs.base) for f in files]
+        yield pa.table({"id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())})
+
+
+def _relative_id(path: str, base: str) -> str:
+    rel = path[len(base) + 1:] if base and path.startswith(base.rstrip("/") + "/") else posixpath.basename(path)
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:  # undecodable bytes in a file name: percent-encoded, like its uri
+        return urllib.parse.quote(os.fsencode(rel))
 
 
 @dataclass(frozen=True)

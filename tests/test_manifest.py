@@ -102,3 +102,152 @@ def test_jsonl_streams_in_blocks(tmp_path, monkeypatch):
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "x", "uri": "/x.png"}\n')
     with pytest.raises(ManifestError, match="cannot read manifest .*mixed.jsonl"):  # ids that change type mid-file
         read_manifest(str(tmp_path / "mixed.jsonl"))
+
+
+# ----------------------------------------------------------------------------- ids are strings, exactly as written
+
+
+def _ids(spec):
+    return read_manifest(str(spec)).column("id").to_pylist()
+
+
+def test_csv_ids_and_uris_are_the_strings_in_the_file(tmp_path):
+    (tmp_path / "m.csv").write_text("id,uri,label\n007,/a.png,3\n7,/b.png,x\n1.0,/c.png,4\nFalse,/d.png,5\n"
+                                    "12345678901234567890,/e.png,6\n 8 ,1.png,7\n")
+    t = read_manifest(str(tmp_path / "m.csv"))  # "007" and "7" are two ids, not duplicates
+    assert t.column("id").to_pylist() == ["007", "7", "1.0", "False", "12345678901234567890", " 8 "]
+    assert t.column("uri").to_pylist()[-1] == str(tmp_path / "1.png")
+    (tmp_path / "n.csv").write_text("id,uri\n007,/a.png\n7,/b.png\n")
+    assert read_manifest(str(tmp_path / "n.csv")).column("id").to_pylist() == ["007", "7"]
+    (tmp_path / "u.csv").write_text("uri\n0001.png\n")  # a uri that looks like a number stays a path
+    assert read_manifest(str(tmp_path / "u.csv")).column("uri").to_pylist() == [str(tmp_path / "0001.png")]
+
+
+def test_csv_other_columns_may_change_type_between_blocks(tmp_path):
+    rows = [f"r{i},/{i}.png,{i}" for i in range(200_000)] + ["last,/z.png,cat"]
+    (tmp_path / "m.csv").write_text("id,uri,label\n" + "\n".join(rows) + "\n")
+    assert scan_manifest(str(tmp_path / "m.csv")).rows == 200_001
+
+
+def test_jsonl_ids_keep_their_text(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "007", "uri": "/a.png"}\n{"id": "7", "uri": "/b.png"}\n\n'
+                                      '{"uri": "/c.png", "id": "1.0", "extra": [1, {"x": 2.5}]}\n')
+    assert _ids(tmp_path / "m.jsonl") == ["007", "7", "1.0"]
+    (tmp_path / "n.jsonl").write_text('{"id": 12345678901234567890, "uri": "/a.png"}\n{"id": -3, "uri": "/b.png"}\n')
+    assert _ids(tmp_path / "n.jsonl") == ["12345678901234567890", "-3"]
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"id": 1.5, "uri": "/a.png"}', r"line 2: 'id' must be a string or an integer, got a float"),
+    ('{"id": [1], "uri": "/a.png"}', r"line 2: 'id' must be a string or an integer, got a list"),
+    ('{"id": "b", "uri": 5}', r"line 2: 'uri' must be a string"),
+    ('{"id": "b", "uri": "/a.png"', r"line 2 is not valid JSON"),
+    ('["b", "/a.png"]', r"line 2 is not a JSON object"),
+    ('{"uri": "/b.png"}', r"line 2 has no 'id'"),
+])
+def test_jsonl_bad_rows_are_named_by_line(tmp_path, line, match):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "uri": "/a.png"}\n' + line + "\n")
+    with pytest.raises(ManifestError, match=match):
+        read_manifest(str(tmp_path / "m.jsonl"))
+
+
+def test_parquet_integer_ids_become_decimal_strings(tmp_path):
+    pq.write_table(pa.table({"id": pa.array([7, -1, 2**63 - 1], pa.int64()), "uri": ["/a", "/b", "/c"]}), tmp_path / "m.parquet")
+    assert _ids(tmp_path / "m.parquet") == ["7", "-1", str(2**63 - 1)]
+    pq.write_table(pa.table({"id": pa.array([7], pa.uint8()), "uri": pa.array(["/a"], pa.large_string())}), tmp_path / "u.parquet")
+    assert _ids(tmp_path / "u.parquet") == ["7"]
+
+
+@pytest.mark.parametrize("column, values, type_name", [
+    ("id", pa.array([[1], [2]]), "list<"),
+    ("id", pa.array([{"a": 1}, {"a": 2}]), "struct<a: int64>"),
+    ("id", pa.array([1.0, 2.0]), "double"),
+    ("uri", pa.array([1, 2]), "int64"),
+])
+def test_parquet_columns_of_other_types_are_refused(tmp_path, column, values, type_name):
+    cols = {"id": pa.array(["a", "b"]), "uri": pa.array(["/a", "/b"])}
+    cols[column] = values
+    pq.write_table(pa.table(cols), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=rf"m\.parquet: column '{column}' has type {type_name}"):
+        read_manifest(str(tmp_path / "m.parquet"))
+
+
+def test_parquet_uri_with_invalid_utf8_names_the_file_and_row(tmp_path):
+    uris = pa.array([b"/ok.png", b"/also-ok.png", b"/caf\xe9.png"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"uri": uris}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"m\.parquet: row 2: 'uri' is not valid UTF-8") as e:
+        read_manifest(str(tmp_path / "m.parquet"))
+    str(e.value).encode("utf-8")  # printable
+
+
+def test_empty_uri_and_id_strings_are_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("id,uri\na,/a.png\nb,\n")
+    with pytest.raises(ManifestError, match="empty 'uri' or 'id'"):
+        read_manifest(str(tmp_path / "m.csv"))
+
+
+# ----------------------------------------------------------------------------- what a folder means
+
+
+def _png(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG not really")
+    return path
+
+
+def test_an_image_folder_never_reads_outputs_plans_or_hidden_folders(tmp_path):
+    for name in ("a.png", "sub/b.jpg", "_plan/part-00000.png", ".cache/c.png", "old-out/embeddings/e.png"):
+        _png(tmp_path / "imgs" / name)
+    (tmp_path / "imgs" / "old-out" / "_job.json").write_text("{}")
+    pq.write_table(pa.table({"id": ["x"], "uri": ["/x.png"]}), tmp_path / "imgs" / "old-out" / "embeddings.parquet")
+    pq.write_table(pa.table({"id": ["y"], "uri": ["/y.png"]}), tmp_path / "imgs" / "sub" / "notes.parquet")
+    t = read_manifest(str(tmp_path / "imgs"))
+    assert t.column("id").to_pylist() == ["a.png", "sub/b.jpg"]  # relative to the folder
+    assert t.column("uri").to_pylist() == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "sub" / "b.jpg")]
+
+
+def test_image_ids_do_not_depend_on_where_the_folder_is_mounted(tmp_path):
+    for name in ("a.png", "deep/er/b.png"):
+        _png(tmp_path / "mnt1" / "photos" / name)
+    first = _ids(tmp_path / "mnt1" / "photos")
+    (tmp_path / "mnt1").rename(tmp_path / "mnt2")
+    assert _ids(tmp_path / "mnt2" / "photos") == first == ["a.png", "deep/er/b.png"]
+    assert _ids(tmp_path / "mnt2" / "photos" / "*.png") == ["a.png"]
+    assert _ids(tmp_path / "mnt2" / "photos" / "**" / "*.png") == ["a.png", "deep/er/b.png"]
+    assert _ids(tmp_path / "mnt2" / "photos" / "a.png") == ["a.png"]
+
+
+def test_a_manifest_folder_reads_its_manifests_not_outputs_inside(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "part-1.csv").write_text("id,uri\na,/a.png\n")
+    (tmp_path / "m" / "_commits").mkdir()
+    (tmp_path / "m" / "_commits" / "part-00000.jsonl").write_text('{"id": "c", "uri": "/c.png"}\n')
+    (tmp_path / "m" / "out").mkdir()
+    (tmp_path / "m" / "out" / "_job.json").write_text("{}")
+    pq.write_table(pa.table({"id": ["e"], "uri": ["/e.png"]}), tmp_path / "m" / "out" / "part.parquet")
+    assert _ids(tmp_path / "m") == ["a"]
+
+
+def test_mixed_folders_are_refused_saying_how_to_choose(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("id,uri\na,a.png\n")
+    with pytest.raises(ManifestError, match=r"both manifest files .*m\.csv.* and images .*a\.png") as e:
+        read_manifest(str(tmp_path))
+    assert "pass the manifest file itself" in str(e.value) and "glob of the images" in str(e.value)
+    with pytest.raises(ManifestError, match="both manifest files"):
+        read_manifest(str(tmp_path / "*"))
+    assert _ids(tmp_path / "m.csv") == ["a"] and _ids(tmp_path / "*.png") == ["a.png"]
+
+
+def test_an_output_folder_is_not_input(tmp_path):
+    _png(tmp_path / "out" / "pngs" / "seed-000000000001.png")
+    (tmp_path / "out" / "_job.json").write_text("{}")
+    with pytest.raises(ManifestError, match=r"igpt-batch output .*_job\.json"):
+        read_manifest(str(tmp_path / "out"))
+
+
+def test_storage_options_the_filesystem_rejects_are_a_manifest_error(tmp_path):
+    so = {"nonsense_option": "zzz-secret-value", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    with pytest.raises(ManifestError, match="nonsense_option") as e:
+        read_manifest("s3://bucket/m.csv", so)
+    assert "zzz-secret-value" not in str(e.value) and "storage options" in str(e.value)
