@@ -76,8 +76,13 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, ln) -> torch.Tensor:
-    """ImageGPTLayerNorm exactly: x / sqrt(mean(x^2) + eps) * weight (no centring, no bias)."""
-    return x / torch.sqrt(torch.mean(torch.square(x), dim=-1, keepdim=True) + ln.eps) * ln.weight
+    """ImageGPTLayerNorm: x / sqrt(mean(x^2) + eps) * weight (no centring, no bias), with the statistics in
+    fp32 whatever x's dtype: in fp16 one residual value above 256 overflows mean(x^2) and zeroes the row."""
+    if x.dtype == torch.float32:  # exactly transformers' formula
+        return x / torch.sqrt(torch.mean(torch.square(x), dim=-1, keepdim=True) + ln.eps) * ln.weight
+    x32 = x.float()
+    scale = torch.rsqrt(torch.mean(torch.square(x32), dim=-1, keepdim=True) + ln.eps)  # (..., 1) f32
+    return (x32 * scale * ln.weight.float()).to(x.dtype)
 
 
 def conv1d(x: torch.Tensor, mod) -> torch.Tensor:
@@ -112,38 +117,40 @@ class IGPT(torch.nn.Module):
         wte = hf_model.transformer.wte.weight
         self.register_buffer("positions", torch.arange(self.n_positions, device=wte.device), persistent=False)
         self._compiled_decode = None
+        self.decode_buckets = 1  # compiled decode: attended-length buckets (set by compile_decode)
         self._static_caches: dict[int, KVCache] = {}  # compiled decode only: batch size -> reused cache
 
     @property
-    def tr(self):
+    def transformer(self):
+        """The HF ImageGPTModel whose parameters this forward runs over (wte, wpe, h[i], ln_f)."""
         return self.hf.transformer
 
     @property
     def device(self) -> torch.device:
-        return self.tr.wte.weight.device
+        return self.transformer.wte.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tr.wte.weight.dtype
+        return self.transformer.wte.weight.dtype
 
     # ----------------------------------------------------------------- building blocks
     def embed(self, ids: torch.Tensor, pos0: int | torch.Tensor = 0) -> torch.Tensor:
         """wte + wpe; ids (B, T) at positions pos0..pos0+T-1 (pos0 may be a (1,) device tensor)."""
         pos = pos0 if torch.is_tensor(pos0) else self.positions[pos0 : pos0 + ids.shape[1]]
-        return self.tr.wte(ids) + self.tr.wpe(pos)  # (B, T, C)
+        return self.transformer.wte(ids) + self.transformer.wpe(pos)  # (B, T, C)
 
     def attention(self, i: int, x: torch.Tensor, cache: KVCache | None, pos0) -> torch.Tensor:
         """Causal self-attention of block i on normalised x (B, T, C)."""
         B, T, C = x.shape
-        attn, scale = self.tr.h[i].attn, self.attn_scales[i]
+        attn, scale = self.transformer.h[i].attn, self.attn_scales[i]
         qkv = conv1d(x, attn.c_attn).view(B, T, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale)
-        elif torch.is_tensor(pos0):  # static shapes (compiled decode): T == 1, attend over the whole cache
-            cache.k[i].index_copy_(2, pos0, k)
+        elif torch.is_tensor(pos0):  # static shapes (compiled decode): T == 1, attend over the cache's window
+            cache.k[i].index_copy_(2, pos0, k)  # cache: views (.., W, hs) of the static cache, W a bucket end
             cache.v[i].index_copy_(2, pos0, v)
-            mask = (self.positions <= pos0).view(1, 1, 1, -1)  # (1, 1, 1, P)
+            mask = (self.positions[: cache.k.shape[3]] <= pos0).view(1, 1, 1, -1)  # (1, 1, 1, W)
             y = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask, scale=scale)
         else:
             end = pos0 + T
@@ -161,18 +168,18 @@ class IGPT(torch.nn.Module):
         return conv1d(y, attn.c_proj)
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        m = self.tr.h[i].mlp
+        m = self.transformer.h[i].mlp
         return conv1d(self.act(conv1d(x, m.c_fc)), m.c_proj)
 
     def block(self, i: int, x: torch.Tensor, cache: KVCache | None = None, pos0=0) -> torch.Tensor:
         """x + attn(ln_1 x); x + mlp(ln_2 x). With a cache, k/v are written at pos0..pos0+T-1."""
-        h = self.tr.h[i]
+        h = self.transformer.h[i]
         x = x + self.attention(i, rms_norm(x, h.ln_1), cache, pos0)
         return x + self.mlp(i, rms_norm(x, h.ln_2))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """ln_f + lm_head -> float32 logits over the vocab_size-1 colours (no SOS)."""
-        return F.linear(rms_norm(x, self.tr.ln_f), self.hf.lm_head.weight).float()
+        return F.linear(rms_norm(x, self.transformer.ln_f), self.hf.lm_head.weight).float()
 
     def _run(self, ids: torch.Tensor, cache: KVCache | None, pos0) -> torch.Tensor:
         x = self.embed(ids, pos0)
@@ -206,7 +213,7 @@ class IGPT(torch.nn.Module):
         deepest = max(layers)
         for i in range(deepest + 1):
             if i in layers:
-                ln = self.tr.ln_f if i == self.n_layer else self.tr.h[i].ln_1
+                ln = self.transformer.ln_f if i == self.n_layer else self.transformer.h[i].ln_1
                 pooled[i] = rms_norm(x, ln).mean(dim=1, dtype=torch.float32)  # (B, C)
             if i < deepest:
                 x = self.block(i, x)
@@ -235,6 +242,12 @@ class IGPT(torch.nn.Module):
             raise ValueError(f"prefill length must be in [1, {self.n_positions}], got {ids.shape[1]}")
         return self.head(self._run(ids, cache, 0)[:, -1])
 
+    def bucket_end(self, pos: int) -> int:
+        """Positions the compiled step at `pos` attends over: pos + 1 rounded up to a bucket boundary
+        (buckets n_positions / decode_buckets wide), so short prefixes skip the cache's unwritten tail."""
+        width = -(-self.n_positions // self.decode_buckets)
+        return min(self.n_positions, -(-(pos + 1) // width) * width)
+
     @torch.no_grad()
     def decode_one_token(self, ids: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """ids (B, 1) at position pos (cache holds 0..pos-1): return f32 logits (B, V-1)."""
@@ -243,32 +256,37 @@ class IGPT(torch.nn.Module):
         if self._compiled_decode is not None:
             try:
                 torch.compiler.cudagraph_mark_step_begin()
-                return self._compiled_decode(ids, self.positions[pos : pos + 1], cache)
+                return self._compiled_decode(ids, self.positions[pos : pos + 1], cache, self.bucket_end(pos))
             except Exception as exc:  # noqa: BLE001 - any compiler failure -> eager
                 log.warning("compiled decode failed (%s: %s); falling back to eager", type(exc).__name__, exc)
                 self._compiled_decode = None
         return self.head(self._run(ids, cache, pos)[:, -1])
 
-    def _decode_static(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Fixed-shape decode step (pos a (1,) device tensor) for torch.compile / CUDA graphs."""
-        return self.head(self._run(ids, cache, pos)[:, -1])
+    def _decode_static(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, end: int) -> torch.Tensor:
+        """Fixed-shape decode step (pos a (1,) device tensor) attending over cache positions [0, end): one
+        graph per bucket end, each over views of the same static cache (fixed addresses for CUDA graphs)."""
+        window = KVCache(cache.k[:, :, :, :end], cache.v[:, :, :, :end])  # (L, B, nh, end, hs) views
+        return self.head(self._run(ids, window, pos)[:, -1])
 
     def compile_decode(self, backend: str = "inductor", mode: str | None = "reduce-overhead",
-                       require_cuda: bool = True) -> bool:
-        """Use torch.compile for decode_one_token (CUDA by default). On any failure, now or at the
+                       require_cuda: bool = True, buckets: int = 8) -> bool:
+        """Use torch.compile for decode_one_token (CUDA by default), one graph per attended-length bucket
+        (`buckets` of them; 1 attends over the whole cache at every step). On any failure, now or at the
         first call, log a warning and stay eager. Returns whether the compiled path is active."""
+        if not 1 <= buckets <= self.n_positions:
+            raise ValueError(f"decode buckets must be in [1, {self.n_positions}], got {buckets}")
         if require_cuda and self.device.type != "cuda":
             log.warning("compile_decode: device is %s, not CUDA; decoding stays eager", self.device)
             return False
+        self.decode_buckets = buckets
         try:
             kwargs = {"mode": mode} if mode else {}
-            self._compiled_decode = torch.compile(self._decode_static, backend=backend, fullgraph=True, **kwargs)
+            # one graph per (bucket, batch size), all guarded on the one code object of _decode_static
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * buckets)
+            self._compiled_decode = torch.compile(self._decode_static, backend=backend, fullgraph=True,
+                                                  dynamic=False, **kwargs)
         except Exception as exc:  # noqa: BLE001
             log.warning("torch.compile unavailable (%s: %s); decoding stays eager", type(exc).__name__, exc)
             self._compiled_decode = None
         return self._compiled_decode is not None
-
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Full-sequence f32 logits (B, T, V-1), no cache (reference path for tests)."""
-        return self.head(self._run(ids.to(self.device), None, 0))

@@ -184,3 +184,11 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+def full_logits(model, ids):
+    """Cache-free full-sequence f32 logits (B, T, V-1) of an igpt_batch IGPT: the reference path for tests."""
+    import torch
+
+    with torch.no_grad():
+        return model.head(model._run(ids.to(model.device), None, 0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-from conftest import tiny_hf
+from conftest import full_logits, tiny_hf
 
 from igpt_batch.model import IGPT, KVCache, kv_cache_bytes, resolve_device
 
@@ -54,7 +54,7 @@ def test_attributes(model):
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.clusters.shape == (VOCAB - 1, 3) and model.clusters.dtype == np.float32
     # the HF module's parameters are used, not copies
-    assert model.tr.wte.weight.data_ptr() == model.hf.transformer.wte.weight.data_ptr()
+    assert model.transformer.wte.weight.data_ptr() == model.hf.transformer.wte.weight.data_ptr()
 
 
 def test_bad_clusters_and_non_square_positions(hf):
@@ -71,7 +71,7 @@ def test_logits_match_hf(inverse_layer_idx):
     ids = torch.cat([torch.full((4, 1), SOS), torch.randint(0, VOCAB - 1, (4, N_POS - 1))], dim=1)
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
-    ours = model.logits(ids)
+    ours = full_logits(model, ids)
     assert ours.shape == (4, N_POS, VOCAB - 1) and ours.dtype == torch.float32
     assert ref.std() > 0.5  # non-trivial logits
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
@@ -141,7 +141,7 @@ def test_bf16_features_close_to_fp32(hf, model):
 
 def test_prefill_and_decode_match_full_logits(model):
     ids = shifted(tokens(batch=3, seed=13))
-    full = model.logits(ids)  # (B, P, V-1)
+    full = full_logits(model, ids)  # (B, P, V-1)
     cache = model.new_cache(3)
     n_prefill = 5
     torch.testing.assert_close(model.prefill(ids[:, :n_prefill], cache), full[:, n_prefill - 1], atol=1e-4, rtol=0)
@@ -153,7 +153,7 @@ def test_prefill_and_decode_match_full_logits(model):
 
 def test_decode_from_position_zero_and_full_prefill(model):
     ids = shifted(tokens(batch=2, seed=17))
-    full = model.logits(ids)
+    full = full_logits(model, ids)
     cache = model.new_cache(2)
     for pos in range(N_POS):
         torch.testing.assert_close(model.decode_one_token(ids[:, pos : pos + 1], pos, cache), full[:, pos],
@@ -164,7 +164,7 @@ def test_decode_from_position_zero_and_full_prefill(model):
 def test_chunked_blocks_with_cache_match_full_forward(model):
     """block() with a cache and pos0 > 0, T > 1 (masked chunk attention) equals the cache-free forward."""
     ids = shifted(tokens(batch=2, seed=19))
-    full = model.logits(ids)
+    full = full_logits(model, ids)
     cache = model.new_cache(2)
     for start, end in [(0, 10), (10, 11), (11, 40), (40, N_POS)]:
         x = model.embed(ids[:, start:end], start)
@@ -207,7 +207,7 @@ def test_resolve_device():
 
 def _check_decode(model, seed):
     ids = shifted(tokens(batch=2, seed=seed))
-    full = model.logits(ids)
+    full = full_logits(model, ids)
     cache = model.new_cache(2)
     torch.testing.assert_close(model.prefill(ids[:, :3], cache), full[:, 2], atol=1e-4, rtol=0)
     for pos in range(3, 8):
@@ -269,9 +269,101 @@ def test_compiled_generation_reuses_its_cache_and_matches_eager(hf):
 
     eager = IGPT(hf, clusters())
     compiled = IGPT(hf, clusters())
-    assert compiled.compile_decode(backend="eager", mode=None, require_cuda=False)
+    assert compiled.compile_decode(backend="eager", mode=None, require_cuda=False, buckets=2)
     first = generate(compiled, [1, 2, 3], temperature=1.0)
     assert compiled.new_cache(3) is compiled.new_cache(3)
     second = generate(compiled, [4, 5, 6], temperature=1.0)  # runs over the cache the first call filled
     np.testing.assert_array_equal(first, generate(eager, [1, 2, 3], temperature=1.0))
     np.testing.assert_array_equal(second, generate(eager, [4, 5, 6], temperature=1.0))
+
+
+# ----------------------------------------------------------------- length-bucketed compiled decode
+def test_bucket_end_rounds_up_to_bucket_boundaries(hf):
+    model = IGPT(hf, clusters())
+    assert model.bucket_end(0) == N_POS  # not compiled: one bucket, the whole cache
+    assert model.compile_decode(backend="eager", mode=None, require_cuda=False, buckets=4)
+    assert [model.bucket_end(p) for p in (0, 14, 15, 16, 47, 48, N_POS - 1)] == [16, 16, 16, 32, 48, 64, 64]
+    with pytest.raises(ValueError, match="buckets"):
+        model.compile_decode(backend="eager", mode=None, require_cuda=False, buckets=0)
+
+
+def test_bucketed_compiled_decode_equals_unbucketed_step():
+    """Every position, across all bucket boundaries: one graph per bucket, logits equal to the whole-cache
+    compiled step and to the cache-free forward within fp32 tolerance."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()  # count this test's graphs only
+    hf, n_pos = tiny_hf(seed=41, n_positions=16, n_layer=2), 16
+    ids = shifted(torch.randint(0, VOCAB - 1, (2, n_pos), generator=torch.Generator().manual_seed(41)))
+    full = full_logits(IGPT(hf, clusters()), ids)
+    steps = {}
+    for buckets in (4, 1):
+        model = IGPT(hf, clusters())
+        assert model.compile_decode(backend=counting_backend, mode=None, require_cuda=False, buckets=buckets)
+        cache = model.new_cache(2)
+        model.prefill(ids[:, :1], cache)
+        steps[buckets] = torch.stack([model.decode_one_token(ids[:, p : p + 1], p, cache) for p in range(1, n_pos)], 1)
+        assert model._compiled_decode is not None
+        if buckets == 4:
+            assert len(graphs) == 4  # one graph per bucket (the last, over the whole cache, serves buckets=1 too)
+    torch.testing.assert_close(steps[4], steps[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(steps[4], full[:, 1:], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------- reduced precision
+def loud_hf(value: float = 1500.0):
+    """A checkpoint whose residual stream carries a value above 1,000 at every position (GPT-2-family
+    residual streams do carry outliers): in fp16, mean(x^2) of such a row overflows."""
+    hf = tiny_hf(seed=5)
+    with torch.no_grad():
+        hf.transformer.wpe.weight[:, 3] += value
+    return hf
+
+
+def test_rms_norm_statistics_in_fp32_for_reduced_precision():
+    from igpt_batch.model import rms_norm
+
+    ln = torch.nn.LayerNorm(8)  # only .weight and .eps are read
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 8)
+    x[:, 2] = 300.0  # 300^2 * 8 overflows fp16's 65,504
+    ref = rms_norm(x, ln)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = rms_norm(x.to(dtype), type("LN", (), {"weight": ln.weight.to(dtype), "eps": ln.eps})())
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), ref, atol=0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_with_a_loud_residual_stream(dtype):
+    """Features finite and within 2e-2 relative of fp32; samples are valid tokens."""
+    from igpt_batch.sampling import generate
+
+    hf = loud_hf()
+    ref_model = IGPT(hf, clusters())
+    tok = tokens(batch=3, seed=43)
+    with torch.no_grad():
+        hidden = hf(input_ids=shifted(tok), output_hidden_states=True).hidden_states
+    assert max(h.abs().max().item() for h in hidden) > 1000
+    low = IGPT(copy.deepcopy(hf).to(dtype), clusters())
+    layers = [1, N_LAYER]
+    ref, got = ref_model.features(tok, layers), low.features(tok, layers)
+    assert torch.isfinite(got).all()
+    for j in range(len(layers)):  # each layer's block on its own, so the loud channel cannot hide the rest
+        part = slice(j * N_EMBD, (j + 1) * N_EMBD)
+        assert ((got[:, part] - ref[:, part]).norm() / ref[:, part].norm()).item() < 2e-2
+    out = generate(low, [1, 2], temperature=1.0)
+    assert out.shape == (2, N_POS) and ((out >= 0) & (out < VOCAB - 1)).all()
+
+
+def test_bf16_model_keeps_a_bf16_kv_cache(hf):
+    model16 = IGPT(copy.deepcopy(hf).to(torch.bfloat16), clusters())
+    cache = model16.new_cache(3)
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert cache.k.nbytes + cache.v.nbytes == 3 * kv_cache_bytes(model16.config, model16.dtype)
+    assert kv_cache_bytes(model16.config, model16.dtype) == kv_cache_bytes(hf.config, torch.float32) // 2

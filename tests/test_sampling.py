@@ -6,7 +6,7 @@ import torch
 from scipy.stats import chisquare
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-from conftest import tiny_hf
+from conftest import full_logits, tiny_hf
 
 from igpt_batch.model import IGPT
 from igpt_batch.sampling import (
@@ -105,7 +105,7 @@ def _chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
 
 def test_first_token_distribution_chi_square(model):
     temperature, n = 0.8, 4000
-    sos_logits = model.logits(torch.tensor([[K]]))[0, 0].double()
+    sos_logits = full_logits(model, torch.tensor([[K]]))[0, 0].double()
     probs = torch.softmax(sos_logits / temperature, dim=-1).numpy()
     assert probs.max() < 0.6 and (probs * n >= 5).sum() >= 6  # a distribution worth testing
     first = generate(model, range(10_000, 10_000 + n), temperature=temperature)[:, 0]
@@ -234,3 +234,26 @@ def test_generate_validates_options(model):
         generate(model, [1], top_p=2.0)
     assert generate(model, [1], top_k=10_000).shape == (1, N_POS)  # clamped, not an error
     assert generate(model, []).shape == (0, N_POS)
+
+
+def _bucketed(hf, buckets: int) -> IGPT:
+    """The compiled decode path on CPU (dynamo with the eager backend), attending over length buckets."""
+    model = IGPT(hf, np.random.default_rng(0).uniform(-1, 1, (K, 3)).astype(np.float32))
+    assert model.compile_decode(backend="eager", mode=None, require_cuda=False, buckets=buckets)
+    return model
+
+
+def test_bucketed_compiled_greedy_equals_hf_generate(hf):
+    model = _bucketed(hf, buckets=4)
+    ours = generate(model, seeds=[0, 1], temperature=0)
+    assert model._compiled_decode is not None  # no fallback to eager happened
+    np.testing.assert_array_equal(ours, hf_greedy(hf, torch.full((2, 1), K), N_POS))
+
+
+def test_seeded_samples_identical_across_bucket_settings(hf, model):
+    seeds, options = [3, 2**40 + 1, 2**64 - 2], dict(temperature=0.9, top_k=8)
+    eager = generate(model, seeds, **options)
+    for buckets in (1, 2, 4):  # bucket ends 64 / 32, 64 / 16, 32, 48, 64: the graphs the greedy test traced
+        compiled = _bucketed(hf, buckets)
+        np.testing.assert_array_equal(generate(compiled, seeds, **options), eager, err_msg=f"buckets={buckets}")
+        assert compiled._compiled_decode is not None
