@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECRET_KEYS = ("key", "secret", "token", "password", "credential")
+# storage_options keys whose values are known to be harmless; every other value is saved as '***', at any depth
+SAFE_OPTION_KEYS = frozenset({
+    "anon", "region_name", "use_ssl", "verify", "endpoint_url", "client_kwargs", "config_kwargs", "s3", "retries",
+    "max_attempts", "mode", "addressing_style", "signature_version", "connect_timeout", "read_timeout",
+    "max_pool_connections", "requester_pays", "version_aware", "cache_regions", "skip_instance_cache",
+    "use_listings_cache", "listings_expiry_time", "default_block_size", "default_fill_cache", "default_cache_type",
+    "block_size", "timeout", "project", "consistency", "use_fips_endpoint", "use_dualstack_endpoint", "fixed_upload_size",
+})
+MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
 
 
 class ConfigError(ValueError):
@@ -96,11 +105,18 @@ class JobConfig:
         return d
 
 
-def redact_secrets(obj: Any) -> Any:
-    """Replace values of secret-looking keys with '***' so configs can be logged and saved."""
+def redact_secrets(obj: Any, safe: bool = False) -> Any:
+    """storage_options as safe to log and save: a value is kept only under a key on SAFE_OPTION_KEYS (URLs
+    without `user:pass@` or signatures); every other value, at any depth, becomes '***'."""
     if isinstance(obj, dict):
-        return {k: "***" if any(s in str(k).lower() for s in SECRET_KEYS) else redact_secrets(v) for k, v in obj.items()}
-    return obj
+        return {k: redact_secrets(v, str(k) in SAFE_OPTION_KEYS) for k, v in obj.items()}
+    if not safe:
+        return "***"
+    if isinstance(obj, str):
+        from .fetch import redact_uri
+
+        return redact_uri(obj)
+    return obj if isinstance(obj, (bool, int, float, type(None))) else "***"
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -134,12 +150,7 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        return _integer(key, value)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}")
@@ -152,6 +163,24 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _integer(key: str, value: Any) -> int:
+    """An int from an int, an integral float (YAML's 6.4e+7) or a string such as "64000000" or "64e6"."""
+    import decimal
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            d = decimal.Decimal(value.strip().replace("_", ""))
+            if d.is_finite() and d == d.to_integral_value():
+                return int(d)
+        except decimal.InvalidOperation:
+            pass
+    raise ConfigError(f"{key} must be an integer, got {value!r}")
 
 
 def apply(cfg: JobConfig, overrides: dict, prefix: str = "") -> JobConfig:
@@ -183,14 +212,9 @@ def set_dotted(cfg: JobConfig, dotted: str, value: Any) -> None:
 
 def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
     """Defaults <- YAML file <- dotted overrides; then validate."""
-    import yaml
-
     cfg = JobConfig()
     if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml(Path(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         apply(cfg, data)
@@ -198,6 +222,22 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Jo
         set_dotted(cfg, dotted, value)
     validate(cfg)
     return cfg
+
+
+def _read_yaml(p: Path) -> Any:
+    """A config file's YAML (safe_load: no python tags), or a ConfigError naming the file."""
+    import yaml
+
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder: pass a YAML file (see configs/)")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or type(e).__name__}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
 
 
 def validate(cfg: JobConfig) -> None:
@@ -215,7 +255,10 @@ def validate(cfg: JobConfig) -> None:
         need(bs == "auto" or (isinstance(bs, int) and bs >= 1), key, f"must be an integer >= 1 or 'auto', got {bs!r}")
     g = cfg.generate
     need(g.num_samples >= 0, "generate.num_samples", "must be >= 0")
-    need(g.temperature >= 0, "generate.temperature", f"must be >= 0 (0 = greedy), got {g.temperature}")
+    need(0 <= g.temperature < math.inf, "generate.temperature", f"must be finite and >= 0 (0 = greedy), got {g.temperature}")
+    need(0 <= g.seed < MAX_SEED, "generate.seed", f"must be in [0, 2**63), got {g.seed}")
+    need(g.seed + g.num_samples <= MAX_SEED, "generate.seed",
+         f"+ generate.num_samples must be <= 2**63 (seeds are int64), got {g.seed} + {g.num_samples}")
     need(g.top_k >= 0, "generate.top_k", f"must be >= 0 (0 = off), got {g.top_k}")
     need(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
     need(g.prompt_rows >= 0, "generate.prompt_rows", "must be >= 0")
@@ -224,10 +267,15 @@ def validate(cfg: JobConfig) -> None:
     need(r.workers >= 1, "run.workers", "must be >= 1")
     need(r.shard_size >= 1, "run.shard_size", "must be >= 1")
     need(r.executor in ("ray", "local"), "run.executor", f"must be ray or local, got {r.executor!r}")
-    need(r.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
+    need(0 < r.cpus_per_worker < math.inf, "run.cpus_per_worker", "must be finite and > 0")
+    need(r.gpus_per_worker is None or 0 <= r.gpus_per_worker < math.inf, "run.gpus_per_worker", "must be finite and >= 0")
+    need(r.torch_threads >= 0, "run.torch_threads", f"must be >= 0 (0 = torch default), got {r.torch_threads}")
     need(r.max_retries >= 0, "run.max_retries", "must be >= 0")
     need(0 <= r.max_error_fraction <= 1, "run.max_error_fraction", "must be in [0, 1]")
-    need(cfg.input.read_timeout > 0, "input.read_timeout", "must be > 0")
+    i = cfg.input
+    need(0 < i.read_timeout < math.inf, "input.read_timeout", f"must be finite and > 0, got {i.read_timeout}")
+    need(i.max_pixels >= 1, "input.max_pixels", f"must be >= 1, got {i.max_pixels}")
+    need(i.max_bytes >= 1, "input.max_bytes", f"must be >= 1, got {i.max_bytes}")
     need(cfg.refresh.deleted in ("mark", "drop"), "refresh.deleted", f"must be mark or drop, got {cfg.refresh.deleted!r}")
     need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

@@ -76,3 +76,90 @@ def test_shipped_configs_are_valid():
     for name, check in expected.items():
         cfg = config.load(str(folder / name))
         assert check(cfg), f"{name} did not load its own settings: {cfg.to_dict()}"
+
+
+# ----------------------------------------------------------------------------- values refused before any work
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"input.max_pixels": 0}, "input.max_pixels"),
+    ({"input.max_pixels": "-5"}, "input.max_pixels"),
+    ({"input.max_bytes": 0}, "input.max_bytes"),
+    ({"generate.temperature": "inf"}, "generate.temperature"),
+    ({"generate.temperature": "nan"}, "generate.temperature"),
+    ({"input.read_timeout": "inf"}, "input.read_timeout"),
+    ({"generate.seed": -1}, "generate.seed"),
+    ({"generate.seed": 2**63}, "generate.seed"),
+    ({"generate.seed": 2**63 - 10, "generate.num_samples": 11}, "generate.seed"),
+    ({"run.torch_threads": -1}, "run.torch_threads"),
+    ({"run.cpus_per_worker": "inf"}, "run.cpus_per_worker"),
+    ({"input.max_pixels": "6.45e1"}, "input.max_pixels"),
+    ({"input.max_pixels": "1e400x"}, "input.max_pixels"),
+])
+def test_values_that_can_only_fail_every_row_are_refused(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, overrides)
+    assert str(e.value).startswith(key)
+
+
+def test_documented_defaults_in_exponent_form_are_accepted(tmp_path):
+    assert config.load(None, {"input.max_pixels": "64e6"}).input.max_pixels == 64_000_000
+    assert config.load(None, {"generate.seed": 2**63 - 64, "generate.num_samples": 64}).generate.seed == 2**63 - 64
+    f = tmp_path / "c.yaml"
+    f.write_text("input:\n  max_pixels: 64e6\n  max_bytes: 1.0e+6\n")  # YAML reads the first as a string, the second as a float
+    cfg = config.load(str(f))
+    assert (cfg.input.max_pixels, cfg.input.max_bytes) == (64_000_000, 1_000_000)
+    args = build_parser().parse_args(["extract", "--max-pixels", "64e6", "--manifest", "m.csv", "--output", "o"])
+    assert config_from_args(args, "extract").input.max_pixels == 64_000_000
+
+
+# ----------------------------------------------------------------------------- config files that cannot be read
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model: {name: demo\n", "not valid YAML"),
+    ("model: !!python/object/apply:os.system ['echo hi']\n", "not valid YAML"),
+    ("- just\n- a list\n", "top level must be a mapping"),
+])
+def test_bad_config_files_are_named(tmp_path, text, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as e:
+        config.load(str(f))
+    assert str(f) in str(e.value)
+
+
+def test_config_that_is_a_folder_or_not_utf8(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder") as e:
+        config.load(str(tmp_path))
+    assert str(tmp_path) in str(e.value)
+    (tmp_path / "c.yaml").write_bytes(b"model:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(str(tmp_path / "c.yaml"))
+
+
+# ----------------------------------------------------------------------------- no secret in _job.json
+
+
+def test_only_harmless_storage_options_are_kept():
+    so = {"anon": False, "region_name": "eu-west-1", "key": "AKIAKEY", "secret": "s3cr3t-value", "token": "sessiontok",
+          "connection_string": "AccountName=a;AccountKey=azurekey", "auth": ["user", "basicpass"], "passwd": "pw-value",
+          "headers": {"Authorization": "Bearer bearer-value", "Cookie": "session=cookie-value"},
+          "client_kwargs": {"endpoint_url": "http://minio:miniopass@minio.local:9000", "region_name": "us-east-1",
+                            "aws_session_token": "nested-token"},
+          "config_kwargs": {"retries": {"max_attempts": 3}, "s3": {"addressing_style": "path"}},
+          "custom": {"deeply": [{"nested": "custom-value"}]}}
+    d = config.load(None, {"storage_options": so}).to_dict()["storage_options"]
+    assert d == {"anon": False, "region_name": "eu-west-1", "key": "***", "secret": "***", "token": "***",
+                 "connection_string": "***", "auth": "***", "passwd": "***",
+                 "headers": {"Authorization": "***", "Cookie": "***"},
+                 "client_kwargs": {"endpoint_url": "http://minio.local:9000", "region_name": "us-east-1",
+                                   "aws_session_token": "***"},
+                 "config_kwargs": {"retries": {"max_attempts": 3}, "s3": {"addressing_style": "path"}},
+                 "custom": {"deeply": "***"}}
+    import json
+
+    text = json.dumps(d)
+    for secret in ("AKIAKEY", "s3cr3t", "sessiontok", "azurekey", "basicpass", "pw-value", "bearer-value", "cookie-value",
+                   "miniopass", "nested-token", "custom-value"):
+        assert secret not in text
