@@ -101,7 +101,12 @@ class JobConfig:
     def to_dict(self, redact: bool = True) -> dict:
         d = dataclasses.asdict(self)
         if redact:
+            from .fetch import redact_uri
+
             d["storage_options"] = redact_secrets(d["storage_options"])
+            for section, key in (("input", "manifest"), ("output", "path"), ("refresh", "store"), ("run", "address")):
+                if d[section][key]:  # URLs may carry user:pass@ or a presigned signature
+                    d[section][key] = redact_uri(d[section][key])
         return d
 
 

@@ -163,3 +163,11 @@ def test_only_harmless_storage_options_are_kept():
     for secret in ("AKIAKEY", "s3cr3t", "sessiontok", "azurekey", "basicpass", "pw-value", "bearer-value", "cookie-value",
                    "miniopass", "nested-token", "custom-value"):
         assert secret not in text
+
+
+def test_urls_in_the_saved_config_carry_no_credentials():
+    cfg = config.load(None, {"input.manifest": "https://u:pw-value@h/m.csv?X-Amz-Signature=sig-value",
+                             "output.path": "s3://bkt/out", "refresh.store": "https://h/s?token=tok-value"})
+    d = cfg.to_dict()
+    assert (d["input"]["manifest"], d["output"]["path"]) == ("https://h/m.csv?X-Amz-Signature=***", "s3://bkt/out")
+    assert d["refresh"]["store"] == "https://h/s?token=***" and cfg.input.manifest.startswith("https://u:pw-value@")
