@@ -5,10 +5,10 @@ Sections (each prints `name: value` lines; ratios are plain numbers):
 
   extract     bare-model images/s (features at n_layer // 2, the job's default layer) for the chosen
               model, plus the committed demo model when it exists.
-  pipeline    end-to-end images/s: real JPEG bytes -> images.decode -> images.resize -> palette.tokenize
-              -> model.features -> Parquet (zstd) in a temp dir, with a thread pool decoding ahead while
-              the model runs (as the worker does), divided by bare-model images/s on pre-tokenised
-              batches of the same model and batch size  -> pipeline_efficiency.
+  pipeline    end-to-end images/s of the production shard path (igpt_batch.worker.ShardWorker.run over
+              real JPEG files: plan rows -> decode ahead in threads -> Extractor (tokenise -> features)
+              -> Parquet (zstd) -> commit marker), divided by bare-model images/s (Extractor.features on
+              pre-tokenised batches of the same model and batch size)  -> pipeline_efficiency.
   truncation  seconds for features at layer n_layer // 2 divided by seconds at full depth -> truncation_ratio
               (target <= 0.55; blocks past the deepest requested layer are never run).
   tokenize    palette.tokenize vs transformers' ImageGPTImageProcessor(...)(images)["input_ids"] on the
@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import os
 import sys
 import tempfile
 import time
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,12 +48,12 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from igpt_batch import images, palette  # noqa: E402
 from igpt_batch.checkpoint import DEMO_MODEL_DIR  # noqa: E402
+from igpt_batch.extractor import Extractor  # noqa: E402
 from igpt_batch.model import DTYPES, IGPT, load_model, resolve_device  # noqa: E402
 
 SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "gpu")
@@ -159,8 +158,48 @@ def decode_resize(data: bytes, n_px: int) -> np.ndarray:
 
 
 def features_np(model: IGPT, tokens: np.ndarray, layers: list[int]) -> np.ndarray:
-    with torch.inference_mode():
-        return model.features(torch.from_numpy(tokens).to(model.device), layers).float().cpu().numpy()
+    """The production feature call (igpt_batch.extractor.Extractor) on pre-tokenised images."""
+    return Extractor(model, layers, batch_size=max(1, len(tokens))).features(tokens)
+
+
+def save_checkpoint(model: IGPT, path: Path) -> str:
+    """Save a (random) model in the openai checkpoint format, so the production worker can load it."""
+    model.hf.save_pretrained(path, safe_serialization=True)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"clusters": model.clusters.tolist(), "size": {"height": model.n_px, "width": model.n_px},
+         "image_processor_type": "ImageGPTImageProcessor", "do_normalize": True, "do_resize": True}))
+    return str(path)
+
+
+class ProductionShard:
+    """One shard of JPEG files run through the production path, ShardWorker.run: read the plan -> decode ahead in
+    threads -> Extractor (tokenise -> features) -> Parquet (zstd) -> commit marker."""
+
+    def __init__(self, model: IGPT, jpegs: list[bytes], batch: int, layers: list[int], workdir: Path):
+        from igpt_batch import checkpoint, config
+        from igpt_batch.manifest import Shard
+        from igpt_batch.storage import OutputFolder
+        from igpt_batch.tasks.extract import Extract
+        from igpt_batch.worker import ShardWorker
+
+        ckpt = save_checkpoint(model, workdir / "ckpt")
+        uris = []
+        for i, data in enumerate(jpegs):
+            uris.append(str(workdir / f"img-{i:06d}.jpg"))
+            Path(uris[-1]).write_bytes(data)
+        dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
+        cfg = config.load(None, {"model.name": ckpt, "model.dtype": dtype, "model.device": str(model.device),
+                                 "output.path": str(workdir / "out"), "extract.batch_size": batch,
+                                 "extract.layers": layers, "run.shard_size": len(uris), "output.contact_sheet": 0})
+        task = Extract()
+        self.shard, self.rows = Shard(0, 0, len(uris)), len(uris)
+        OutputFolder(cfg.output.path).write_plan(self.shard.name, pa.table({
+            "id": [f"img-{i:06d}" for i in range(len(uris))], "uri": uris}))
+        self.worker = ShardWorker(cfg, task, task.resolve(cfg, checkpoint.read_info(ckpt)))
+
+    def run(self) -> None:
+        record = self.worker.run(self.shard)
+        assert record["rows"]["embeddings"] == self.rows, record
 
 
 # ----------------------------------------------------------------------------- sections
@@ -170,45 +209,6 @@ def bare_images_per_s(model: IGPT, tokens: np.ndarray, batch: int, layers: list[
     batches = [tokens[i:i + batch] for i in range(0, len(tokens), batch)]
     t = best_interleaved({"bare": lambda: [features_np(model, b, layers) for b in batches]}, reps, model.device)
     return len(tokens) / t["bare"]
-
-
-def run_pipeline(model: IGPT, jpegs: list[bytes], batch: int, layers: list[int], out_dir: str,
-                 pool: ThreadPoolExecutor) -> None:
-    """JPEG bytes -> decode -> resize -> tokenize -> features -> one Parquet part, like ShardWorker._extract.
-
-    The pool decodes up to 4 batches ahead (the worker's window) while the model runs on the current batch.
-    """
-    n_px, window = model.n_px, 4 * batch
-    pending: deque = deque()
-    it = iter(enumerate(jpegs))
-    for i, data in it:
-        pending.append((i, pool.submit(decode_resize, data, n_px)))
-        if len(pending) >= window:
-            break
-    ids, embs, rgbs = [], [], []
-
-    def flush() -> None:
-        tokens = palette.tokenize(np.stack(rgbs), model.clusters)
-        embs.append(features_np(model, tokens, layers))
-        rgbs.clear()
-
-    while pending:
-        i, fut = pending.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt[0], pool.submit(decode_resize, nxt[1], n_px)))
-        rgbs.append(fut.result())
-        ids.append(f"img-{i:06d}")
-        if len(rgbs) == batch:
-            flush()
-    if rgbs:
-        flush()
-    emb = np.concatenate(embs)
-    table = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
-    }).replace_schema_metadata({"layers": ",".join(map(str, layers))})
-    pq.write_table(table, os.path.join(out_dir, "part-00000.parquet"), compression="zstd")
 
 
 def section_extract(model: IGPT, label: str, batch: int, n_images: int, reps: int, rng) -> float:
@@ -224,22 +224,20 @@ def section_extract(model: IGPT, label: str, batch: int, n_images: int, reps: in
 def section_pipeline(model: IGPT, jpegs: list[bytes], batch: int, n_images: int, reps: int) -> float:
     layer = model.n_layer // 2
     corpus = take(jpegs, n_images)
-    rgb = np.stack([decode_resize(d, model.n_px) for d in corpus])
-    tokens = palette.tokenize(rgb, model.clusters)  # pre-tokenised: the bare-model input
-    batches = [tokens[i:i + batch] for i in range(0, len(tokens), batch)]
     sizes = sorted({Image.open(io.BytesIO(d)).size for d in jpegs}, key=max)
     note(f"pipeline: {len(jpegs)} distinct JPEGs ({sizes[0]} .. {sizes[-1]} px, "
          f"{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB average), {n_images} images, batch {batch}, "
-         f"layer {layer}, 4 decode threads, torch threads {torch.get_num_threads()}")
-    features_np(model, batches[0], [1])  # warm-up
-    with tempfile.TemporaryDirectory() as out_dir, ThreadPoolExecutor(4, thread_name_prefix="decode") as pool:
-        run_pipeline(model, corpus[:2], 2, [1], out_dir, pool)  # warm-up: threads, codecs, Parquet writer (~0.2 s)
-        t = best_interleaved({
-            "bare": lambda: [features_np(model, b, [layer]) for b in batches],
-            "e2e": lambda: run_pipeline(model, corpus, batch, [layer], out_dir, pool),
-        }, reps, model.device)
-        written = pq.read_table(os.path.join(out_dir, "part-00000.parquet"))
-        assert written.num_rows == n_images, written.num_rows
+         f"layer {layer}, the production ShardWorker (4 decode threads), torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = ProductionShard(model, corpus, batch, [layer], Path(tmp))
+        worker_model = shard.worker.model  # both sides run the same weights in the same process
+        rgb = np.stack([decode_resize(d, model.n_px) for d in corpus])
+        extractor = Extractor(worker_model, [layer], batch)
+        batches = [t for t in np.array_split(extractor.tokens(rgb), max(1, n_images // batch))]
+        extractor.features(batches[0])  # warm-up
+        shard.run()  # warm-up: threads, codecs, Parquet writer
+        t = best_interleaved({"bare": lambda: [extractor.features(b) for b in batches], "e2e": shard.run},
+                             reps, model.device)
     # decode alone, single thread, for context
     t_dec = min(timed(lambda: [decode_resize(d, model.n_px) for d in corpus], torch.device("cpu"))
                 for _ in range(max(1, reps)))

@@ -125,10 +125,12 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
         records[rec["shard"]] = rec
         progress.update((rec["stop"] - rec["start"]) * per_row)
 
-    try:
-        from .executors import execute
+    from .executors import ExecutorError, execute
 
+    try:
         failed = execute(cfg, task, resolved, todo, done)
+    except ExecutorError as e:
+        raise JobError(str(e)) from None
     finally:
         progress.close()
     if failed:

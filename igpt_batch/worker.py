@@ -46,6 +46,12 @@ class ShardWorker:
         self.runner = task.runner(self, resolved)
         self.fingerprint = resolved.info.weights_fingerprint
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (the pool's readiness probe: it answers once the model is loaded)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def _load(self, uri: str) -> tuple[images.Loaded, float]:
         t0 = time.perf_counter()
         i = self.cfg.input
