@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             run_from_args(args)
             return 0
         if args.command == "inspect":
-            from .inspect import inspect
+            from .inspector import inspect
 
             return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options))
         cfg = config_from_args(args, args.command)

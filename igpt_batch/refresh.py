@@ -1,4 +1,4 @@
-"""Nightly incremental refresh: embed only new or changed images into a versioned store of current tables."""
+"""Nightly incremental refresh: embed only new or changed images into a versioned Lance store, one commit a night."""
 from __future__ import annotations
 
 import copy
@@ -6,333 +6,232 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import posixpath
-import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from . import checkpoint, images
+from . import checkpoint
 from .config import ConfigError, JobConfig
-from .driver import compat_keys, run_job
-from .manifest import read_manifest, scan_manifest
-from .storage import OutputFolder, read_output, retry
+from .driver import JobError, run_job
+from .refresh_plan import STAT_SCHEMA, TOUCH, plan_night
+from .storage import OutputFolder, read_output
+from .store import FAILED_SCHEMA, Store, current_schema
 
 log = logging.getLogger("igpt_batch")
-PART_ROWS = 100_000  # rows per current/<snapshot>/part-*.parquet
-THREADS = 16  # concurrent stats and re-reads during planning
 SMALL = 1000  # computed_ids / failed_ids are returned only up to this many
-META = ("id", "uri", "sha256", "size", "mtime", "etag", "deleted")  # the columns planning reads
-STAT_SCHEMA = pa.schema([("size", pa.int64()), ("mtime", pa.string()), ("etag", pa.string())])
+TAKE = 4096  # ids per read of old rows (metadata updates, deletion marks)
 
 
-def _join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *parts])
+@dataclass
+class Night:
+    """One night's plan and what it produced, handed from step to step."""
+
+    store: Store
+    version: str
+    info: checkpoint.CheckpointInfo
+    layers: list[int]
+    summary: dict
+    compute: pa.Table  # id, uri, size, mtime, etag of the rows to embed, in the order they are embedded
+    touch: pa.Table  # TOUCH columns of unchanged rows whose metadata moved (or that come back from deleted)
+    gone: pa.Table  # id, deleted of previous rows that left the manifest
+    failed: pa.Table  # the failed-rows record's entries for ids in the manifest
+    snap: str | None = None
+    errors: pa.Table = field(default_factory=lambda: pa.table({"id": pa.array([], pa.string())}))
+    meta: dict = field(default_factory=dict)
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
 
-def current_schema(dim: int, metadata: dict | None = None) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
-                      ("mtime", pa.string()), ("etag", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
-                      ("width", pa.int32()), ("height", pa.int32()), ("snapshot", pa.string()), ("deleted", pa.bool_())],
-                     metadata=metadata)
+def version_of(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> tuple[str, dict]:
+    """The store version: the extract task's compatibility keys minus what may differ between nights."""
+    from .tasks.extract import Extract
+
+    keys = Extract().version_keys(cfg, info)
+    return "v-" + hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12], keys
 
 
-def version_of(cfg: JobConfig) -> tuple[str, dict, checkpoint.CheckpointInfo, list[int]]:
-    """The store version: everything that makes two embeddings incomparable. A change starts a new version."""
-    info = checkpoint.read_info(cfg.model.name)
-    layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)
-    keys = {"weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash, "layers": layers,
-            "dtype": cfg.model.dtype, "n_px": info.n_px, "draft": cfg.input.draft}
-    return "v-" + hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12], keys, info, layers
-
-
-def _stat(uri: str, so: dict, timeout: float) -> dict | None:
-    """{size, mtime, etag} of a source without reading its bytes; None when the store cannot say."""
-    try:
-        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-        if not scheme or scheme in ("file", "local"):  # as images.read_bytes: file:// URLs are percent-encoded
-            path = uri if not scheme else os.fsdecode(urllib.parse.unquote_to_bytes(uri.split("://", 1)[1]))
-            st = os.stat(path)
-            return {"size": st.st_size, "mtime": str(st.st_mtime_ns), "etag": None}
-        if scheme in ("http", "https"):  # as images.read_bytes: only storage_options["headers"] applies to http(s)
-            fs, path = fsspec.filesystem("http", **({"client_kwargs": {"headers": so["headers"]}} if so.get("headers") else {})), uri
-        else:
-            fs, path = fsspec.core.url_to_fs(uri, **so)
-        fs.invalidate_cache(path)  # object stores cache listings; tonight's answer must be fresh
-        info = images._with_deadline(lambda: fs.info(path), timeout, uri)
-    except Exception:  # missing, denied, timed out: decided by reading (and the worker records the error)
-        return None
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
-    etag = info.get("ETag") or info.get("etag")
-    return {"size": info.get("size"), "mtime": mtime.isoformat() if isinstance(mtime, dt.datetime) else
-            (None if mtime is None else str(mtime)), "etag": None if etag is None else str(etag).strip('"')}
-
-
-def _sha(uri: str, cfg: JobConfig) -> str | None:
-    try:
-        data = images.read_bytes(uri, cfg.storage_options, timeout=cfg.input.read_timeout, max_bytes=cfg.input.max_bytes)
-    except images.ImageError:
-        return None
-    return hashlib.sha256(data).hexdigest()
-
-
-def _pmap(fn, items: pa.Array) -> Iterator[list]:
-    """fn over items in a bounded thread pool, yielding a chunk of results at a time (millions of rows never make
-    millions of futures, nor one Python object per row beyond the chunk)."""
-    with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-refresh") as pool:
-        for s in range(0, len(items), 4096):
-            yield list(pool.map(fn, items[s:s + 4096].to_pylist()))
-
-
-def _stat_table(uris: pa.Array, so: dict, timeout: float) -> pa.Table:
-    """size, mtime, etag of every uri as Arrow columns; nulls where the store cannot say."""
-    parts = [pa.Table.from_pylist([st or {} for st in chunk], schema=STAT_SCHEMA)
-             for chunk in _pmap(lambda u: _stat(u, so, timeout), uris)]
-    return pa.concat_tables(parts) if parts else STAT_SCHEMA.empty_table()
-
-
-def _read_prev(vdir: OutputFolder, pointer: dict | None) -> pa.Table:
-    """The previous current table's planning columns (no embeddings), in the order of its parts."""
-    if not pointer:
-        return current_schema(1).empty_table().select(list(META))
-    return pa.concat_tables([pq.read_table(vdir.path(f), columns=list(META), filesystem=vdir.fs) for f in pointer["files"]])
-
-
-def _differs(a: pa.Array, b: pa.Array) -> np.ndarray:
-    """a != b elementwise, where null equals only null (as Python's None)."""
-    ne = pc.fill_null(pc.not_equal(a, b), False)
-    return _np(pc.or_(ne, pc.xor(pc.is_null(a), pc.is_null(b))))
-
-
-def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _snapshot_id(vdir: OutputFolder, pointer: dict | None) -> str:
-    """A new snapshot id that sorts by time after the previous one and names nothing that exists yet (a clock behind
-    the previous night's starts one second after it)."""
-    t = _now()
-    if pointer:
-        t = max(t, dt.datetime.strptime(pointer["snapshot"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
-                + dt.timedelta(seconds=1))
-    while True:
-        sid = t.strftime("%Y%m%dT%H%M%SZ")
-        if (not pointer or sid > pointer["snapshot"]) and not vdir.exists(f"snapshots/{sid}") and not vdir.exists(f"current/{sid}"):
-            return sid
+def _snapshot_id(store: Store, version: str) -> str:
+    """A new snapshot id that sorts by time after the last night and names nothing that exists yet (a clock behind
+    the last night starts one second after it)."""
+    nights = store.nights(version)
+    t, last = _now(), max(nights) if nights else None
+    if last:
+        t = max(t, dt.datetime.strptime(last, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=1))
+    while store.taken(version, t.strftime("%Y%m%dT%H%M%SZ")) or (last and t.strftime("%Y%m%dT%H%M%SZ") <= last):
         t += dt.timedelta(seconds=1)
+    return t.strftime("%Y%m%dT%H%M%SZ")
 
 
-def current_tables(vdir: OutputFolder) -> list[str]:
-    """Snapshot ids of the current/<snapshot>/ tables a version folder holds, oldest first. Found by their files,
-    not by listing folders: some stores keep an emptied folder as a prefix."""
-    top = vdir.path("current")
-    vdir.fs.invalidate_cache(top)  # object stores cache listings
-    if not vdir.exists("current"):
-        return []
-    files = retry(lambda: vdir.fs.find(top), "list current/")
-    return sorted({posixpath.relpath(f, top).split("/", 1)[0] for f in files})
+def plan(cfg: JobConfig, store: Store, version: str, info, layers) -> Night:
+    """Step 1: decide every manifest row against the current table; pick the night's snapshot id."""
+    pending = store.pending(version)
+    p = plan_night(cfg, store, version, store.read_failed(version), pending and pending["snapshot"])
+    c = p["counts"]
+    compute = pa.concat_tables([t if isinstance(t, pa.Table) else store.scratch(version).read_table(t) for t in p["compute"]])
+    store.scratch(version).remove("")
+    gone = p["gone"]
+    newly_deleted = int((~np.asarray(gone.column("deleted").to_numpy(zero_copy_only=False), bool)).sum())
+    drop = cfg.refresh.deleted == "drop" and gone.num_rows > 0
+    pre = {k[4:]: v for k, v in c.items() if k.startswith("pre_") and (v or k == "pre_hashed")}
+    summary = {"version": version, "snapshot": None, "manifest_rows": c["manifest_rows"], "new": c["new"],
+               "changed": c["changed"], "unchanged": c["unchanged"], "revived": c["revived"], "deleted": newly_deleted,
+               "dropped": gone.num_rows if drop else 0, "metadata_updates": p["touch"].num_rows,
+               "computed": compute.num_rows, "errors": 0, "failed_unchanged": c["failed_unchanged"],
+               "current_rows": c["previous_rows"], "live_rows": c["previous_rows"] - c["previous_deleted"],
+               "precheck": pre, "stat": {"lists": c.get("stat_lists", 0), "heads": c.get("stat_heads", 0)}, "pruned": []}
+    night = Night(store, version, info, layers, summary, compute, p["touch"], gone, p["failed"])
+    if compute.num_rows or p["touch"].num_rows or newly_deleted or drop:
+        night.snap = pending["snapshot"] if pending and compute.num_rows else _snapshot_id(store, version)
+        summary["snapshot"] = night.snap
+    return night
 
 
-def _prune_current(vdir: OutputFolder, live: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` current/<snapshot>/ tables (never the live one); returns their ids.
-    Nothing computed is lost: every embedding in them also lives in its night's snapshots/<id>/."""
-    if keep <= 0:
-        return []
-    old = [sid for sid in current_tables(vdir)[:-keep] if sid != live]
-    for sid in old:
-        vdir.remove(f"current/{sid}")
-    if old:
-        log.info("refresh: removed %d old current table(s): %s", len(old), ", ".join(old))
-    return old
+def run_extract(cfg: JobConfig, night: Night) -> None:
+    """Step 2: embed the rows to compute into snapshots/<snap>/ with the ordinary driver (resuming a killed night)."""
+    if not night.compute.num_rows:
+        return
+    from .tasks.extract import Extract
+
+    store, version, snap = night.store, night.version, night.snap
+    sub = copy.deepcopy(cfg)
+    sub.input.manifest = store.write_night_manifest(version, snap, night.compute)
+    sub.output.path, sub.output.overwrite = store.snapshot_url(version, snap), False
+    sub.run.max_error_fraction = 1.0  # the night's fraction counts against the whole manifest, below
+    result = run_job(sub, Extract(), info=night.info, on_mismatch="overwrite")
+    night.summary["extract"] = {k: result[k] for k in ("shards", "shards_skipped", "shards_run", "wall_s")}
+    errors = read_output(sub.output.path, "errors", cfg.storage_options)
+    night.errors = errors if errors.num_rows else night.errors
+    rows = night.summary["manifest_rows"]
+    if night.errors.num_rows / rows > cfg.run.max_error_fraction:
+        raise JobError(f"{night.errors.num_rows} of {rows} manifest rows failed tonight, over run.max_error_fraction="
+                       f"{cfg.run.max_error_fraction}; nothing published, the next run resumes snapshot {snap}")
+
+
+def merge(cfg: JobConfig, night: Night) -> tuple[pa.RecordBatchReader, str | None]:
+    """Step 3: the night's changes as rows to upsert on id (tonight's embeddings, metadata updates, deletion marks),
+    streamed, and the predicate of the rows to delete (--deleted drop)."""
+    out = OutputFolder(night.store.snapshot_url(night.version, night.snap), cfg.storage_options)
+    parts = out.committed_files("embeddings") if night.compute.num_rows else []
+    first = out.read_table(parts[0]).schema.metadata if parts else None
+    night.meta = {k.decode(): v.decode() for k, v in (first or {}).items()} | {
+        "version": night.version, "layers": ",".join(map(str, night.layers))}
+    schema = current_schema(len(night.layers) * night.info.n_embd, night.meta)
+    gone, drop = night.gone, night.summary["dropped"] > 0
+    marks = gone.filter(pc.invert(gone.column("deleted"))).column("id") if not drop else pa.array([], pa.string())
+
+    def batches():
+        for rel in parts:
+            emb = out.read_table(rel)
+            st = night.compute.take(pc.index_in(emb.column("id"), value_set=night.compute.column("id")))
+            yield pa.table({"id": emb.column("id"), "uri": emb.column("uri"), "sha256": emb.column("sha256"),
+                            **{c: st.column(c) for c in STAT_SCHEMA.names}, "embedding": emb.column("embedding"),
+                            "width": emb.column("width"), "height": emb.column("height"),
+                            "snapshot": pa.array([night.snap] * emb.num_rows, pa.string()),
+                            "deleted": pa.array(np.zeros(emb.num_rows, bool))}).cast(schema).to_batches()
+        touch = night.touch.append_column("deleted", pa.array(np.zeros(night.touch.num_rows, bool)))
+        updates = pa.concat_tables([touch, pa.table({"id": marks, "deleted": pa.array(np.ones(len(marks), bool))})],
+                                   promote_options="default")
+        for s in range(0, updates.num_rows, TAKE):
+            yield _updated(night, updates.slice(s, TAKE), schema).to_batches()
+
+    reader = pa.RecordBatchReader.from_batches(schema, (b for bs in batches() for b in bs))
+    return reader, (_id_in(gone.column("id")) if drop else None)
+
+
+def _id_in(ids: pa.Array) -> str:
+    return "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids.to_pylist()) + ")"
+
+
+def _updated(night: Night, updates: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The previous rows of `updates`' ids with their new uri/size/mtime/etag (a deletion mark, with a null uri,
+    keeps them) and deleted flag."""
+    old = night.store.read(night.version, filter=_id_in(updates.column("id")))
+    new = updates.take(pc.index_in(old.column("id"), value_set=updates.column("id")))
+    touched = pc.is_valid(new.column("uri"))
+    for c in (*TOUCH[1:], "deleted"):
+        fresh = new.column(c) if c == "deleted" else pc.if_else(touched, new.column(c).cast(schema.field(c).type), old.column(c))
+        old = old.set_column(old.schema.get_field_index(c), c, fresh)
+    return old.select(schema.names).cast(schema)
+
+
+def publish(cfg: JobConfig, night: Night, rows: pa.RecordBatchReader, drop: str | None) -> None:
+    """Step 4: the failed-rows record, then the night's one Lance commit, then its tag and _LATEST.json."""
+    store, version, snap = night.store, night.version, night.snap
+    store.write_failed(version, failed_record(night))
+    ds = store.commit(version, snap, rows, drop)
+    store.publish(version, snap, ds.version)
+    live = ds.count_rows("deleted = false")
+    night.summary |= {"errors": night.errors.num_rows, "current_rows": ds.count_rows(), "live_rows": live}
+
+
+def failed_record(night: Night) -> pa.Table:
+    """Entries kept (not retried tonight) plus tonight's failures, which keep the night they first failed."""
+    computed = night.compute.column("id")
+    kept = night.failed.filter(pc.invert(pc.is_in(night.failed.column("id"), value_set=computed)))
+    err = night.errors
+    if not err.num_rows:
+        return kept
+    st = night.compute.take(pc.index_in(err.column("id"), value_set=computed))
+    first = night.failed.column("first_night").take(pc.index_in(err.column("id"), value_set=night.failed.column("id")))
+    tonight = pa.table({"id": err.column("id"), "uri": st.column("uri"), "sha256": pa.nulls(err.num_rows, pa.string()),
+                        **{c: st.column(c) for c in STAT_SCHEMA.names}, "stage": err.column("stage"),
+                        "reason": err.column("error"), "first_night": pc.fill_null(first, night.snap),
+                        "last_night": pa.array([night.snap] * err.num_rows, pa.string())})
+    return pa.concat_tables([kept.cast(FAILED_SCHEMA), tonight.cast(FAILED_SCHEMA)])
+
+
+def prune(cfg: JobConfig, night: Night) -> None:
+    """Step 5: keep the newest refresh.keep_current nights, compact past the threshold, update the vector index."""
+    from .search import update_index
+
+    night.summary["pruned"] = night.store.prune(night.version, cfg.refresh.keep_current,
+                                                getattr(cfg.refresh, "compact_fragments", 32))
+    update_index(night.store, night.version, getattr(cfg.refresh, "index_min_rows", 100_000))
 
 
 def refresh(cfg: JobConfig) -> dict:
-    """One night: plan against the last current table, embed new and changed rows with run_job, write the new current."""
-    store, so = cfg.refresh.store, cfg.storage_options
-    if not store:
+    """One night: plan against the current table, embed new and changed rows, merge, publish, prune."""
+    if not cfg.refresh.store:
         raise ConfigError("refresh.store is required (--store)")
     if not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
-    version, vkeys, info, layers = version_of(cfg)
-    vurl = _join(store, version)
-    root, vdir = OutputFolder(store, so), OutputFolder(vurl, so)
-    table = read_manifest(cfg.input.manifest, so)
-    ids, n = table.column("id").combine_chunks(), table.num_rows
-    pointer = vdir.read_json("_CURRENT.json")
-    prev = _read_prev(vdir, pointer)
-
-    # Planning runs on Arrow columns aligned to the manifest's rows (`was`: the previous row of the same id).
-    # Every row is stat-ed before any bytes are read: a source that changes after its stat is caught the next night.
-    st = _stat_table(table.column("uri").combine_chunks(), so, cfg.input.read_timeout)
-    at = pc.index_in(ids, value_set=prev.column("id"))  # row in prev, null for a new id
-    was = prev.select(["uri", *STAT_SCHEMA.names, "deleted"]).take(at)
-    known = _np(pc.is_valid(at))
-    same_uri = _np(pc.equal(table.column("uri"), was.column("uri")))
-    both_etag = _np(pc.not_equal(was.column("etag"), "")) & _np(pc.not_equal(st.column("etag"), ""))
-    by_etag = known & same_uri & both_etag & _np(pc.equal(was.column("etag"), st.column("etag")))
-    by_size_mtime = known & same_uri & ~both_etag & _np(pc.equal(was.column("size"), st.column("size"))) \
-        & _np(pc.equal(was.column("mtime"), st.column("mtime")))
-    to_hash = np.flatnonzero(known & ~by_etag & ~by_size_mtime)
-    shas = [sha for chunk in _pmap(lambda u: _sha(u, cfg), table.column("uri").take(to_hash).combine_chunks())
-            for sha in chunk]
-    same_bytes = np.array([sha is not None and sha == old for sha, old in
-                           zip(shas, prev.column("sha256").take(at.take(to_hash)).to_pylist())], dtype=bool)
-    unchanged = by_etag | by_size_mtime
-    unchanged[to_hash[same_bytes]] = True
-    changed = np.zeros(n, dtype=bool)
-    changed[to_hash[~same_bytes]] = True  # different bytes, or unreadable now (the extract run records why)
-    pre = {"etag": int(by_etag.sum()), "size_mtime": int(by_size_mtime.sum()), "hashed": len(to_hash),
-           "hash_unchanged": int(same_bytes.sum())}
-    pre = {k: v for k, v in pre.items() if v or k == "hashed"}
-    # unchanged rows whose uri/size/mtime/etag moved (or that come back from deleted) keep their embedding
-    was_deleted = _np(was.column("deleted"))
-    moved = was_deleted | _differs(table.column("uri"), was.column("uri"))
-    for c in STAT_SCHEMA.names:
-        moved |= _differs(st.column(c), was.column(c))
-    updates = pa.table({"id": ids, "uri": table.column("uri"), **{c: st.column(c) for c in STAT_SCHEMA.names}}) \
-        .filter(pa.array(unchanged & moved))
-    revived = int((unchanged & was_deleted).sum())
-    prev_in_manifest = _np(pc.is_in(prev.column("id"), value_set=ids))
-    prev_deleted = _np(prev.column("deleted"))
-    gone, newly_deleted = int((~prev_in_manifest).sum()), int((~prev_in_manifest & ~prev_deleted).sum())
-    drop = cfg.refresh.deleted == "drop" and bool(gone)
-    compute = np.flatnonzero(~known | changed)  # manifest order
-    compute_ids = ids.take(compute)
-    summary = {"version": version, "snapshot": None, "manifest_rows": n, "new": int((~known).sum()),
-               "changed": int(changed.sum()), "unchanged": int(unchanged.sum()), "revived": revived,
-               "deleted": newly_deleted, "dropped": gone if drop else 0, "metadata_updates": updates.num_rows,
-               "computed": len(compute), "errors": 0, "current_rows": prev.num_rows,
-               "live_rows": prev.num_rows - int(prev_deleted.sum()), "precheck": pre, "pruned": []}
-    pending = vdir.read_json("_PENDING.json")
-    if pending and pointer and pending["snapshot"] <= pointer["snapshot"]:
-        pending = None  # that night finished; only its clean-up was lost
-    if not len(compute) and not updates.num_rows and not newly_deleted and not drop:
-        summary["message"] = f"nothing to embed: {summary['unchanged']} rows unchanged"
-        log.info("refresh %s: %s", version, summary["message"])
-        if vdir.exists("_PENDING.json"):
-            vdir.fs.rm(vdir.path("_PENDING.json"))
-        if pointer and (root.read_json("_LATEST.json") or {}).get("version") != version:
-            root.write_json("_LATEST.json", {"version": version, "snapshot": pointer["snapshot"], "updated_at": _now().isoformat()})
-        return summary
-
-    snap = pending["snapshot"] if pending and len(compute) else _snapshot_id(vdir, pointer)
-    summary["snapshot"] = snap
-    log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, snap,
-             summary["new"], summary["changed"], summary["unchanged"], newly_deleted, len(compute))
-    if not vdir.exists("_version.json"):
-        vdir.write_json("_version.json", {**vkeys, "model": cfg.model.name, "n_embd": info.n_embd, "created_at": _now().isoformat()})
-    snap_url, emb = _join(vurl, "snapshots", snap), pa.table({"id": pa.array([], pa.string())})  # tonight's rows
-    if len(compute):
-        vdir.write_json("_PENDING.json", {"snapshot": snap, "started_at": _now().isoformat(), "rows": len(compute)})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table.take(compute), sink)
-        vdir.write_bytes(f"manifests/{snap}.parquet", sink.getvalue().to_pybytes())
-        sub = copy.deepcopy(cfg)
-        sub.input.manifest, sub.output.path, sub.output.overwrite = _join(vurl, "manifests", f"{snap}.parquet"), snap_url, False
-        previous_job = OutputFolder(snap_url, so).read_json("_job.json")
-        if previous_job is not None:  # resuming a crashed night: reuse its shards unless its plan no longer matches
-            scan = scan_manifest(sub.input.manifest, so)
-            keys = compat_keys(sub, "extract", info, layers, scan.rows, scan.fingerprint)
-            if previous_job.get("compat") != json.loads(json.dumps(keys)):
-                log.info("refresh: snapshot %s was planned differently; recomputing it", snap)
-                sub.output.overwrite = True
-        result = run_job(sub, "extract")
-        summary["extract"] = {k: result[k] for k in ("shards", "shards_skipped", "shards_run", "wall_s")}
-        emb = read_output(snap_url, "embeddings", so)
-        if emb.num_rows:
-            emb = emb.filter(pc.is_in(emb.column("id"), value_set=compute_ids))
-
-    # merge: previous rows (metadata refreshed, deletions applied) then the rows embedded tonight
-    done = emb.column("id")
-    failed = compute_ids.filter(pc.invert(pc.is_in(compute_ids, value_set=done)))
-    dim = len(layers) * info.n_embd
-    if emb.schema.metadata:
-        meta = dict(emb.schema.metadata)
-    elif pointer:
-        meta = dict(pq.read_schema(vdir.path(pointer["files"][0]), filesystem=vdir.fs).metadata or {})
-    else:
-        meta = {}
-    meta |= {b"version": version.encode(), b"snapshot": snap.encode(), b"layers": ",".join(map(str, layers)).encode()}
-    schema = current_schema(dim, meta)
-    vdir.remove(f"current/{snap}")  # a crashed attempt at this night: none of its parts may outlive the rewrite
-    parts, n_rows, n_deleted = [], 0, 0
-
-    def emit(t: pa.Table) -> None:
-        nonlocal n_rows, n_deleted
-        for s in range(0, max(t.num_rows, 1), PART_ROWS):
-            chunk = t.slice(s, PART_ROWS).cast(schema)
-            parts.append(vdir.write_part(f"current/{snap}", f"part-{len(parts):05d}", chunk)["path"])
-        n_rows += t.num_rows
-        n_deleted += pc.sum(t.column("deleted")).as_py() or 0
-
-    # the previous table's rows line up with `prev` (same parts, same order): masks are sliced part by part
-    keep_all = _np(pc.invert(pc.is_in(prev.column("id"), value_set=done))) & (prev_in_manifest | (not drop))
-    update_at = pc.index_in(prev.column("id"), value_set=updates.column("id"))  # row in updates, or null
-    offset = 0
-    for f in (pointer or {}).get("files", []):
-        t = pq.read_table(vdir.path(f), filesystem=vdir.fs)
-        rows = slice(offset, offset + t.num_rows)
-        offset += t.num_rows
-        keep = np.flatnonzero(keep_all[rows])
-        if not len(keep):
-            continue
-        t, upd = t.take(keep), update_at[rows].take(keep)
-        for c in ("uri", *STAT_SCHEMA.names):  # metadata refreshed where tonight's stat moved it
-            fresh = pc.if_else(pc.is_valid(upd), updates.column(c).take(upd), t.column(c))
-            t = t.set_column(t.schema.get_field_index(c), c, fresh.cast(schema.field(c).type))
-        # a failed recompute keeps its stale row, and its old sha256
-        t = t.set_column(t.schema.get_field_index("deleted"), "deleted", pa.array(~prev_in_manifest[rows][keep]))
-        emit(t.select(schema.names))
-    if emb.num_rows:
-        night = st.take(pc.index_in(emb.column("id"), value_set=ids))  # tonight's stat of each embedded row
-        emit(pa.table({"id": emb.column("id"), "uri": emb.column("uri"), "sha256": emb.column("sha256"),
-                       **{c: night.column(c) for c in STAT_SCHEMA.names},
-                       "embedding": emb.column("embedding"), "width": emb.column("width"), "height": emb.column("height"),
-                       "snapshot": pa.array([snap] * emb.num_rows, pa.string()),
-                       "deleted": pa.array(np.zeros(emb.num_rows, dtype=bool))}))
-    if not parts:
-        emit(schema.empty_table())
-    now = _now().isoformat()
-    vdir.write_json("_CURRENT.json", {"snapshot": snap, "path": _join(vurl, "current", snap), "files": parts, "rows": n_rows,
-                                      "deleted": n_deleted, "live_rows": n_rows - n_deleted, "updated_at": now,
-                                      "version": version, "computed": len(compute), "errors": len(failed)})
-    root.write_json("_LATEST.json", {"version": version, "snapshot": snap, "updated_at": now})
-    if vdir.exists("_PENDING.json"):
-        vdir.fs.rm(vdir.path("_PENDING.json"))
-    summary |= {"errors": len(failed), "current_rows": n_rows, "live_rows": n_rows - n_deleted,
-                "pruned": _prune_current(vdir, snap, cfg.refresh.keep_current)}
-    log.info("refresh done: %s", summary)
-    if len(compute) <= SMALL:
-        summary["computed_ids"] = compute_ids.to_pylist()
-        summary["failed_ids"] = failed.to_pylist()
-    return summary
+    info = checkpoint.read_info(cfg.model.name)  # read once a night: the weights are hashed once
+    layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)
+    version, keys = version_of(cfg, info)
+    store = Store(cfg.refresh.store, cfg.storage_options)
+    store.finish_interrupted(version)
+    night = plan(cfg, store, version, info, layers)
+    s = night.summary
+    if night.snap is None:
+        s["message"] = f"nothing to embed: {s['unchanged']} rows unchanged"
+        log.info("refresh %s: %s", version, s["message"])
+        nights = store.nights(version)
+        if nights and store.latest().get("version") != version:
+            store.set_latest(version, max(nights))
+        return s
+    log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, night.snap,
+             s["new"], s["changed"], s["unchanged"], s["deleted"], s["computed"])
+    store.create_version(version, {**keys, "model": cfg.model.name, "n_embd": info.n_embd, "n_px": info.n_px,
+                                   "created_at": _now().isoformat()})
+    run_extract(cfg, night)
+    publish(cfg, night, *merge(cfg, night))
+    prune(cfg, night)
+    log.info("refresh done: %s", s)
+    if night.compute.num_rows <= SMALL:
+        s["computed_ids"] = night.compute.column("id").to_pylist()
+        s["failed_ids"] = night.errors.column("id").to_pylist()
+    return s
 
 
 def read_current(store: str, storage_options: dict | None = None, version: str | None = None,
-                 include_deleted: bool = False) -> pa.Table:
-    """The live current table of a store: the latest version (STORE/_LATEST.json) unless `version` names one."""
-    root = OutputFolder(store, storage_options)
-    if version is None:
-        version = (root.read_json("_LATEST.json") or {}).get("version")
-    if version is None:  # no pointer (an older store): the newest version folder
-        found = root.fs.glob(root.path("v-*", "_version.json"))
-        created = {f.split("/")[-2]: json.loads(root.fs.cat_file(f)).get("created_at", "") for f in found}
-        if not created:
-            raise FileNotFoundError(f"no refresh versions under {store}")
-        version = max(created, key=created.get)
-    vdir = OutputFolder(_join(store, version), storage_options)
-    pointer = vdir.read_json("_CURRENT.json")
-    if pointer is None:
-        raise FileNotFoundError(f"{store}/{version} has no _CURRENT.json: no refresh has finished there yet")
-    t = pa.concat_tables([pq.read_table(vdir.path(f), filesystem=vdir.fs) for f in pointer["files"]])
-    return t if include_deleted else t.filter(pc.invert(t.column("deleted")))
+                 snapshot: str | None = None, include_deleted: bool = False) -> pa.Table:
+    """The current table of a store: the latest version's latest night, or the night `snapshot` (time travel)."""
+    st = Store(store, storage_options)
+    version = st.resolve(version)
+    if st.open(version) is None:
+        raise FileNotFoundError(f"{store}/{version} has no current table: no refresh has finished there yet")
+    return st.read(version, snapshot, include_deleted=include_deleted)

@@ -16,9 +16,10 @@ from conftest import REPO, S3Server, real_photos, write_manifest
 from igpt_batch import config
 from igpt_batch.cli import build_parser, config_from_args, main
 from igpt_batch.driver import run_job
-from igpt_batch.inspect import inspect
+from igpt_batch.inspector import inspect
 from igpt_batch.refresh import read_current, refresh
 from igpt_batch.storage import OutputFolder, read_output
+from igpt_batch.store import Store
 
 IGPT = str(Path(sys.executable).parent / "igpt-batch")
 
@@ -55,10 +56,12 @@ def one_version(store: Path) -> Path:
     return v
 
 
-def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path, monkeypatch):
-    import igpt_batch.refresh
+def table_of(store: Path):
+    st = Store(str(store))
+    return st.open(st.resolve(None))
 
-    monkeypatch.setattr(igpt_batch.refresh, "PART_ROWS", 4)  # current tables of several parts, merged part by part
+
+def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path):
     d = tmp_path / "img"
     names = photos(d)
     m1 = manifest(tmp_path / "m1.parquet", d, names)
@@ -72,15 +75,14 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path, monkeypat
     cur1 = by_id(read_current(str(mark)))
     assert set(cur1) == set(names) and all(r["snapshot"] == s1["snapshot"] and not r["deleted"] for r in cur1.values())
     assert json.loads((v / "_version.json").read_text())["layers"] == [2]
-    pointer1 = (v / "_CURRENT.json").read_bytes()
-    assert json.loads(pointer1)["path"] == f"{mark}/{v.name}/current/{s1['snapshot']}" and not (v / "_PENDING.json").exists()
+    lance1 = table_of(mark).version
+    assert set(table_of(mark).tags.list()) == {s1["snapshot"]} and Store(str(mark)).pending(v.name) is None
 
     # night 2: nothing touched -> nothing embedded, nothing written
     s2 = refresh(cfg_for(tiny_ckpt, mark, m1))
     assert s2["computed"] == 0 and s2["snapshot"] is None and s2["message"] == "nothing to embed: 8 rows unchanged"
     assert s2["precheck"] == {"size_mtime": 8, "hashed": 0} and s2["pruned"] == []
-    assert (v / "_CURRENT.json").read_bytes() == pointer1 and len(list((v / "snapshots").iterdir())) == 1
-    assert len(list((v / "current").iterdir())) == 1
+    assert table_of(mark).version == lance1 and len(list((v / "snapshots").iterdir())) == 1
 
     # night 3: 2 new rows, 1 new content, 1 rewritten with the same bytes (new mtime), 1 gone from the manifest
     from PIL import Image
@@ -100,7 +102,7 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path, monkeypat
     assert (s3["new"], s3["changed"], s3["unchanged"], s3["deleted"], s3["errors"]) == (2, 1, 6, 1, 0)
     assert s3["precheck"] == {"size_mtime": 5, "hashed": 2, "hash_unchanged": 1}  # chelsea: same sha, not recomputed
     assert s3["extract"]["shards"] == 1 and (v / "snapshots" / s3["snapshot"] / "_SUCCESS").exists()
-    assert s3["snapshot"] > s1["snapshot"] and not (v / "_PENDING.json").exists()
+    assert s3["snapshot"] > s1["snapshot"] and table_of(mark).version == lance1 + 1  # one commit a night
     cur3 = by_id(read_current(str(mark), include_deleted=True))
     assert cur3["rocket.jpg"]["deleted"] and "rocket.jpg" not in by_id(read_current(str(mark)))
     assert cur3["chelsea.jpg"]["snapshot"] == s1["snapshot"] and cur3["chelsea.jpg"]["mtime"] != cur1["chelsea.jpg"]["mtime"]
@@ -114,14 +116,15 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path, monkeypat
                                        "output.path": str(tmp_path / "fresh")}), "extract")
     assert fresh["rows"]["embeddings"] == 1
     np.testing.assert_allclose(new_emb, read_output(str(tmp_path / "fresh")).column("embedding")[0].as_py(), rtol=1e-5, atol=1e-6)
+    # time travel: night 1 as it was, by its snapshot id
+    assert by_id(read_current(str(mark), snapshot=s1["snapshot"], include_deleted=True)) == cur1
+    ds = table_of(mark)
+    assert (ds.count_rows(), ds.count_rows("deleted = true"), s3["live_rows"]) == (10, 1, 9)
+    meta = ds.schema.metadata
+    assert meta[b"layers"] == b"2" and ds.schema.field("embedding").type.list_size == 32
+    assert meta[b"version"] == v.name.encode() and meta[b"weights_fingerprint"] and meta[b"model"] == tiny_ckpt.encode()
     import pyarrow.parquet as pq
 
-    pointer = json.loads((v / "_CURRENT.json").read_text())
-    assert (pointer["rows"], pointer["deleted"], pointer["live_rows"]) == (10, 1, 9) and len(pointer["files"]) >= 3
-    schema = pq.read_schema(v / pointer["files"][0])
-    assert schema.metadata[b"layers"] == b"2" and schema.field("embedding").type.list_size == 32
-    assert schema.metadata[b"snapshot"] == s3["snapshot"].encode() and schema.metadata[b"version"] == v.name.encode()
-    assert schema.metadata[b"weights_fingerprint"] and schema.metadata[b"model"] == tiny_ckpt.encode()
     assert pq.read_table(v / "manifests" / f"{s3['snapshot']}.parquet").num_rows == 3
 
     s3d = refresh(cfg_for(tiny_ckpt, drop, m3, **{"refresh.deleted": "drop"}))
@@ -137,41 +140,51 @@ def test_three_nights_new_changed_touched_deleted(tiny_ckpt, tmp_path, monkeypat
     cur4 = by_id(read_current(str(mark)))
     assert not cur4["rocket.jpg"]["deleted"] and cur4["rocket.jpg"]["embedding"] == cur1["rocket.jpg"]["embedding"]
 
-    # nights 5 and 6: a known image becomes unreadable and a new one is broken: the old row stays (stale), the new
-    # one is absent, both are reported, and the next night tries them again
+    # night 5: a known image becomes unreadable and a new one is broken: the old row stays (stale), the new one is
+    # absent, both are reported and recorded; night 6 does not retry them (their sources did not change) unless
+    # --retry-errors (night 7)
     (d / "astronaut.jpg").write_bytes((d / "astronaut.jpg").read_bytes()[:300])
     (d / "text.jpg").write_text("not an image")
     m5 = manifest(tmp_path / "m5.parquet", d, names4 + ["text.jpg"])
-    later = []
-    for night in (5, 6):
-        s5 = refresh(cfg_for(tiny_ckpt, mark, m5))
-        assert set(s5["computed_ids"]) == set(s5["failed_ids"]) == {"astronaut.jpg", "text.jpg"} and s5["errors"] == 2
-        cur5 = by_id(read_current(str(mark)))
-        assert "text.jpg" not in cur5 and cur5["astronaut.jpg"] == cur1["astronaut.jpg"]  # stale but present
-        later.append(s5)
+    s5 = refresh(cfg_for(tiny_ckpt, mark, m5))
+    assert set(s5["computed_ids"]) == set(s5["failed_ids"]) == {"astronaut.jpg", "text.jpg"} and s5["errors"] == 2
+    cur5 = by_id(read_current(str(mark)))
+    assert "text.jpg" not in cur5 and cur5["astronaut.jpg"] == cur1["astronaut.jpg"]  # stale but present
+    failed = Store(str(mark)).read_failed(v.name).to_pylist()
+    assert {(r["id"], r["first_night"], r["last_night"]) for r in failed} == {(i, s5["snapshot"], s5["snapshot"]) for i in ("astronaut.jpg", "text.jpg")}
+    assert all(r["size"] and r["mtime"] and r["stage"] and r["reason"] for r in failed)
+    s6 = refresh(cfg_for(tiny_ckpt, mark, m5))
+    assert (s6["computed"], s6["failed_unchanged"], s6["snapshot"]) == (0, 2, None)
+    assert s6["message"] == "nothing to embed: 9 rows unchanged"
+    cfg7 = cfg_for(tiny_ckpt, mark, m5)
+    cfg7.refresh.retry_errors = True
+    s7 = refresh(cfg7)
+    assert set(s7["failed_ids"]) == {"astronaut.jpg", "text.jpg"}
+    failed = Store(str(mark)).read_failed(v.name).to_pylist()
+    assert {(r["first_night"], r["last_night"]) for r in failed} == {(s5["snapshot"], s7["snapshot"])}
 
-    # retention (refresh.keep_current = 3): each night past the third removes the oldest current table; the
-    # snapshots of what was computed all stay
-    assert [s["pruned"] for s in (s1, s3, s4, *later)] == [[], [], [], [s1["snapshot"]], [s3["snapshot"]]]
-    assert sorted(p.name for p in (v / "current").iterdir()) == [s4["snapshot"]] + [s["snapshot"] for s in later]
-    assert sorted(p.name for p in (v / "snapshots").iterdir()) == sorted([s1["snapshot"], s3["snapshot"]] + [s["snapshot"] for s in later])
-    assert json.loads((v / "_CURRENT.json").read_text())["snapshot"] == later[-1]["snapshot"]
-    # `igpt-batch inspect STORE` says the same, and --verify checks the live table's files
+    # retention (refresh.keep_current = 3): each night past the third drops the oldest night's tag and Lance removes
+    # what only it used; the snapshots of what was computed all stay
+    assert [s["pruned"] for s in (s1, s3, s4, s5, s7)] == [[], [], [], [s1["snapshot"]], [s3["snapshot"]]]
+    assert sorted(table_of(mark).tags.list()) == [s4["snapshot"], s5["snapshot"], s7["snapshot"]]
+    with pytest.raises(Exception):
+        read_current(str(mark), snapshot=s1["snapshot"])
+    assert sorted(p.name for p in (v / "snapshots").iterdir()) == sorted([s1["snapshot"], s3["snapshot"], s5["snapshot"], s7["snapshot"]])
+    # `igpt-batch inspect STORE` says the same, and --verify checks the table's files and kept nights
     lines = []
     assert inspect(str(mark), verify=True, echo=lines.append) == 0
     text = "\n".join(lines)
-    assert f"latest:      {v.name}  snapshot {later[-1]['snapshot']}" in text
-    assert f"current:   {later[-1]['snapshot']}: 10 rows, 10 live, 0 deleted; that night computed 2, 2 failed" in text
-    assert "tables:    3 kept" in text and "snapshots: 4, newest" in text and lines[-1] == "verify: ok"
-    live = json.loads((v / "_CURRENT.json").read_text())["files"]
-    (v / live[-1]).unlink()
-    lines.clear()
+    assert f"latest:      {v.name}  snapshot {s7['snapshot']}" in text
+    assert f"current:   {s7['snapshot']}: 10 rows, 10 live, 0 deleted" in text
+    assert f"nights:    3 kept as tags ({s4['snapshot']}, {s5['snapshot']}, {s7['snapshot']})" in text
+    assert "snapshots: 4, newest" in text and "failed:    2 rows not embedded" in text and lines[-1] == "verify: ok"
+    (data,) = [f for f in (v / "current.lance" / "data").iterdir() if f.name.startswith(table_of(mark).get_fragments()[0].data_files()[0].path)]
+    data.unlink()
     assert main(["inspect", str(mark), "--verify"]) == 1
-    # keep_current = 1 keeps only the live table
+    # keep_current = 1 keeps only the last night
     s3k = refresh(cfg_for(tiny_ckpt, drop, m4, **{"refresh.deleted": "drop", "refresh.keep_current": 1}))
-    (vd,) = drop.glob("v-*")
-    assert s3k["pruned"] == [d1["snapshot"], s3d["snapshot"]]
-    assert [p.name for p in (vd / "current").iterdir()] == [s3k["snapshot"]] and len(read_current(str(drop))) == 10
+    assert s3k["pruned"] == [d1["snapshot"], s3d["snapshot"]] and list(table_of(drop).tags.list()) == [s3k["snapshot"]]
+    assert len(read_current(str(drop))) == 10
 
 
 def test_changing_layers_starts_a_new_version(tiny_ckpt, tmp_path):
@@ -206,37 +219,30 @@ def test_killed_night_resumes_the_same_snapshot(tiny_ckpt, tmp_path, capsys):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     v = one_version(store)
-    pending = json.loads((v / "_PENDING.json").read_text())["snapshot"]
+    pending = Store(str(store)).pending(v.name)["snapshot"]
     snap = OutputFolder(str(v / "snapshots" / pending))
     before = snap.committed()
-    assert 1 <= len(before) < 24 and not (v / "_CURRENT.json").exists()
+    assert 1 <= len(before) < 24 and not (v / "current.lance").exists()  # readers see no half-written night
+    crashed = tmp_path / "crashed"
+    shutil.copytree(store, crashed)  # the killed state, for the second half below
+    lines = []
+    assert inspect(str(store), echo=lines.append) == 0
+    assert "  current:   none yet (no night has finished)" in lines
+    assert f"  in flight: snapshot {pending} (24 rows to embed); a rerun resumes it" in lines
     capsys.readouterr()
     assert main(args) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["snapshot"] == pending and s["computed"] == 24 and not (v / "_PENDING.json").exists()
+    assert s["snapshot"] == pending and s["computed"] == 24 and Store(str(store)).pending(v.name) is None
     done = json.loads((v / "snapshots" / pending / "_SUCCESS").read_text())
     assert done["shards_skipped"] == len(before) > 0 and done["shards_run"] == 24 - len(before)
     assert all(snap.committed()[k] == rec for k, rec in before.items())  # committed shards were not recomputed
-    assert set(read_current(str(store)).column("id").to_pylist()) == set(names)
-    # the state of a night killed after its extract but before its _CURRENT.json; when the plan has changed by the
-    # rerun (one row fewer), the snapshot cannot be resumed and is recomputed from scratch under the same id
-    crashed = tmp_path / "crashed"
-    shutil.copytree(store, crashed)
-    (crashed / v.name / "_CURRENT.json").unlink()
-    (crashed / v.name / "_PENDING.json").write_text(json.dumps({"snapshot": pending}))
-    # ... and killed while writing its current table, which had one more part than the rerun will write
-    table_dir = crashed / v.name / "current" / pending
-    shutil.copy(table_dir / "part-00000.parquet", table_dir / "part-00001.parquet")
-    lines = []
-    assert inspect(str(crashed), echo=lines.append) == 0
-    assert "  current:   none yet (no night has finished)" in lines
-    assert f"  in flight: snapshot {pending} (? rows)" in "\n".join(lines)  # this _PENDING.json was written by hand
+    assert sorted(read_current(str(store)).column("id").to_pylist()) == sorted(names)  # exactly the manifest's ids
+    # the same killed night, rerun after the manifest changed (7 rows): the snapshot cannot be resumed and is
+    # recomputed from scratch under the same id, and the table holds exactly the new manifest's ids
     m7 = str(write_manifest(tmp_path / "m7.parquet", [str(d / n) for n in files[:7]], names[:7]))
     s = refresh(cfg_for(tiny_ckpt, crashed, m7, **{"run.shard_size": 1}))
     assert s["snapshot"] == pending and s["extract"]["shards_skipped"] == 0 and s["extract"]["shards_run"] == 7
-    assert read_current(str(crashed)).num_rows == 7
-    files = json.loads((crashed / v.name / "_CURRENT.json").read_text())["files"]
-    assert sorted(f"current/{pending}/{p.name}" for p in table_dir.iterdir()) == sorted(files) == [f"current/{pending}/part-00000.parquet"]
+    assert sorted(read_current(str(crashed), include_deleted=True).column("id").to_pylist()) == sorted(names[:7])
 
 
 def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_path):
@@ -253,23 +259,31 @@ def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_
     assert s1["computed"] == 4 and s1["precheck"] == {"hashed": 0}
     current = read_current("s3://igpt-refresh/store", so)
     assert set(current.column("id").to_pylist()) == set(names) and all(e for e in current.column("etag").to_pylist())
-    pointer = fs.cat_file(f"igpt-refresh/store/{s1['version']}/_CURRENT.json")
+    lance1 = table_of_url("s3://igpt-refresh/store", so).version
     s2 = refresh(cfg)
     assert (s2["computed"], s2["snapshot"], s2["precheck"]) == (0, None, {"etag": 4, "hashed": 0})  # no bytes read
-    assert fs.cat_file(f"igpt-refresh/store/{s1['version']}/_CURRENT.json") == pointer
+    assert s2["stat"] == {"lists": 1, "heads": 0}  # one LIST for the prefix, no HEAD per row
+    assert table_of_url("s3://igpt-refresh/store", so).version == lance1
     time.sleep(1.1)
     fs.put_file(str(d / names[0]), f"igpt-refresh/images/{names[0]}")  # same bytes: new LastModified, same ETag
     cfg.refresh.keep_current = 1
     s3 = refresh(cfg)
     assert (s3["computed"], s3["metadata_updates"], s3["precheck"]) == (0, 1, {"etag": 4, "hashed": 0})
-    assert s3["pruned"] == [s1["snapshot"]]  # the first night's table, removed from the bucket
+    assert s3["pruned"] == [s1["snapshot"]]  # the first night's tag, and what only it used, removed from the bucket
+    assert list(table_of_url("s3://igpt-refresh/store", so).tags.list()) == [s3["snapshot"]]
     vprefix = f"igpt-refresh/store/{s1['version']}"
     fs.invalidate_cache()
-    assert {p.split("/")[-2] for p in fs.find(f"{vprefix}/current")} == {s3["snapshot"]}
     assert fs.exists(f"{vprefix}/snapshots/{s1['snapshot']}/_SUCCESS")
-    assert not fs.exists(f"igpt-refresh/store/{s1['version']}/snapshots/{s3['snapshot']}")  # no model run
+    assert not fs.exists(f"{vprefix}/snapshots/{s3['snapshot']}")  # no model run
     after = read_current("s3://igpt-refresh/store", so)
     assert after.column("embedding").to_pylist() == current.column("embedding").to_pylist()
+    lines = []
+    assert inspect("s3://igpt-refresh/store", verify=True, storage_options=so, echo=lines.append) == 0, lines
+
+
+def table_of_url(url, so):
+    st = Store(url, so)
+    return st.open(st.resolve(None))
 
 
 def test_cli_flags_config_and_k8s_manifest():
@@ -301,11 +315,19 @@ def test_snapshot_ids_sort_after_the_previous_night_even_with_a_clock_behind(tmp
 
     import igpt_batch.refresh as R
 
-    vdir = OutputFolder(str(tmp_path))
+    class Nights(Store):
+        last = {}
+
+        def nights(self, version):
+            return self.last
+
+    store = Nights(str(tmp_path))
     monkeypatch.setattr(R, "_now", lambda: dt.datetime(2026, 11, 27, 3, 15, tzinfo=dt.timezone.utc))
-    assert R._snapshot_id(vdir, None) == "20261127T031500Z"
-    assert R._snapshot_id(vdir, {"snapshot": "20261127T031459Z"}) == "20261127T031500Z"
-    (tmp_path / "snapshots" / "20261127T031500Z").mkdir(parents=True)  # taken by a killed attempt
-    assert R._snapshot_id(vdir, {"snapshot": "20261127T031459Z"}) == "20261127T031501Z"
+    assert R._snapshot_id(store, "v-x") == "20261127T031500Z"
+    store.last = {"20261127T031459Z": 1}
+    assert R._snapshot_id(store, "v-x") == "20261127T031500Z"
+    (tmp_path / "v-x" / "snapshots" / "20261127T031500Z").mkdir(parents=True)  # taken by a killed attempt
+    assert R._snapshot_id(store, "v-x") == "20261127T031501Z"
     # the previous night ran on a clock three years ahead: the next id follows it at once, no walk through time
-    assert R._snapshot_id(vdir, {"snapshot": "20291231T235959Z"}) == "20300101T000000Z"
+    store.last = {"20291231T235959Z": 1}
+    assert R._snapshot_id(store, "v-x") == "20300101T000000Z"

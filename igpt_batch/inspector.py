@@ -1,5 +1,4 @@
-"""`igpt-batch inspect OUTPUT|STORE`: what a run planned, committed and produced, or the state of a refresh store;
---verify checks the committed files (of a run) or the live current tables' files (of a store)."""
+"""`igpt-batch inspect OUTPUT|STORE`: what a run committed and produced, or the state of a refresh store (--verify checks)."""
 from __future__ import annotations
 
 import posixpath
@@ -7,7 +6,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from .storage import KINDS, OutputFolder, committed_files, errors_by_reason, read_output
+from .storage import KINDS, OutputFolder, errors_by_reason, read_output
 
 
 def inspect(url: str, verify: bool = False, storage_options: dict | None = None, echo=print) -> int:
@@ -15,9 +14,11 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
     out = OutputFolder(url, storage_options)
     job = out.read_json("_job.json")
     if job is None:
-        versions = sorted(f.split("/")[-2] for f in out.fs.glob(out.path("v-*", "_version.json")))
-        if versions:
-            return inspect_store(out, versions, verify, storage_options, echo)
+        from .store import Store
+
+        store = Store(url, storage_options)
+        if store.versions():
+            return inspect_store(store, verify, echo)
         echo(f"{url}: no _job.json (not an igpt-batch output) and no v-*/_version.json (not a refresh store)")
         return 1
     commits = out.committed()
@@ -32,7 +33,7 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
     for rec in commits.values():
         rows.update(rec.get("rows", {}))
     for kind in KINDS:
-        files = committed_files(out, kind)
+        files = out.committed_files(kind)
         if files:
             schema = pq.read_schema(out.path(files[0]), filesystem=out.fs)
             cols = ", ".join(f"{f.name}: {f.type}" for f in schema)
@@ -66,44 +67,44 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
     return 1 if problems else 0
 
 
-def inspect_store(store: OutputFolder, versions: list[str], verify: bool, storage_options: dict | None, echo) -> int:
-    """A refresh store: each version's live current table, its kept tables and snapshots, and a night in flight."""
-    from .refresh import current_tables
-
-    latest = store.read_json("_LATEST.json") or {}
+def inspect_store(store, verify: bool, echo) -> int:
+    """A refresh store: each version's Lance table (rows, nights kept as tags, fragments, index), its snapshots,
+    a night in flight and the failed rows by reason; --verify reads every kept night and checks the data files."""
+    latest = store.latest()
     echo(f"store:       {store.url}")
     echo(f"latest:      {latest.get('version', '-')}  snapshot {latest.get('snapshot', '-')}  at {latest.get('updated_at', '-')}")
     problems = []
-    for name in versions:
-        v = OutputFolder(posixpath.join(store.url, name), storage_options)
-        keys = v.read_json("_version.json")
+    for name in store.versions():
+        keys = store.version_info(name)
         echo(f"version {name}: model {keys.get('model')}  layers {keys.get('layers')}  dtype {keys.get('dtype')}  "
              f"n_px {keys.get('n_px')}  weights {keys.get('weights_fingerprint')}  created {keys.get('created_at')}")
-        # snapshots are never deleted, so listing their folders is enough (no walk through their files)
-        snapshots = sorted(posixpath.basename(p.rstrip("/")) for p in v.fs.ls(v.path("snapshots"), detail=False)) \
-            if v.exists("snapshots") else []
-        tables = current_tables(v)
-        cur = v.read_json("_CURRENT.json")
-        if cur:
-            echo(f"  current:   {cur['snapshot']}: {cur['rows']} rows, {cur['live_rows']} live, {cur['deleted']} deleted; "
-                 f"that night computed {cur['computed']}, {cur['errors']} failed  [{cur['path']}]")
-        else:
+        ds, nights = store.open(name), store.nights(name)
+        try:
+            rows, live = (ds.count_rows(), ds.count_rows("deleted = false")) if ds is not None else (0, 0)
+        except OSError as e:  # a data file gone: --verify names it
+            echo(f"  current:   unreadable ({e})")
+            ds = None
+            problems += [] if verify else [str(e)]
+        if ds is not None:
+            index = ", ".join(f"{i.name} ({i.index_type}, {i.num_rows_indexed} rows)" for i in ds.describe_indices()) \
+                or "none (exact search)"
+            echo(f"  current:   {max(nights) if nights else '-'}: {rows} rows, {live} live, {rows - live} deleted  "
+                 f"[{store.table_url(name)}, Lance version {ds.version}, {len(ds.get_fragments())} fragments]")
+            echo(f"  nights:    {len(nights)} kept as tags ({', '.join(nights) or '-'})")
+            echo(f"  index:     {index}")
+        elif not store.nights(name):
             echo("  current:   none yet (no night has finished)")
-        echo(f"  tables:    {len(tables)} kept in current/ ({', '.join(tables) or '-'})")
+        snapshots = store.snapshots(name)
         echo(f"  snapshots: {len(snapshots)}" + (f", newest {snapshots[-1]}" if snapshots else ""))
-        pending = v.read_json("_PENDING.json")
+        pending = store.pending(name)
         if pending:
-            echo(f"  in flight: snapshot {pending['snapshot']} ({pending.get('rows', '?')} rows), started "
-                 f"{pending.get('started_at', '?')}; a rerun resumes it")
-        if verify and cur:
-            rows = 0
-            for f in cur["files"]:
-                if not v.exists(f):
-                    problems.append(f"{name}: {f} is missing")
-                    continue
-                rows += pq.read_metadata(v.path(f), filesystem=v.fs).num_rows
-            if rows != cur["rows"] and not any(p.startswith(f"{name}:") for p in problems):
-                problems.append(f"{name}: the current table's files hold {rows} rows, _CURRENT.json says {cur['rows']}")
+            echo(f"  in flight: snapshot {pending['snapshot']} ({pending['rows']} rows to embed); a rerun resumes it")
+        failed = store.failed_by_reason(name)
+        echo(f"  failed:    {sum(failed.values())} rows not embedded (not retried while their source is unchanged)")
+        for reason, n in failed.most_common(10):
+            echo(f"    {n:>6}  {reason}")
+        if verify:
+            problems += store.verify(name)
     if not verify:
         return 0
     for p in problems:
