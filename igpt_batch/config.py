@@ -78,6 +78,8 @@ class RunConfig:
     torch_threads: int = 0  # per-actor torch threads (0 = torch default)
     max_retries: int = 3  # attempts per shard after the first, on actor death or shard failure
     max_error_fraction: float = 1.0  # fail the job when more than this fraction of input rows are errors
+    actor_start_timeout: float = 900.0  # seconds a worker may wait to be placed (an autoscaler adding a node)
+    lease_timeout: float = 600.0  # seconds after which another job's lease on the output counts as stale
 
 
 @dataclass
@@ -276,6 +278,8 @@ def validate(cfg: JobConfig) -> None:
     need(r.gpus_per_worker is None or 0 <= r.gpus_per_worker < math.inf, "run.gpus_per_worker", "must be finite and >= 0")
     need(r.torch_threads >= 0, "run.torch_threads", f"must be >= 0 (0 = torch default), got {r.torch_threads}")
     need(r.max_retries >= 0, "run.max_retries", "must be >= 0")
+    need(r.actor_start_timeout > 0, "run.actor_start_timeout", "must be > 0 seconds")
+    need(r.lease_timeout > 0, "run.lease_timeout", "must be > 0 seconds")
     need(0 <= r.max_error_fraction <= 1, "run.max_error_fraction", "must be in [0, 1]")
     i = cfg.input
     need(0 < i.read_timeout < math.inf, "input.read_timeout", f"must be finite and > 0, got {i.read_timeout}")

@@ -111,7 +111,7 @@ class RayPool:
         self.failed: dict[str, str] = {}
         self.queue: list[Shard] = []
         self.start_failures = 0  # in a row: a model that cannot load must not restart actors forever
-        self.start_timeout = float(getattr(cfg.run, "actor_start_timeout", 900.0))
+        self.start_timeout = cfg.run.actor_start_timeout
 
     def run(self, shards: list[Shard]) -> dict[str, str]:
         import ray
