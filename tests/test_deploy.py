@@ -107,16 +107,17 @@ def rayjob_of(docs) -> dict:
 
 @pytest.mark.parametrize("version", KUBERAY_VERSIONS)
 def test_rayjob_validates_against_the_kuberay_crd(docs, version):
-    schema = strict(json.loads((SCHEMAS / f"kuberay-{version}-rayjob-v1.json").read_text()))
+    # a validator built once (jsonschema.validate would re-check the 200 KB schema itself on every call)
+    validator = jsonschema.Draft202012Validator(strict(json.loads((SCHEMAS / f"kuberay-{version}-rayjob-v1.json").read_text())))
     rayjob = rayjob_of(docs)
-    jsonschema.validate(rayjob, schema)
+    validator.validate(rayjob)
     spec = rayjob["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and 60 <= spec["ttlSecondsAfterFinished"] <= 900  # minutes, not a day
     assert spec["activeDeadlineSeconds"] < 24 * 3600
     # the schema really checks: an unknown field and a wrongly typed one are refused
     for bad in ({**spec, "ttlSecondsAfterFinishd": 300}, {**spec, "ttlSecondsAfterFinished": "300"}):
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate({**rayjob, "spec": bad}, schema)
+            validator.validate({**rayjob, "spec": bad})
 
 
 def test_k8s_objects_validate_against_the_kubernetes_schema(docs):

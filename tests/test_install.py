@@ -189,7 +189,7 @@ def test_no_deps_install_next_to_another_ray_and_pyarrow_runs_extract(tmp_path, 
                     "--no-build-isolation", str(src)], check=True, timeout=300)
     probe = ("import igpt_batch, ray, pyarrow, torch; "
              "print(igpt_batch.__file__, ray.__version__, pyarrow.__version__, torch.__version__)")
-    where, ray_v, pa_v, _ = subprocess.check_output([str(py), "-c", probe], text=True).split()
+    where, ray_v, pa_v, _ = subprocess.check_output([str(py), "-c", probe], text=True, cwd=tmp_path).split()
     assert (ray_v, pa_v) == (OTHER["ray"], OTHER["pyarrow"]) and where.startswith(str(site))
 
     from PIL import Image
