@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Refresh planning cost on the driver: wall time and peak RSS of a night over a store of N rows, all unchanged.
+"""Refresh planning cost on the driver: wall time and peak RSS of a night over a Lance store of N rows, all unchanged.
 
 Each size gets a real store (a current table of N rows with 64-float embeddings, real files behind every uri:
 hard links, so every stat is a real os.stat) and one `refresh()` night in a fresh process, which plans, finds
@@ -41,7 +41,9 @@ def setup(rows: int, d: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from igpt_batch.refresh import current_schema, version_of
+    from igpt_batch import checkpoint
+    from igpt_batch.refresh import version_of
+    from igpt_batch.store import Store, current_schema
 
     (d / "img").mkdir(parents=True)
     for k in range(rows // LINKS_PER_FILE + 1):
@@ -53,17 +55,18 @@ def setup(rows: int, d: Path) -> None:
     for i, u in enumerate(uris):
         os.link(d / f"source{i // LINKS_PER_FILE}.jpg", u)
     pq.write_table(pa.table({"id": ids, "uri": uris}), d / "m.parquet")
-    version, *_ = version_of(job_config(d))
-    table_dir = d / "store" / version / "current" / SNAP
-    table_dir.mkdir(parents=True)
+    cfg = job_config(d)
+    version, _ = version_of(cfg, checkpoint.read_info(cfg.model.name))
     emb = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * 64, np.float32)), 64)
     t = pa.table({"id": ids, "uri": uris, "sha256": [f"{i:064x}" for i in range(rows)], "size": [1000] * rows,
                   "mtime": [str(MTIME_NS)] * rows, "etag": pa.nulls(rows, pa.string()), "embedding": emb,
                   "width": pa.array([32] * rows, pa.int32()), "height": pa.array([32] * rows, pa.int32()),
                   "snapshot": [SNAP] * rows, "deleted": [False] * rows})
-    pq.write_table(t.cast(current_schema(64)), table_dir / "part-00000.parquet")
-    (d / "store" / version / "_CURRENT.json").write_text(
-        json.dumps({"snapshot": SNAP, "files": [f"current/{SNAP}/part-00000.parquet"]}))
+    store = Store(str(d / "store"))
+    store.create_version(version, {})
+    t = t.cast(current_schema(64))
+    ds = store.commit(version, SNAP, pa.RecordBatchReader.from_batches(t.schema, t.to_batches()))
+    store.publish(version, SNAP, ds.version)
 
 
 def measure(d: Path) -> None:
@@ -74,7 +77,7 @@ def measure(d: Path) -> None:
     summary = refresh(cfg)
     wall = time.perf_counter() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"wall_s": wall, "peak_mib": peak_mib, "unchanged": summary["unchanged"],
+    print(json.dumps({"wall_s": wall, "peak_mib": peak_mib, "unchanged": summary["unchanged"], "stat": summary["stat"],
                       "computed": summary["computed"], "precheck": summary["precheck"]}))
 
 
