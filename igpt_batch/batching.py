@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("igpt_batch")
 CPU_EXTRACT_BATCH = 32  # on CPU memory is not the limit; larger batches gain nothing
+# On CPU a decode step's matmuls read every weight once per step, whatever the batch, while attention reads each
+# sample's own KV cache: larger batches amortise the weights until attention dominates. Best measured on the
+# 2-core VM at 1024 positions (docs/BENCHMARKS.md); larger batches gain little and cost memory.
 CPU_SAMPLE_BATCH = 32
 MAX_BATCH = 1024
 
@@ -40,7 +44,8 @@ def extract_batch_size(model, layers: list[int], requested: int | str) -> int:
 
 
 def sample_batch_size(model, requested: int | str, headroom: float = 0.7) -> int:
-    """`requested`, or for `auto` as many samples as the free GPU memory holds KV caches for.
+    """`requested`, or for `auto` as many samples as the free GPU memory holds KV caches for; on CPU the
+    throughput-best batch (CPU_SAMPLE_BATCH), smaller only where the available memory cannot hold its caches.
 
     A sample's KV cache is exactly 2 * n_layer * n_positions * n_embd * bytes per element; `headroom`
     leaves the rest for activations and the allocator."""
@@ -51,11 +56,33 @@ def sample_batch_size(model, requested: int | str, headroom: float = 0.7) -> int
     if requested != "auto":
         return int(requested)
     if model.device.type != "cuda":
-        log.info("batch size auto: %d on CPU", CPU_SAMPLE_BATCH)
-        return CPU_SAMPLE_BATCH
+        batch = _cpu_sample_batch(per_sample, headroom)
+        log.info("batch size auto: %d samples on CPU", batch)
+        return batch
     import torch
 
     free, _ = torch.cuda.mem_get_info(model.device)
     batch = max(1, min(MAX_BATCH, int(free * headroom // per_sample)))
     log.info("batch size auto: %d samples (%.1f GiB free on %s)", batch, free / 2**30, model.device)
+    return batch
+
+
+def available_memory_bytes() -> int:
+    """The host's available memory (MemAvailable from /proc/meminfo; free pages where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _cpu_sample_batch(per_sample: int, headroom: float) -> int:
+    """The throughput-best CPU batch (CPU_SAMPLE_BATCH), halved until its KV caches fit in the available memory."""
+    budget = available_memory_bytes() * headroom
+    batch = CPU_SAMPLE_BATCH
+    while batch > 1 and batch * per_sample > budget:
+        batch //= 2
     return batch
