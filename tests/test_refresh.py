@@ -332,3 +332,90 @@ def test_snapshot_ids_sort_after_the_previous_night_even_with_a_clock_behind(tmp
     # the previous night ran on a clock three years ahead: the next id follows it at once, no walk through time
     store.last = {"20291231T235959Z": 1}
     assert R._snapshot_id(store, "v-x") == "20300101T000000Z"
+
+
+# -- the five steps, one by one -------------------------------------------------------------------------------------
+@pytest.fixture
+def one_night(tiny_ckpt, tmp_path):
+    """A store after one night over 8 real photos, and the pieces a step needs."""
+    from igpt_batch import checkpoint
+    from igpt_batch.refresh import version_of
+
+    d = tmp_path / "img"
+    names = photos(d)
+    store = tmp_path / "store"
+    refresh(cfg_for(tiny_ckpt, store, manifest(tmp_path / "m1.parquet", d, names)))
+    info = checkpoint.read_info(tiny_ckpt)
+    version, _ = version_of(cfg_for(tiny_ckpt, store, "m"), info)
+    return {"d": d, "names": names, "store": store, "info": info, "version": version, "ckpt": tiny_ckpt, "tmp": tmp_path}
+
+
+def _night3(o):
+    """Night 3's changes of the end-to-end test: one new content, one gone, two new, one touched."""
+    from PIL import Image
+
+    d = o["d"]
+    Image.fromarray(np.asarray(Image.open(d / "coffee-small.png"))[::-1].copy()).save(d / "coffee-small.png")
+    t = time.time() + 60
+    os.utime(d / "chelsea.jpg", (t, t))
+    Image.fromarray(real_photos()["rocket"]).resize((90, 30)).save(d / "rocket-wide.png")
+    names = [n for n in o["names"] if n != "rocket.jpg"] + ["rocket-wide.png"]
+    return manifest(o["tmp"] / "m3.parquet", d, names)
+
+
+def test_step_plan_in_buckets_counts_as_in_one(one_night, ray_local):
+    from igpt_batch.refresh import plan
+
+    o = one_night
+    cfg = cfg_for(o["ckpt"], o["store"], _night3(o))
+    nights = []
+    for buckets, executor in ((None, "local"), (3, "local"), (3, "ray")):
+        cfg.run.executor = executor
+        if buckets:
+            cfg.refresh.plan_bucket_rows = buckets  # 8 rows in 3 buckets of id
+        nights.append(plan(cfg, Store(str(o["store"])), o["version"], o["info"], [2]))
+    for n in nights:
+        s = n.summary
+        assert (s["new"], s["changed"], s["unchanged"], s["deleted"], s["metadata_updates"]) == (1, 1, 6, 1, 1)
+        assert sorted(n.compute.column("id").to_pylist()) == ["coffee-small.png", "rocket-wide.png"]
+        assert n.touch.column("id").to_pylist() == ["chelsea.jpg"] and n.gone.column("id").to_pylist() == ["rocket.jpg"]
+    counts = [{k: v for k, v in n.summary.items() if k not in ("snapshot", "stat")} for n in nights]
+    assert counts[0] == counts[1] == counts[2]  # the summary's counts do not depend on the buckets
+    assert not (o["store"] / o["version"] / "_planning").exists()  # the bucket files are removed
+
+
+def test_step_run_extract_counts_errors_against_the_whole_manifest(one_night):
+    from igpt_batch.driver import JobError
+    from igpt_batch.refresh import plan, run_extract
+
+    o = one_night
+    (o["d"] / "broken.jpg").write_text("not an image")
+    m = manifest(o["tmp"] / "m2.parquet", o["d"], o["names"] + ["broken.jpg"])
+    store = Store(str(o["store"]))
+    night = plan(cfg_for(o["ckpt"], o["store"], m), store, o["version"], o["info"], [2])
+    run_extract(cfg_for(o["ckpt"], o["store"], m, **{"run.max_error_fraction": 0.2}), night)  # 1 of 9 rows: fine
+    assert night.errors.column("id").to_pylist() == ["broken.jpg"]
+    with pytest.raises(JobError, match="1 of 9 manifest rows failed"):
+        run_extract(cfg_for(o["ckpt"], o["store"], m, **{"run.max_error_fraction": 0.1}), night)
+
+
+def test_steps_merge_publish_prune(one_night):
+    from igpt_batch.refresh import merge, plan, prune, publish, run_extract
+
+    o = one_night
+    cfg = cfg_for(o["ckpt"], o["store"], _night3(o), **{"refresh.keep_current": 1})
+    store = Store(str(o["store"]))
+    before = by_id(read_current(str(o["store"])))
+    night = plan(cfg, store, o["version"], o["info"], [2])
+    run_extract(cfg, night)
+    reader, drop = merge(cfg, night)
+    rows = by_id(reader.read_all())
+    assert drop is None and sorted(rows) == ["chelsea.jpg", "coffee-small.png", "rocket-wide.png", "rocket.jpg"]
+    assert rows["rocket.jpg"]["deleted"] and rows["rocket.jpg"]["embedding"] == before["rocket.jpg"]["embedding"]
+    assert rows["chelsea.jpg"]["mtime"] != before["chelsea.jpg"]["mtime"] and rows["chelsea.jpg"]["sha256"] == before["chelsea.jpg"]["sha256"]
+    assert rows["rocket-wide.png"]["snapshot"] == night.snap
+    first = list(store.nights(o["version"]))
+    publish(cfg, night, *merge(cfg, night))
+    assert list(store.nights(o["version"])) == first + [night.snap] and night.summary["live_rows"] == 8
+    prune(cfg, night)
+    assert night.summary["pruned"] == first and list(store.nights(o["version"])) == [night.snap]
