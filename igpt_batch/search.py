@@ -1,9 +1,12 @@
-"""Nearest neighbours, near-duplicates and Parquet export over a refresh store's Lance current table."""
+"""Over a refresh store's Lance current table: the vector index, and `igpt-batch export` (a plain Parquet copy)."""
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 
 log = logging.getLogger("igpt_batch")
+EXPORT_ROWS = 100_000  # rows per exported part-*.parquet
 
 
 def update_index(store, version: str, min_rows: int) -> None:
@@ -17,3 +20,42 @@ def update_index(store, version: str, min_rows: int) -> None:
                         num_sub_vectors=next(d for d in (16, 8, 4, 2, 1) if dim % d == 0))
     else:
         ds.optimize.optimize_indices()
+
+
+def export(store_url: str, out_url: str, snapshot: str | None = None, version: str | None = None,
+           storage_options: dict | None = None, include_deleted: bool = False) -> dict:
+    """Write the live rows of a night (the latest by default) as Parquet parts under out_url, for readers of
+    nothing else; streams the table a part at a time."""
+    import pyarrow as pa
+
+    from .storage import OutputFolder
+    from .store import Store, write_parquet
+
+    store = Store(store_url, storage_options)
+    version = store.resolve(version)
+    ds = store.open(version, snapshot)
+    if ds is None:
+        raise FileNotFoundError(f"{store_url}/{version} has no current table yet")
+    out, n, parts = OutputFolder(out_url, storage_options), 0, 0
+    for batch in ds.to_batches(filter=None if include_deleted else "deleted = false", batch_size=EXPORT_ROWS):
+        write_parquet(out, f"part-{parts:05d}.parquet", pa.Table.from_batches([batch]))
+        n, parts = n + batch.num_rows, parts + 1
+    summary = {"version": version, "snapshot": snapshot or max(store.nights(version)), "rows": n, "parts": parts}
+    out.write_json("_export.json", summary)
+    return summary
+
+
+def add_arguments(sub) -> None:
+    e = sub.add_parser("export", help="write a refresh store's current table as plain Parquet files")
+    e.add_argument("store", help="the refresh store (folder or fsspec URL)")
+    e.add_argument("out", help="output folder or fsspec URL for part-*.parquet")
+    e.add_argument("--snapshot", help="the night to export (a kept snapshot id); default the latest")
+    e.add_argument("--version", help="the store version (v-...); default the latest")
+    e.add_argument("--include-deleted", action="store_true", help="also rows marked deleted")
+    e.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+
+
+def run(args: argparse.Namespace) -> int:
+    so = json.loads(args.storage_options) if args.storage_options else None
+    print(json.dumps(export(args.store, args.out, args.snapshot, args.version, so, args.include_deleted), indent=2))
+    return 0

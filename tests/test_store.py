@@ -114,3 +114,22 @@ def test_store_on_s3(s3_server: S3Server):
     assert sorted(store.read(V).column("id").to_pylist()) == ["a", "b", "c"]
     assert store.read(V, "20260101T000000Z").num_rows == 2 and store.prune(V, 1, 0) == ["20260101T000000Z"]
     assert store.verify(V) == [] and store.versions() == [V]
+
+
+def test_export_writes_a_night_as_parquet(tmp_path):
+    import pyarrow.parquet as pq
+
+    from igpt_batch.search import add_arguments, export, run
+
+    store = Store(str(tmp_path / "store"))
+    store.create_version(V, {})
+    night(store, "20260101T000000Z", rows(["a", "b"], "20260101T000000Z"))
+    night(store, "20260102T000000Z", rows(["b"], "20260102T000000Z", deleted=True))
+    assert export(str(tmp_path / "store"), str(tmp_path / "out"))["rows"] == 1
+    assert pq.read_table(tmp_path / "out").column("id").to_pylist() == ["a"]
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p.add_subparsers())
+    assert run(p.parse_args(["export", str(tmp_path / "store"), str(tmp_path / "old"), "--snapshot", "20260101T000000Z"])) == 0
+    assert sorted(pq.read_table(tmp_path / "old").column("id").to_pylist()) == ["a", "b"]
