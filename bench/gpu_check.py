@@ -28,6 +28,7 @@ from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa:
 from igpt_batch import batching  # noqa: E402
 from igpt_batch.model import IGPT, kv_cache_bytes, resolve_device  # noqa: E402
 from igpt_batch.sampling import generate  # noqa: E402
+from sampler_breakdown import greedy_prefix  # noqa: E402
 
 MEDIUM = dict(n_embd=1024, n_layer=36, n_head=8, n_positions=1024, vocab_size=513)
 SMOKE = dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=17)
@@ -60,25 +61,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def greedy_prefix(model: IGPT, batch: int, n: int) -> np.ndarray:
-    """The first n greedy tokens after [SOS] with our prefill + decode steps: (batch, n)."""
-    cache = model.new_cache(batch)
-    ids = torch.full((batch, 1), model.sos_id, dtype=torch.long, device=model.device)
-    logits, out = model.prefill(ids, cache), []
-    for p in range(n):
-        out.append(logits.argmax(-1))
-        if p + 1 < n:
-            logits = model.decode_one_token(out[-1][:, None], p + 1, cache)
-    return torch.stack(out, 1).cpu().numpy()
-
-
 def check_greedy_fp32(shape: dict, device: torch.device, n: int = 64, batch: int = 2) -> dict:
     hf, model = build(shape, torch.float32, device)
     sos = torch.full((batch, 1), model.sos_id, dtype=torch.long, device=device)
     with torch.no_grad():
         ref = hf.generate(input_ids=sos, attention_mask=torch.ones_like(sos), max_new_tokens=n, do_sample=False,
                           pad_token_id=0)[:, 1:].cpu().numpy()
-    ours = greedy_prefix(model, batch, n)
+    ours = greedy_prefix(model, batch, n).cpu().numpy()
     return {"positions": n, "batch": batch, "equal": bool(np.array_equal(ours, ref)),
             "agreement": float((ours == ref).mean())}
 

@@ -77,3 +77,35 @@ def format_row(r: dict) -> str:
 
 HEADER = ("| batch | position | step ms | matmuls ms (weights GB/s) | attention ms (KV GB/s) | rest ms |\n"
           "|---|---|---|---|---|---|")
+
+
+def greedy_prefix(model: IGPT, batch: int, n: int) -> torch.Tensor:
+    """The first n greedy tokens after [SOS] through prefill + decode_one_token: (batch, n) int64."""
+    cache = model.new_cache(batch)
+    ids = torch.full((batch, 1), model.sos_id, dtype=torch.long, device=model.device)
+    logits, out = model.prefill(ids, cache), []
+    for p in range(n):
+        out.append(logits.argmax(-1))
+        if p + 1 < n:
+            logits = model.decode_one_token(out[-1][:, None], p + 1, cache)
+    return torch.stack(out, 1)
+
+
+def precision_row(reference: IGPT, model: IGPT, batch: int, n_greedy: int, layer: int) -> dict:
+    """A reduced-precision model against fp32: feature error, greedy agreement, extraction and sampling speed.
+
+    Greedy agreement: the share of the first n_greedy greedy tokens equal to fp32's, and how many positions
+    each sample runs before its first disagreement (after one, the two continue from different prefixes)."""
+    device, P = model.device, model.n_positions
+    tokens = torch.randint(0, model.vocab_size - 1, (batch, P), generator=torch.Generator().manual_seed(0)).to(device)
+    ref_f, got_f = reference.features(tokens, [layer]), model.features(tokens, [layer])
+    n_greedy = min(n_greedy, P)
+    ref_g, got_g = greedy_prefix(reference, 2, n_greedy), greedy_prefix(model, 2, n_greedy)
+    same = (ref_g == got_g).int()
+    first_diff = torch.where(same.all(1), n_greedy, (1 - same).argmax(1))
+    with torch.no_grad():
+        extract_s = _best(lambda: model.features(tokens, [layer]), device, repeats=2)
+    return {"dtype": str(model.dtype).replace("torch.", ""),
+            "feature_rel_error": ((got_f - ref_f).norm() / ref_f.norm()).item(),
+            "greedy_agreement": same.float().mean().item(), "greedy_first_diff": first_diff.tolist(),
+            "extract_images_per_s": batch / extract_s}
