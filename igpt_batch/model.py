@@ -86,9 +86,16 @@ def rms_norm(x: torch.Tensor, ln) -> torch.Tensor:
 
 
 def conv1d(x: torch.Tensor, mod) -> torch.Tensor:
-    """transformers Conv1D: x @ weight + bias with weight laid out (in, out)."""
-    out = torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), mod.weight)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    """transformers Conv1D: x @ weight + bias, weight (in, out) (stored row-major (out, in) by row_major_conv1d)."""
+    return F.linear(x, mod.weight.t(), mod.bias)
+
+
+def row_major_conv1d(mod) -> None:
+    """Re-store a Conv1D weight (in, out) as the transpose of a contiguous (out, in) tensor, in place: the same
+    parameter, values and shape for transformers, but F.linear then reads it row by row. On the project's AVX2
+    CPU that makes a decode step's matmuls 1.5x faster in fp32 and 15x in bf16 (docs/BENCHMARKS.md)."""
+    if not mod.weight.t().is_contiguous():
+        mod.weight.data = mod.weight.data.t().contiguous().t()
 
 
 class IGPT(torch.nn.Module):
@@ -111,6 +118,9 @@ class IGPT(torch.nn.Module):
             raise ValueError(f"clusters must have shape ({self.vocab_size - 1}, 3), got {clusters.shape}")
         self.clusters = clusters
         self.act = ACT2FN[cfg.activation_function]
+        for blk in hf_model.transformer.h:
+            for mod in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj):
+                row_major_conv1d(mod)
         inv_layer = bool(getattr(cfg, "scale_attn_by_inverse_layer_idx", False))
         base = 1.0 / math.sqrt(self.head_dim) if cfg.scale_attn_weights else 1.0
         self.attn_scales = [base / (i + 1 if inv_layer else 1) for i in range(self.n_layer)]
