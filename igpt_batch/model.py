@@ -1,10 +1,10 @@
-"""The one ImageGPT transformer forward of the project (extraction and sampling both use it).
+"""The one ImageGPT transformer forward of the project (extraction and sampling both use it)."""
 
-It runs over the weights of a transformers ``ImageGPTForCausalImageModeling`` (its parameters, never a
-copy) with ``scaled_dot_product_attention`` and a preallocated static KV cache updated in place.
-Numerics follow transformers' eager ImageGPT: RMS-style layer norm without mean subtraction or bias,
-Conv1D weights laid out (in, out), attention scale 1/sqrt(head_dim) (optionally also 1/(layer+1)).
-"""
+# It runs over the weights of a transformers ImageGPTForCausalImageModeling (its parameters, never a copy) with
+# scaled_dot_product_attention and a preallocated static KV cache updated in place. Numerics follow transformers'
+# eager ImageGPT: RMS-style layer norm without mean subtraction or bias (statistics in fp32), Conv1D weights (in, out)
+# (re-stored row-major in place, so F.linear reads them row by row),
+# attention scale 1/sqrt(head_dim) (optionally also 1/(layer+1)).
 
 from __future__ import annotations
 
