@@ -20,6 +20,7 @@ from .config import JobConfig
 
 THREADS = 16  # concurrent HEADs, listings and re-reads
 LIST_MIN = 4  # a prefix holding at least this many of a bucket's rows is listed once instead of stat-ed row by row
+BUCKET_ROWS = 250_000  # default refresh.plan_bucket_rows: manifest rows planned by one process
 META = ("id", "uri", "sha256", "size", "mtime", "etag", "deleted")  # the current table's columns planning reads
 STAT_SCHEMA = pa.schema([("size", pa.int64()), ("mtime", pa.string()), ("etag", pa.string())])
 TOUCH = ("id", "uri", "size", "mtime", "etag")  # a metadata update: these columns of an unchanged row
@@ -85,29 +86,34 @@ def stat_one(uri: str, options: dict, timeout: float) -> dict | None:
         return None
 
 
-def _listing(prefix: str, options: dict, timeout: float) -> dict[str, dict]:
-    """Basename -> stat of every entry of one folder or prefix: os.scandir locally, one LIST on object stores."""
+def _listing(prefix: str, wanted: set[str], options: dict, timeout: float) -> dict[str, dict]:
+    """Basename -> stat of the `wanted` entries of one folder or prefix: os.scandir locally, one LIST on object
+    stores. Only wanted entries are kept, so memory follows the bucket's rows, not the folder's size."""
     try:
         path = _local_path(prefix)
         if path is not None:
             with os.scandir(path or ".") as it:
-                return {e.name: e for e in it}  # stat-ed lazily: only the entries a row asks for
+                return {e.name: _entry_stat(e) for e in it if e.name in wanted}
         fs, path = _fs_for(prefix, options)
         fs.invalidate_cache(path)
         found = images._with_deadline(lambda: fs.ls(path, detail=True), timeout, prefix)
-        return {posixpath.basename(i["name"].rstrip("/")): i for i in found if i.get("type") != "directory"}
+        return {name: _from_info(i) for i in found
+                if i.get("type") != "directory" and (name := posixpath.basename(i["name"].rstrip("/"))) in wanted}
     except Exception:
         return {}
 
 
-def _entry_stat(entry) -> dict | None:
-    if isinstance(entry, dict):
-        return _from_info(entry)
+def _entry_stat(entry: os.DirEntry) -> dict | None:
     try:
         st = entry.stat()
         return {"size": st.st_size, "mtime": str(st.st_mtime_ns), "etag": None}
     except OSError:
         return None
+
+
+def _basename(uri: str) -> str:
+    path = _local_path(uri)
+    return os.path.basename(path) if path is not None else uri.rsplit("/", 1)[-1]
 
 
 def stat_table(uris: pa.Array, options: dict, timeout: float) -> tuple[pa.Table, Counter]:
@@ -116,26 +122,24 @@ def stat_table(uris: pa.Array, options: dict, timeout: float) -> tuple[pa.Table,
     uris = uris.to_pylist()
     by_prefix = defaultdict(list)
     for i, u in enumerate(uris):
-        if not u.lower().startswith(("http://", "https://")):
-            by_prefix[u.rsplit("/", 1)[0] if "/" in u else ""].append(i)
-    listed = [p for p, rows in by_prefix.items() if len(rows) >= LIST_MIN]
-    out: list[dict | None] = [None] * len(uris)
+        web = u.lower().startswith(("http://", "https://"))
+        by_prefix[None if web else (u.rsplit("/", 1)[0] if "/" in u else "")].append(i)
+    listed = [p for p, rows in by_prefix.items() if p is not None and len(rows) >= LIST_MIN]
+    head = [i for p, rows in by_prefix.items() if p not in listed for i in rows]
+    cols = {c: [None] * len(uris) for c in STAT_SCHEMA.names}
+
+    def put(i: int, st: dict | None) -> None:
+        for c in cols:
+            cols[c][i] = (st or {}).get(c)
+
     with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-refresh") as pool:
-        listings = dict(zip(listed, pool.map(lambda p: _listing(p, options, timeout), listed)))
-        head = []
-        for p, rows in by_prefix.items():
-            if p not in listings:
-                head += rows
-        head += [i for i, u in enumerate(uris) if u.lower().startswith(("http://", "https://"))]
-        for p, entries in listings.items():
+        wanted = [{_basename(uris[i]) for i in by_prefix[p]} for p in listed]
+        for p, entries in zip(listed, pool.map(lambda pw: _listing(pw[0], pw[1], options, timeout), zip(listed, wanted))):
             for i in by_prefix[p]:
-                entry = entries.get(uris[i].rsplit("/", 1)[-1] if _local_path(uris[i]) is None
-                                    else os.path.basename(_local_path(uris[i])))
-                out[i] = _entry_stat(entry) if entry is not None else None
+                put(i, entries.get(_basename(uris[i])))
         for i, st in zip(head, pool.map(lambda i: stat_one(uris[i], options, timeout), head)):
-            out[i] = st
-    table = pa.Table.from_pylist([st or {} for st in out], schema=STAT_SCHEMA)
-    return table, Counter(lists=len(listings), heads=len(head))
+            put(i, st)
+    return pa.table(cols, schema=STAT_SCHEMA), Counter(lists=len(listed), heads=len(head))
 
 
 def sha_of(uri: str, cfg: JobConfig) -> str | None:
@@ -221,7 +225,7 @@ def plan_night(cfg: JobConfig, store, version: str, failed: pa.Table, pending: s
     from .manifest import iter_manifest, scan_manifest
 
     rows = scan_manifest(cfg.input.manifest, cfg.storage_options).rows  # the checks: empty, duplicate ids
-    n = max(1, -(-rows // getattr(cfg.refresh, "plan_bucket_rows", 1_000_000)))
+    n = max(1, -(-rows // getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)))
     if n == 1:
         prev = store.read(version, columns=list(META))
         prev = prev if prev.num_rows or prev.num_columns else _empty_meta()
