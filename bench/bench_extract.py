@@ -196,6 +196,7 @@ class ProductionShard:
         OutputFolder(cfg.output.path).write_plan(self.shard.name, pa.table({
             "id": [f"img-{i:06d}" for i in range(len(uris))], "uri": uris}))
         self.worker = ShardWorker(cfg, task, task.resolve(cfg, checkpoint.read_info(ckpt)))
+        self.worker.load()
 
     def run(self) -> None:
         record = self.worker.run(self.shard)

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = refresh(cfg)
         else:
             summary = run_job(cfg, args.command)
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, sort_keys=True), flush=True)  # one line: the last on stdout, for log-based alerts
         return 0
     except (ValueError, FileNotFoundError) as e:  # ConfigError, ManifestError: bad input, before any work
         print(f"igpt-batch: error: {e}", file=sys.stderr)

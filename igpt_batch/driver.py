@@ -144,7 +144,8 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
         raise JobError(f"{summary['errors']} of {n_rows} input rows failed, over run.max_error_fraction="
                        f"{cfg.run.max_error_fraction}; committed shards are kept. Errors by reason: {summary['errors_by_reason']}")
     out.finish(summary, ok=True)
-    log.info("done: %s", {k: v for k, v in summary.items() if k != "errors_by_reason"})
+    log.info("done: %d shards (%d skipped), rows %s, %d errors, %.1f s", summary["shards"], summary["shards_skipped"],
+             summary["rows"], summary["errors"], summary["wall_s"])
     return summary
 
 

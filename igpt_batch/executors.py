@@ -62,6 +62,9 @@ def init_ray(address: str | None) -> bool:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
+        # Ray's default token auth stays on; only its notice about that, on every local run, is dropped
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: "Token authentication is enabled" not in record.getMessage())
         ray.init(address="local", include_dashboard=False, configure_logging=False)
         return True
     return False
@@ -190,7 +193,7 @@ class RayPool:
             try:
                 state["node"], state["ready"] = ray.get(ref), None
                 self.start_failures = 0
-            except Exception as e:  # the model could not load, or the actor died while starting
+            except Exception as e:  # the actor process could not start
                 self.start_failures += 1
                 reason = f"worker failed to start: {type(e).__name__}: {e}"
                 if self.start_failures > self.cfg.run.max_retries:

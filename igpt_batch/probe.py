@@ -18,6 +18,7 @@ No torch import.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Sequence
 
@@ -25,23 +26,26 @@ import numpy as np
 import pyarrow as pa
 
 
-def read_labels(labels: pa.Table | str | os.PathLike) -> pa.Table:
-    """A labels table, or a .csv / .parquet (or Parquet folder) path -> pa.Table with id and label."""
+def read_labels(labels: pa.Table | str | os.PathLike, storage_options: dict | None = None) -> pa.Table:
+    """A labels table, or a .csv / .parquet (or Parquet folder) path or fsspec URL -> pa.Table with id and label."""
     if isinstance(labels, pa.Table):
         table = labels
     else:
-        path = os.fspath(labels)
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(os.fspath(labels), **(storage_options or {}))
         if path.lower().endswith((".csv", ".csv.gz", ".tsv")):
             import pyarrow.csv as pcsv
 
             parse = pcsv.ParseOptions(delimiter="\t") if path.lower().endswith(".tsv") else None
             # ids and labels stay strings: "007" must not turn into 7
-            table = pcsv.read_csv(path, parse_options=parse, convert_options=pcsv.ConvertOptions(
-                column_types={"id": pa.string(), "label": pa.string()}))
+            with fs.open(path, "rb", compression="infer") as f:
+                table = pcsv.read_csv(f, parse_options=parse, convert_options=pcsv.ConvertOptions(
+                    column_types={"id": pa.string(), "label": pa.string()}))
         else:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            table = pq.read_table(path, filesystem=fs)
     missing = {"id", "label"} - set(table.column_names)
     if missing:
         raise ValueError(f"labels need columns id and label; missing {sorted(missing)} (have {table.column_names})")
@@ -185,7 +189,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `igpt-batch probe`."""
     p.add_argument("output_url", help="an extract job's output folder (local or fsspec URL)")
     p.add_argument("labels", help="CSV or Parquet with columns id, label")
-    p.add_argument("--layers", type=int, nargs="+", help="layers to probe (default: all in the embeddings)")
+    p.add_argument("--layer", "--layers", dest="layers", type=int, nargs="+", action="extend", metavar="L",
+                   help="layer to probe, repeatable (default: all in the embeddings)")
+    p.add_argument("--storage-options", dest="storage_options",
+                   help="JSON fsspec options for the output and the labels, e.g. an S3 endpoint")
     p.add_argument("--test-size", dest="test_size", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iter", dest="max_iter", type=int, default=1000)
@@ -195,10 +202,11 @@ def run_from_args(args: argparse.Namespace) -> dict:
     """`igpt-batch probe`: read the committed embeddings of an extract output, probe them, print a table."""
     from .storage import read_output
 
-    table = read_output(args.output_url, "embeddings")
+    so = json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
+    table = read_output(args.output_url, "embeddings", so)
     if table.num_rows == 0:
         raise ValueError(f"no committed embeddings in {args.output_url}")
-    result = probe(table, args.labels, layers=args.layers, test_size=args.test_size, seed=args.seed,
+    result = probe(table, read_labels(args.labels, so), layers=args.layers, test_size=args.test_size, seed=args.seed,
                    max_iter=args.max_iter)
     print(format_result(result))
     return result

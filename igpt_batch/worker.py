@@ -30,24 +30,48 @@ class ShardWorker:
     """
 
     def __init__(self, cfg: JobConfig, task: Task, resolved: Resolved):
-        import torch
-
-        from .model import load_model
-
-        if cfg.run.torch_threads:
-            torch.set_num_threads(cfg.run.torch_threads)
-        self.cfg, self.task = cfg, task
-        self.model = load_model(resolved.info.path, cfg.model.dtype, cfg.model.device)
+        self.cfg, self.task, self.resolved = cfg, task, resolved
         self.out = OutputFolder(cfg.output.path, cfg.storage_options)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="igpt-read")
         # The Ray executor keeps two shards in flight per actor (max_concurrency=2) so one shard's reading,
         # decoding and writing overlap the other's compute; the lock keeps model calls one at a time.
         self.model_lock = threading.Lock()
-        self.runner = task.runner(self, resolved)
+        self._load_lock = threading.Lock()
+        self.model = self.runner = self._load_error = None
         self.fingerprint = resolved.info.weights_fingerprint
 
+    def load(self) -> None:
+        """Build the model and the task's runner once (on the first shard, so an actor is placed before it loads);
+        a model that cannot load fails every later call at once with the same error."""
+        with self._load_lock:
+            if self._load_error is not None:
+                raise self._load_error
+            if self.runner is not None:
+                return
+            try:
+                self._build()
+            except Exception as e:
+                self._load_error = e
+                raise
+
+    def _build(self) -> None:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from .model import load_model
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in actors
+        hf_logging.disable_progress_bar()  # one line below says the model loaded, not a bar per actor
+        if self.cfg.run.torch_threads:
+            torch.set_num_threads(self.cfg.run.torch_threads)
+        t0 = time.perf_counter()
+        self.model = load_model(self.resolved.info.path, self.cfg.model.dtype, self.cfg.model.device)
+        log.info("model %s (%s) loaded on %s in %.1f s", self.cfg.model.name, self.cfg.model.dtype, self.model.device,
+                 time.perf_counter() - t0)
+        self.runner = self.task.runner(self, self.resolved)
+
     def node_id(self) -> str:
-        """The Ray node this actor runs on (the pool's readiness probe: it answers once the model is loaded)."""
+        """The Ray node this actor runs on (the pool's placement probe: it answers as soon as the actor is up)."""
         import ray
 
         return ray.get_runtime_context().get_node_id()
@@ -86,6 +110,7 @@ class ShardWorker:
 
     def run(self, shard: Shard) -> dict:
         """Process one shard and commit it; returns the commit record plus timings."""
+        self.load()
         t0 = time.perf_counter()
         stats = dict.fromkeys(STAGES, 0.0)
         rows = self.out.read_plan(shard.name) if self.task.reads_manifest else None  # written by the driver

@@ -1,0 +1,135 @@
+"""The Ray executor under real faults: workers that cannot be placed, a local node that dies, a worker node removed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from igpt_batch import config
+from igpt_batch.driver import JobError, run_job
+from igpt_batch.executors import check_resources
+from igpt_batch.storage import OutputFolder, read_output
+
+IGPT = str(Path(sys.executable).parent / "igpt-batch")
+
+
+def test_check_resources_names_what_is_missing():
+    nodes = {"a": {"CPU": 2.0}, "b": {"CPU": 1.0, "GPU": 1.0}}
+    assert check_resources({"CPU": 1, "GPU": 1}, nodes) is None
+    assert check_resources({"CPU": 2, "GPU": 0}, nodes) is None
+    msg = check_resources({"CPU": 8, "GPU": 0}, nodes)
+    assert "CPU: 8 per worker, at most 2 on any node" in msg
+    msg = check_resources({"CPU": 2, "GPU": 1}, nodes)  # each exists, but on no single node together
+    assert msg.startswith("the cluster cannot place a worker")
+    assert "GPU: 1 per worker, at most 0 on any node" in check_resources({"CPU": 1, "GPU": 1}, {"a": {"CPU": 4.0}})
+
+
+@pytest.mark.parametrize("flags,missing", [({"run.gpus_per_worker": 1}, "GPU: 1 per worker, at most 0"),
+                                           ({"run.cpus_per_worker": 8}, "CPU: 8 per worker, at most 2")])
+def test_unplaceable_workers_fail_with_the_missing_resource(ray_local, tiny_ckpt, tmp_path, flags, missing):
+    cfg = config.load(None, {"model.name": tiny_ckpt, "output.path": str(tmp_path / "o"), "generate.num_samples": 4,
+                             "run.shard_size": 2, "output.contact_sheet": 0, "run.actor_start_timeout": 3, **flags})
+    t0 = time.monotonic()
+    with pytest.raises(JobError, match=missing):
+        run_job(cfg, "generate")
+    assert time.monotonic() - t0 < 60  # waited out the (3 s) start timeout, not forever
+    assert OutputFolder(str(tmp_path / "o")).committed() == {}
+
+
+def _ray_processes(root: int) -> dict[int, str]:
+    """{pid: name} of the raylet and every ray:: process descended from `root` (read from /proc)."""
+    parent, name = {}, {}
+    for d in Path("/proc").iterdir():
+        try:
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            name[int(d.name)] = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+        except (ValueError, OSError, IndexError):
+            continue
+    found, frontier = {}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found |= {p: name[p] for p in kids}
+        frontier = kids
+    return {p: n for p, n in found.items() if n.endswith("/raylet") or n.startswith("ray::")}
+
+
+def _wait_for_commits(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "_commits").exists() and len(list((out / "_commits").glob("*.json"))) >= n:
+            return
+        time.sleep(0.05)
+    err = proc.communicate(timeout=60)[1] if proc.poll() is not None else ""
+    raise AssertionError(f"no {n} commits before the deadline (exit {proc.poll()}): {err[-3000:]}")
+
+
+@pytest.mark.parametrize("kill", ["raylet_and_workers", "dashboard_agent"])
+def test_local_node_loss_ends_the_job_with_a_message_and_a_rerun_resumes(tiny_ckpt, tmp_path, kill):
+    out = tmp_path / "o"
+    cmd = [IGPT, "generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "200", "--shard-size", "2",
+           "--batch-size", "2", "--contact-sheet", "0", "--torch-threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_commits(out, 2, proc)
+        procs = _ray_processes(proc.pid)
+        victims = [p for p, n in procs.items() if kill == "raylet_and_workers" or n == "ray::DashboardAgent"]
+        assert victims, f"no Ray processes to kill under the job: {procs}"
+        for p in victims:
+            os.kill(p, signal.SIGKILL)
+        t_kill = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert waited < 60, waited
+    assert "no live node" in err and "Traceback" not in err, err[-3000:]
+    before = OutputFolder(str(out)).committed()
+    assert 2 <= len(before) < 100
+    r = subprocess.run(cmd + ["--executor", "local"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["shards_skipped"] == len(before) and summary["shards_run"] == 100 - len(before)
+    assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(200))
+
+
+def test_removed_worker_node_does_not_strand_shards(tiny_ckpt, tmp_path):
+    """A spot preemption: the worker node goes away mid-job; the job finishes on the head's capacity."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        out = tmp_path / "o"
+        cmd = [IGPT, "generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "120", "--shard-size", "2",
+               "--batch-size", "2", "--contact-sheet", "0", "--workers", "3", "--torch-threads", "1",
+               "--address", cluster.address, "--config", str(_timeout_config(tmp_path, 15))]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for_commits(out, 4, proc)
+            cluster.remove_node(worker, allow_graceful=False)
+            stdout, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        # Ray may print the lost raylet's last words to stdout too; the summary is one JSON line among them
+        summaries = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"')]
+        assert summaries and summaries[-1]["rows"]["samples"] == 120, stdout[-3000:]
+        assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(120))
+    finally:
+        cluster.shutdown()
+
+
+def _timeout_config(tmp_path: Path, seconds: int) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(f"run:\n  actor_start_timeout: {seconds}\n")
+    return p
