@@ -1,4 +1,4 @@
-"""Command line: igpt-batch extract | generate | complete | refresh | demo | inspect | probe."""
+"""Command line: igpt-batch extract | generate | complete | refresh | export | neighbors | dedup | inspect | probe | demo."""
 from __future__ import annotations
 
 import argparse
@@ -47,15 +47,17 @@ FLAGS = {
     "--store": ("refresh.store", "refresh: the embedding store (folder or fsspec URL)", {}),
     "--deleted": ("refresh.deleted", "refresh: ids that left the manifest are marked deleted or dropped",
                   {"metavar": "mark|drop"}),
-    "--keep-current": ("refresh.keep_current", "refresh: current tables kept, the live one included (0 = all)",
+    "--keep-current": ("refresh.keep_current", "refresh: nights kept as tags, the last one included (0 = all)",
                        {"metavar": "N"}),
+    "--retry-errors": ("refresh.retry_errors", "refresh: retry failed rows even if their source is unchanged", CONST),
 }
 TASK_FLAGS = {
     "extract": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
     "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
     "complete": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
                  "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],
-    "refresh": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--store", "--deleted", "--keep-current"],
+    "refresh": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--store", "--deleted", "--keep-current",
+                "--retry-errors"],
 }
 COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--workers", "--shard-size", "--address",
           "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]
@@ -69,9 +71,32 @@ def _with_default(help_: str, key: str, defaults: config_mod.JobConfig) -> str:
     return f"{help_}; default {value}" if shown else help_
 
 
+def versions() -> str:
+    """`igpt-batch --version`: the package and the libraries that decide its results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    parts = [f"igpt-batch {__version__}"]
+    for pkg in ("torch", "transformers", "ray", "pyarrow", "pylance"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} (not installed)")
+    return ", ".join(parts)
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (`--num-sample` must not mean `--num-samples`); errors show the subcommand's usage."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="igpt-batch", description="ImageGPT embeddings and samples at scale on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="igpt-batch", description="ImageGPT embeddings and samples at scale on Ray.")
+    p.add_argument("--version", action="version", version=versions())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     defaults = config_mod.JobConfig()
     for task, help_ in [("extract", "paper-exact embeddings for a manifest of images"),
                         ("generate", "unconditional samples, one image per integer seed"),
@@ -99,7 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verify", action="store_true",
                    help="check every committed file (or every live current-table file) exists with its row count")
     i.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+    i.add_argument("--json", action="store_true", help="print one machine-readable JSON object instead of text")
+    from .search import add_arguments as search_arguments
+
+    search_arguments(sub)  # export, neighbors, dedup
     return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown flag is reported with the usage of the subcommand it was given to."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def config_from_args(args: argparse.Namespace, task: str) -> config_mod.JobConfig:
@@ -124,7 +163,7 @@ def _storage_options(text: str | None) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from .driver import JobError, run_job
 
     try:
@@ -141,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             from .inspector import inspect
 
-            return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options))
+            return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
+                           as_json=args.json)
+        if args.command in ("export", "neighbors", "dedup"):
+            from .search import run
+
+            return run(args)
         cfg = config_from_args(args, args.command)
         if args.command == "refresh":
             from .refresh import refresh

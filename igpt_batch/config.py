@@ -29,6 +29,7 @@ class ModelConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto picks CUDA when present, else cpu; or cpu / cuda / cuda:N
     compile: bool = True  # CUDA only: torch.compile the decode step (falls back to eager on failure)
+    decode_buckets: int = 8  # compiled decode attends over the position rounded up to n_positions/N (1 = whole cache)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class GenerateConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off; larger than the vocabulary is clamped
     top_p: float = 1.0  # 1 = off
-    batch_size: int | str = 16  # or "auto": as many KV caches as fit in GPU memory
+    batch_size: int | str = 32  # or "auto": as many KV caches as fit (GPU memory; on CPU 32, halved to fit)
     prompt_rows: int = 0  # complete: keep the top R pixel rows of each image
     samples_per_image: int = 1  # complete: K completions per image
 
@@ -86,7 +87,11 @@ class RunConfig:
 class RefreshConfig:
     store: str | None = None  # embedding store root (local folder or fsspec URL) for `igpt-batch refresh`
     deleted: str = "mark"  # mark | drop: what happens to ids that left the manifest
-    keep_current: int = 3  # current/<snapshot>/ tables kept after a night, the live one included (0 = keep all)
+    keep_current: int = 3  # nights kept as Lance tags (time travel), the last one included (0 = all)
+    retry_errors: bool = False  # retry failed rows even when their source is unchanged
+    index_min_rows: int = 100_000  # build the IVF-PQ vector index once the table has this many rows
+    compact_fragments: int = 32  # compact when this many fragments are smaller than a full one (0 = never)
+    plan_bucket_rows: int = 250_000  # manifest rows per planning bucket (hash of id)
 
 
 @dataclass
@@ -286,5 +291,9 @@ def validate(cfg: JobConfig) -> None:
     need(i.max_pixels >= 1, "input.max_pixels", f"must be >= 1, got {i.max_pixels}")
     need(i.max_bytes >= 1, "input.max_bytes", f"must be >= 1, got {i.max_bytes}")
     need(cfg.refresh.deleted in ("mark", "drop"), "refresh.deleted", f"must be mark or drop, got {cfg.refresh.deleted!r}")
+    need(cfg.model.decode_buckets >= 1, "model.decode_buckets", f"must be an integer >= 1, got {cfg.model.decode_buckets}")
+    need(cfg.refresh.index_min_rows >= 1, "refresh.index_min_rows", "must be >= 1")
+    need(cfg.refresh.compact_fragments >= 0, "refresh.compact_fragments", "must be >= 0 (0 = never)")
+    need(cfg.refresh.plan_bucket_rows >= 1, "refresh.plan_bucket_rows", "must be >= 1")
     need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

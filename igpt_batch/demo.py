@@ -33,17 +33,19 @@ def write_demo_inputs(folder: Path, n: int = 200) -> Path:
 def run_demo(output: str, num_samples: int = 64, executor: str = "ray") -> dict:
     from . import config
     from .driver import run_job
+    from .tasks.extract import Extract
+    from .tasks.sample import Generate
 
     root = Path(output)
     manifest = write_demo_inputs(root / "inputs")
     configs = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     base = {"run.executor": executor, "output.overwrite": True}
     file = str(configs) if configs.exists() else None
-    extract = run_job(config.load(file, {**base, "input.manifest": str(manifest), "output.path": str(root / "extract")}), "extract")
-    generate = run_job(config.load(file, {**base, "generate.num_samples": num_samples, "output.path": str(root / "generate")}), "generate")
+    extract = run_job(config.load(file, {**base, "input.manifest": str(manifest), "output.path": str(root / Extract.name)}), Extract())
+    generate = run_job(config.load(file, {**base, "generate.num_samples": num_samples, "output.path": str(root / Generate.name)}), Generate())
     print(f"\ndemo outputs in {root}/:\n"
           f"  extract/embeddings/  {extract['rows'].get('embeddings', 0)} embeddings, {extract['errors']} error(s) in extract/errors/\n"
           f"  extract/preview.png  inputs beside their palette-quantised versions\n"
           f"  generate/samples/    {generate['rows'].get('samples', 0)} samples (tokens + PNG)\n"
           f"  generate/contact_sheet.png")
-    return {"extract": extract, "generate": generate}
+    return {Extract.name: extract, Generate.name: generate}

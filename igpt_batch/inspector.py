@@ -1,57 +1,67 @@
 """`igpt-batch inspect OUTPUT|STORE`: what a run committed and produced, or the state of a refresh store (--verify checks)."""
 from __future__ import annotations
 
+import json
 import posixpath
 from collections import Counter
 
 import pyarrow.parquet as pq
 
-from .storage import KINDS, OutputFolder, errors_by_reason, read_output
+from .storage import KINDS, PICTURES, OutputFolder, errors_by_reason, read_output
 
 
-def inspect(url: str, verify: bool = False, storage_options: dict | None = None, echo=print) -> int:
-    """Print a summary of an output folder; returns the exit code (1 when --verify finds a problem)."""
+def inspect(url: str, verify: bool = False, storage_options: dict | None = None, echo=print,
+            as_json: bool = False) -> int:
+    """Print a summary of an output folder or a refresh store (one JSON object with as_json); returns the exit code
+    (1 when --verify finds a problem or `url` is neither)."""
     out = OutputFolder(url, storage_options)
-    job = out.read_json("_job.json")
-    if job is None:
+    if out.read_job() is not None:
+        report, show = describe_output(out, verify), show_output
+    else:
         from .store import Store
 
         store = Store(url, storage_options)
-        if store.versions():
-            return inspect_store(store, verify, echo)
-        echo(f"{url}: no _job.json (not an igpt-batch output) and no v-*/_version.json (not a refresh store)")
-        return 1
-    commits = out.committed()
-    success = out.read_json("_SUCCESS")
-    echo(f"output:      {url}")
-    echo(f"task:        {job['task']}   model: {job['model']}   weights: {job['weights_fingerprint']}   palette: {job['palette_hash']}")
-    if job.get("layers"):
-        echo(f"layers:      {job['layers']}")
-    echo(f"shards:      {len(commits)} committed of {job['shards']} planned")
-    echo(f"status:      {'complete (_SUCCESS)' if success else 'failed (_FAILED)' if out.exists('_FAILED') else 'incomplete'}")
+        if not store.versions():
+            echo(f"{url}: no _job.json (not an igpt-batch output) and no v-*/_version.json (not a refresh store)")
+            return 1
+        report, show = describe_store(store, verify), show_store
+    if as_json:
+        echo(json.dumps(report, sort_keys=True, default=str))
+    else:
+        show(report, echo)
+        if verify:
+            for p in report["problems"]:
+                echo(f"VERIFY FAILED  {p}")
+            echo("verify: ok" if not report["problems"] else f"verify: {len(report['problems'])} problem(s)")
+    return 1 if report["problems"] else 0
+
+
+def describe_output(out: OutputFolder, verify: bool) -> dict:
+    """An output's job, status, committed rows and files per kind, errors by reason, pictures; problems if verify."""
+    job, commits = out.read_job(), out.committed()
+    status, summary = out.status()
     rows = Counter()
     for rec in commits.values():
         rows.update(rec.get("rows", {}))
+    kinds = {}
     for kind in KINDS:
-        files = out.committed_files(kind)
+        files = out.committed_files(kind, commits)
         if files:
             schema = pq.read_schema(out.path(files[0]), filesystem=out.fs)
-            cols = ", ".join(f"{f.name}: {f.type}" for f in schema)
-            echo(f"{kind + ':':<12} {rows[kind]} rows in {len(files)} files  [{cols}]")
-    if rows.get("errors"):
-        errors = read_output(url, "errors", storage_options)
-        echo("errors by reason:")
-        for reason, n in errors_by_reason(errors).most_common(10):
-            echo(f"  {n:>6}  {reason}")
-    for pic in ("contact_sheet.png", "preview.png"):
-        if out.exists(pic):
-            echo(f"picture:     {posixpath.join(url, pic)}")
-    if out.exists("pngs"):
-        echo(f"pngs:        {posixpath.join(url, 'pngs')}/seed-*.png")
-    if success:
-        echo(f"wall time:   {success['wall_s']} s   throughput: {success['rows_per_s']} rows/s")
-    if not verify:
-        return 0
+            kinds[kind] = {"rows": rows[kind], "files": len(files), "schema": {f.name: str(f.type) for f in schema}}
+    errors = errors_by_reason(read_output(out.url, "errors", out.fs.storage_options)) if rows.get("errors") else {}
+    return {
+        "output": out.url, "task": job["task"], "model": job["model"], "weights_fingerprint": job["weights_fingerprint"],
+        "palette_hash": job["palette_hash"], "layers": job.get("layers"), "shards_planned": job["shards"],
+        "shards_committed": len(commits), "status": status, "summary": summary, "kinds": kinds,
+        "errors_by_reason": dict(Counter(errors).most_common()),
+        "pictures": [posixpath.join(out.url, p) for p in PICTURES if out.exists(p)],
+        "pngs": posixpath.join(out.url, "pngs") if out.has_pngs() else None,
+        "problems": _verify_output(out, commits) if verify else [],
+    }
+
+
+def _verify_output(out: OutputFolder, commits: dict) -> list[str]:
     problems = []
     for name, rec in sorted(commits.items()):
         for f in rec.get("files", []):
@@ -61,53 +71,77 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
             n = pq.read_metadata(out.path(f["path"]), filesystem=out.fs).num_rows
             if n != f["rows"]:
                 problems.append(f"{name}: {f['path']} has {n} rows, commit says {f['rows']}")
-    for p in problems:
-        echo(f"VERIFY FAILED  {p}")
-    echo("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
-    return 1 if problems else 0
+    return problems
 
 
-def inspect_store(store, verify: bool, echo) -> int:
+def show_output(r: dict, echo) -> None:
+    echo(f"output:      {r['output']}")
+    echo(f"task:        {r['task']}   model: {r['model']}   weights: {r['weights_fingerprint']}   palette: {r['palette_hash']}")
+    if r["layers"]:
+        echo(f"layers:      {r['layers']}")
+    echo(f"shards:      {r['shards_committed']} committed of {r['shards_planned']} planned")
+    echo(f"status:      {r['status']}")
+    for kind, k in r["kinds"].items():
+        cols = ", ".join(f"{name}: {t}" for name, t in k["schema"].items())
+        echo(f"{kind + ':':<12} {k['rows']} rows in {k['files']} files  [{cols}]")
+    if r["errors_by_reason"]:
+        echo("errors by reason:")
+        for reason, n in list(r["errors_by_reason"].items())[:10]:
+            echo(f"  {n:>6}  {reason}")
+    for pic in r["pictures"]:
+        echo(f"picture:     {pic}")
+    if r["pngs"]:
+        echo(f"pngs:        {r['pngs']}/seed-*.png")
+    if r["status"] == "succeeded":
+        echo(f"wall time:   {r['summary']['wall_s']} s   throughput: {r['summary']['rows_per_s']} rows/s")
+
+
+def describe_store(store, verify: bool) -> dict:
     """A refresh store: each version's Lance table (rows, nights kept as tags, fragments, index), its snapshots,
-    a night in flight and the failed rows by reason; --verify reads every kept night and checks the data files."""
-    latest = store.latest()
-    echo(f"store:       {store.url}")
-    echo(f"latest:      {latest.get('version', '-')}  snapshot {latest.get('snapshot', '-')}  at {latest.get('updated_at', '-')}")
-    problems = []
+    a night in flight and the failed rows by reason; with verify, problems found reading every kept night."""
+    versions, problems = {}, []
     for name in store.versions():
-        keys = store.version_info(name)
-        echo(f"version {name}: model {keys.get('model')}  layers {keys.get('layers')}  dtype {keys.get('dtype')}  "
-             f"n_px {keys.get('n_px')}  weights {keys.get('weights_fingerprint')}  created {keys.get('created_at')}")
-        ds, nights = store.open(name), store.nights(name)
+        v = {"info": store.version_info(name), "nights": store.nights(name), "snapshots": store.snapshots(name),
+             "pending": store.pending(name), "failed_by_reason": dict(store.failed_by_reason(name).most_common())}
+        ds = store.open(name)
         try:
-            rows, live = (ds.count_rows(), ds.count_rows("deleted = false")) if ds is not None else (0, 0)
+            if ds is not None:
+                v |= {"rows": ds.count_rows(), "live": ds.count_rows("deleted = false"), "table": store.table_url(name),
+                      "lance_version": ds.version, "fragments": len(ds.get_fragments()),
+                      "indices": [f"{i.name} ({i.index_type}, {i.num_rows_indexed} rows)" for i in ds.describe_indices()]}
         except OSError as e:  # a data file gone: --verify names it
-            echo(f"  current:   unreadable ({e})")
-            ds = None
+            v["unreadable"] = str(e)
             problems += [] if verify else [str(e)]
-        if ds is not None:
-            index = ", ".join(f"{i.name} ({i.index_type}, {i.num_rows_indexed} rows)" for i in ds.describe_indices()) \
-                or "none (exact search)"
-            echo(f"  current:   {max(nights) if nights else '-'}: {rows} rows, {live} live, {rows - live} deleted  "
-                 f"[{store.table_url(name)}, Lance version {ds.version}, {len(ds.get_fragments())} fragments]")
-            echo(f"  nights:    {len(nights)} kept as tags ({', '.join(nights) or '-'})")
-            echo(f"  index:     {index}")
-        elif not store.nights(name):
-            echo("  current:   none yet (no night has finished)")
-        snapshots = store.snapshots(name)
-        echo(f"  snapshots: {len(snapshots)}" + (f", newest {snapshots[-1]}" if snapshots else ""))
-        pending = store.pending(name)
-        if pending:
-            echo(f"  in flight: snapshot {pending['snapshot']} ({pending['rows']} rows to embed); a rerun resumes it")
-        failed = store.failed_by_reason(name)
-        echo(f"  failed:    {sum(failed.values())} rows not embedded (not retried while their source is unchanged)")
-        for reason, n in failed.most_common(10):
-            echo(f"    {n:>6}  {reason}")
         if verify:
             problems += store.verify(name)
-    if not verify:
-        return 0
-    for p in problems:
-        echo(f"VERIFY FAILED  {p}")
-    echo("verify: ok" if not problems else f"verify: {len(problems)} problem(s)")
-    return 1 if problems else 0
+        versions[name] = v
+    return {"store": store.url, "latest": store.latest(), "versions": versions, "problems": problems}
+
+
+def show_store(r: dict, echo) -> None:
+    latest = r["latest"]
+    echo(f"store:       {r['store']}")
+    echo(f"latest:      {latest.get('version', '-')}  snapshot {latest.get('snapshot', '-')}  at {latest.get('updated_at', '-')}")
+    for name, v in r["versions"].items():
+        keys, nights = v["info"], v["nights"]
+        echo(f"version {name}: model {keys.get('model')}  layers {keys.get('layers')}  dtype {keys.get('dtype')}  "
+             f"n_px {keys.get('n_px')}  weights {keys.get('weights_fingerprint')}  created {keys.get('created_at')}")
+        if "unreadable" in v:
+            echo(f"  current:   unreadable ({v['unreadable']})")
+        elif "rows" in v:
+            echo(f"  current:   {max(nights) if nights else '-'}: {v['rows']} rows, {v['live']} live, "
+                 f"{v['rows'] - v['live']} deleted  [{v['table']}, Lance version {v['lance_version']}, "
+                 f"{v['fragments']} fragments]")
+            echo(f"  nights:    {len(nights)} kept as tags ({', '.join(nights) or '-'})")
+            echo(f"  index:     {', '.join(v['indices']) or 'none (exact search)'}")
+        elif not nights:
+            echo("  current:   none yet (no night has finished)")
+        snaps = v["snapshots"]
+        echo(f"  snapshots: {len(snaps)}" + (f", newest {snaps[-1]}" if snaps else ""))
+        if v["pending"]:
+            echo(f"  in flight: snapshot {v['pending']['snapshot']} ({v['pending']['rows']} rows to embed); "
+                 "a rerun resumes it")
+        echo(f"  failed:    {sum(v['failed_by_reason'].values())} rows not embedded "
+             "(not retried while their source is unchanged)")
+        for reason, n in list(v["failed_by_reason"].items())[:10]:
+            echo(f"    {n:>6}  {reason}")

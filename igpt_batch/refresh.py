@@ -102,7 +102,7 @@ def run_extract(cfg: JobConfig, night: Night) -> None:
     sub.output.path, sub.output.overwrite = store.snapshot_url(version, snap), False
     sub.run.max_error_fraction = 1.0  # the night's fraction counts against the whole manifest, below
     result = run_job(sub, Extract(), info=night.info, on_mismatch="overwrite")
-    night.summary["extract"] = {k: result[k] for k in ("shards", "shards_skipped", "shards_run", "wall_s")}
+    night.summary[Extract.name] = {k: result[k] for k in ("shards", "shards_skipped", "shards_run", "wall_s")}
     errors = read_output(sub.output.path, "errors", cfg.storage_options)
     night.errors = errors if errors.num_rows else night.errors
     rows = night.summary["manifest_rows"]

@@ -83,7 +83,7 @@ class SampleRunner:
 
         self.ctx, self.meta, self.n_px = ctx, resolved.meta, resolved.info.n_px
         if ctx.model.device.type == "cuda" and ctx.cfg.model.compile:
-            ctx.model.compile_decode()
+            ctx.model.compile_decode(buckets=ctx.cfg.model.decode_buckets)
         self.batch_size = batching.sample_batch_size(ctx.model, ctx.cfg.generate.batch_size)
 
     def sample(self, seeds: list[int], prompts: np.ndarray | None, stats: dict) -> tuple[np.ndarray, list[bytes]]:
