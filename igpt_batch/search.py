@@ -1,4 +1,4 @@
-"""Over a refresh store's Lance current table: the vector index, and `igpt-batch export` (a plain Parquet copy)."""
+"""Over a refresh store's Lance current table: the vector index, `export`, `neighbors` and `dedup` (neighbors.py)."""
 from __future__ import annotations
 
 import argparse
@@ -45,17 +45,47 @@ def export(store_url: str, out_url: str, snapshot: str | None = None, version: s
     return summary
 
 
+def _common(p) -> None:
+    p.add_argument("--snapshot", help="the night to read (a kept snapshot id); default the latest")
+    p.add_argument("--version", help="the store version (v-...); default the latest")
+    p.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+
+
 def add_arguments(sub) -> None:
+    """Register `export`, `neighbors` and `dedup` on the CLI's subparsers."""
     e = sub.add_parser("export", help="write a refresh store's current table as plain Parquet files")
     e.add_argument("store", help="the refresh store (folder or fsspec URL)")
     e.add_argument("out", help="output folder or fsspec URL for part-*.parquet")
-    e.add_argument("--snapshot", help="the night to export (a kept snapshot id); default the latest")
-    e.add_argument("--version", help="the store version (v-...); default the latest")
     e.add_argument("--include-deleted", action="store_true", help="also rows marked deleted")
-    e.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+    _common(e)
+    n = sub.add_parser("neighbors", help="the k nearest live rows of a refresh store to an id or an image (cosine)")
+    n.add_argument("store", help="the refresh store (folder or fsspec URL)")
+    q = n.add_mutually_exclusive_group(required=True)
+    q.add_argument("--id", dest="row_id", help="a row of the store's table")
+    q.add_argument("--image", help="an image path or fsspec URI, embedded with the store's own model and layers")
+    n.add_argument("-k", type=int, default=10, help="neighbours to return; default 10")
+    n.add_argument("--contact-sheet", metavar="FILE", help="also draw the query beside its neighbours as a PNG")
+    n.add_argument("--device", default="auto", help="--image: where the model runs (auto, cpu, cuda); default auto")
+    _common(n)
+    d = sub.add_parser("dedup", help="groups of near-duplicate live rows of a refresh store, as Parquet")
+    d.add_argument("store", help="the refresh store (folder or fsspec URL)")
+    d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity a pair needs; default 0.95")
+    d.add_argument("--output", help="Parquet file for the groups (path or fsspec URL); default none, summary only")
+    d.add_argument("-k", type=int, default=10, help="neighbours queried per row; default 10")
+    _common(d)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `export`, `neighbors` or `dedup`; prints one JSON line. ValueError/FileNotFoundError mean bad input."""
+    from . import neighbors as nn
+
     so = json.loads(args.storage_options) if args.storage_options else None
-    print(json.dumps(export(args.store, args.out, args.snapshot, args.version, so, args.include_deleted), indent=2))
+    if args.command == "export":
+        out = export(args.store, args.out, args.snapshot, args.version, so, args.include_deleted)
+    elif args.command == "neighbors":
+        out = nn.neighbors(args.store, args.row_id, args.image, args.k, args.snapshot, args.version, so,
+                           args.contact_sheet, args.device)
+    else:
+        out = nn.dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so)
+    print(json.dumps(out), flush=True)
     return 0
