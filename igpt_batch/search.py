@@ -45,7 +45,8 @@ def export(store_url: str, out_url: str, snapshot: str | None = None, version: s
     return summary
 
 
-def _common(p) -> None:
+def _common(p, command: str) -> None:
+    p.set_defaults(search_command=command)  # run() dispatches on it, whatever the caller named its subparsers' dest
     p.add_argument("--snapshot", help="the night to read (a kept snapshot id); default the latest")
     p.add_argument("--version", help="the store version (v-...); default the latest")
     p.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
@@ -57,7 +58,7 @@ def add_arguments(sub) -> None:
     e.add_argument("store", help="the refresh store (folder or fsspec URL)")
     e.add_argument("out", help="output folder or fsspec URL for part-*.parquet")
     e.add_argument("--include-deleted", action="store_true", help="also rows marked deleted")
-    _common(e)
+    _common(e, "export")
     n = sub.add_parser("neighbors", help="the k nearest live rows of a refresh store to an id or an image (cosine)")
     n.add_argument("store", help="the refresh store (folder or fsspec URL)")
     q = n.add_mutually_exclusive_group(required=True)
@@ -66,13 +67,13 @@ def add_arguments(sub) -> None:
     n.add_argument("-k", type=int, default=10, help="neighbours to return; default 10")
     n.add_argument("--contact-sheet", metavar="FILE", help="also draw the query beside its neighbours as a PNG")
     n.add_argument("--device", default="auto", help="--image: where the model runs (auto, cpu, cuda); default auto")
-    _common(n)
+    _common(n, "neighbors")
     d = sub.add_parser("dedup", help="groups of near-duplicate live rows of a refresh store, as Parquet")
     d.add_argument("store", help="the refresh store (folder or fsspec URL)")
     d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity a pair needs; default 0.95")
     d.add_argument("--output", help="Parquet file for the groups (path or fsspec URL); default none, summary only")
     d.add_argument("-k", type=int, default=10, help="neighbours queried per row; default 10")
-    _common(d)
+    _common(d, "dedup")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from . import neighbors as nn
 
     so = json.loads(args.storage_options) if args.storage_options else None
-    if args.command == "export":
+    if args.search_command == "export":
         out = export(args.store, args.out, args.snapshot, args.version, so, args.include_deleted)
-    elif args.command == "neighbors":
+    elif args.search_command == "neighbors":
         out = nn.neighbors(args.store, args.row_id, args.image, args.k, args.snapshot, args.version, so,
                            args.contact_sheet, args.device)
     else:
