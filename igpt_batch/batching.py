@@ -57,7 +57,7 @@ def sample_batch_size(model, requested: int | str, headroom: float = 0.7) -> int
         return int(requested)
     if model.device.type != "cuda":
         batch = _cpu_sample_batch(per_sample, headroom)
-        log.info("batch size auto: %d samples on CPU", batch)
+        log.info("batch size auto: %d on CPU (samples whose KV caches fit in available memory)", batch)
         return batch
     import torch
 

@@ -1,16 +1,17 @@
 """The driver: plan shards, skip committed ones, run them in-process or on a Ray actor pool with retries, summarise."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
 import time
 from collections import Counter
 
-from . import __version__, checkpoint, tasks
+from . import __version__, checkpoint, guards, tasks
 from .config import ConfigError, JobConfig
-from .manifest import write_plan
-from .storage import OutputFolder, errors_by_reason, read_output
+from .manifest import iter_manifest, write_plan
+from .storage import Lease, LeaseError, OutputFolder, errors_by_reason, read_output
 from .tasks import Plan, Resolved, Task
 
 log = logging.getLogger("igpt_batch")
@@ -39,10 +40,14 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
         raise ConfigError("output.path is required (--output)")
     if task.reads_manifest and not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
+    guards.check_output_usable(cfg.output.path)
     info = info or checkpoint.read_info(cfg.model.name)
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)
     plan = task.plan(cfg)
+    if task.reads_manifest:  # after the scan: the manifest is known to be readable
+        guards.check_not_inputs(cfg.output.path, cfg.input.manifest,
+                                iter_manifest(cfg.input.manifest, cfg.storage_options))
     return resolved, plan, task.compat_keys(cfg, resolved, plan)
 
 
@@ -108,14 +113,32 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
     job = {"task": task.name, "config": cfg.to_dict(redact=True), "compat": keys, "model": cfg.model.name,
            "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
            "layers": list(resolved.layers), "n_px": info.n_px, "shards": len(plan.shards), "versions": _versions()}
+    lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout, force=cfg.output.overwrite)
+    try:
+        with lease:
+            return _run(cfg, task, resolved, plan, keys, job, on_mismatch, t0)
+    except LeaseError as e:
+        raise JobError(str(e)) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise JobError(f"no space left on the disk of {cfg.output.path}; committed shards are kept, free some space "
+                       "and rerun to resume") from None
+
+
+def _run(cfg: JobConfig, task: Task, resolved: Resolved, plan: Plan, keys: dict, job: dict, on_mismatch: str,
+         t0: float) -> dict:
     out = open_output(cfg, keys, job, on_mismatch)
     committed = out.committed()
     todo = [s for s in plan.shards if s.name not in committed]
     log.info("%s: %d shards planned, %d already committed, %d to run -> %s", task.name, len(plan.shards),
              len(plan.shards) - len(todo), len(todo), cfg.output.path)
     if task.reads_manifest:  # each shard's input rows, for its worker to read
-        write_plan(cfg.input.manifest, cfg.storage_options, cfg.run.shard_size, todo,
-                   lambda s, rows: out.write_plan(s.name, rows))
+        try:
+            write_plan(cfg.input.manifest, cfg.storage_options, cfg.run.shard_size, todo,
+                       lambda s, rows: out.write_plan(s.name, rows))
+        except OSError as e:
+            raise JobError(guards.plan_write_error(e, cfg.output.path)) from None
     per_row = task.outputs_per_row(cfg)
     progress = Progress(sum(len(s) for s in plan.shards) * per_row,
                         sum(len(s) for s in plan.shards if s.name in committed) * per_row, task.unit)
@@ -137,7 +160,10 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
         raise JobError(f"{len(failed)} shard(s) failed after {cfg.run.max_retries} retries: "
                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
     summary = summarise(out, task, plan, committed, records, time.time() - t0)
-    task.pictures(cfg, resolved, out)
+    try:
+        task.pictures(cfg, resolved, out)
+    except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
+        log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
         out.finish(summary, ok=False)

@@ -68,9 +68,10 @@ def write_contact_sheet(out: OutputFolder, n: int, name: str = "contact_sheet.pn
 
 
 def _try_load(uri: str, n_px: int, storage_options: dict) -> np.ndarray | None:
+    """The input as the model saw it, or None when it cannot be loaded for any reason (a picture never fails a job)."""
     try:
         return images.load_rgb(uri, n_px, storage_options)[0]
-    except images.ImageError:
+    except Exception:
         return None
 
 
@@ -103,7 +104,10 @@ def write_completion_sheet(out: OutputFolder, cfg, clusters: np.ndarray, table, 
     pics = []
     for pid in [i for i in table.column("id").to_pylist() if i in by_prompt][:n]:
         original = _try_load(uris[pid], n_px, cfg.storage_options)
-        quant = _quantised(original, clusters, n_px).copy()
-        quant[r:] = 128  # the part the model had to imagine
+        if original is None:  # unreadable now: grey placeholders stand in for it and its prompt
+            original = quant = np.full((n_px, n_px, 3), 128, np.uint8)
+        else:
+            quant = _quantised(original, clusters, n_px).copy()
+            quant[r:] = 128  # the part the model had to imagine
         pics += [original, quant, *by_prompt[pid]]
     return _write_grid(out, name, pics, ncols=2 + cfg.generate.samples_per_image)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -18,8 +21,9 @@ log = logging.getLogger(__name__)
 KINDS = ("embeddings", "samples", "errors")
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS = "_job.json", "_SUCCESS", "_FAILED", "_plan", "_commits", "pngs"
+LEASE = "_LEASE.json"
 PICTURES = ("contact_sheet.png", "preview.png")
-OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES)  # all that --overwrite may remove
+OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES)  # all that --overwrite may remove (not the lease)
 _TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
 
 
@@ -181,11 +185,73 @@ class OutputFolder(Folder):
                 if f["path"].startswith(f"{kind}/")]
 
 
+class LeaseError(RuntimeError):
+    """Another live job holds the lease on this output or store."""
+
+
+class Lease:
+    """One writer at a time: `_LEASE.json` names the owner (host, pid, start) and is refreshed while it runs.
+
+    A lease is stale when not refreshed for `timeout` seconds, or when its owner is a process on this host that no
+    longer exists (a killed job); a stale lease, or any lease with force (--overwrite), is taken over."""
+
+    def __init__(self, folder: Folder, timeout: float, force: bool = False):
+        self.folder, self.timeout, self.force = folder, timeout, force
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                   "started_at": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _stale(self, held: dict) -> bool:
+        if time.time() - held.get("refreshed_at", 0) > self.timeout:
+            return True
+        if held.get("host") == self.me["host"]:
+            try:
+                os.kill(int(held.get("pid", 0)), 0)
+            except ProcessLookupError:
+                return True  # its job was killed on this machine
+            except (PermissionError, ValueError):
+                return False
+        return False
+
+    def _write(self) -> None:
+        self.folder.write_json(LEASE, self.me | {"refreshed_at": time.time()})
+
+    def __enter__(self) -> "Lease":
+        held = self.folder.read_json(LEASE)
+        if held and held.get("token") != self.me["token"] and not self.force and not self._stale(held):
+            age = time.time() - held.get("refreshed_at", 0)
+            raise LeaseError(
+                f"{self.folder.url} is in use by another job (host {held.get('host')}, pid {held.get('pid')}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.get('started_at', 0)))}, lease refreshed "
+                f"{age:.0f} s ago); wait for it, or take over with --overwrite once it is gone (a lease unrefreshed "
+                f"for run.lease_timeout={self.timeout:.0f} s is taken over by itself)")
+        self._write()
+        if (self.folder.read_json(LEASE) or {}).get("token") != self.me["token"]:  # lost a race to another starter
+            raise LeaseError(f"{self.folder.url} was taken by another job starting at the same time")
+        self._thread = threading.Thread(target=self._keep, daemon=True, name="igpt-lease")
+        self._thread.start()
+        return self
+
+    def _keep(self) -> None:
+        while not self._stop.wait(max(1.0, self.timeout / 4)):
+            try:
+                self._write()
+            except Exception as e:  # a store outage: the next refresh retries
+                log.warning("could not refresh the lease on %s: %s", self.folder.url, type(e).__name__)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if (self.folder.read_json(LEASE) or {}).get("token") == self.me["token"]:
+            self.folder.remove(LEASE)
+
+
 def errors_by_reason(errors: pa.Table) -> Counter:
     """Count error rows by stage and the reason's class (no paths or URLs, so the summary stays small)."""
-    from . import images
+    from .images import reason_class
 
-    reason_class = getattr(images, "reason_class", lambda err: err.split(":")[0][:80])  # TODO(lead): images owns it
     return Counter(f"{stage}: {reason_class(err)}"
                    for stage, err in zip(errors.column("stage").to_pylist(), errors.column("error").to_pylist()))
 

@@ -22,6 +22,13 @@ def error_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
 
 
+def error_row(id_: str, uri: str, err) -> dict:
+    """One errors/ row; the uri keeps no user:pass@ or presigned signature (the reason is already redacted)."""
+    from ..images import redact_uri
+
+    return {"id": id_, "uri": redact_uri(uri), "stage": err.stage, "error": err.reason}
+
+
 @dataclass(frozen=True)
 class Resolved:
     """What the driver resolves once for a job and hands to every worker as plain data."""

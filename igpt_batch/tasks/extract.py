@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from ..checkpoint import CheckpointInfo, read_clusters, resolve_layers
 from ..config import JobConfig
-from . import NIGHTLY, Plan, Resolved, Task, error_table
+from . import NIGHTLY, Plan, Resolved, Task, error_row, error_table
 
 POOLING = "mean(ln_1(h[l]))"
 
@@ -56,7 +56,7 @@ class ExtractRunner:
 
     def __call__(self, shard, rows: pa.Table, stats: dict) -> dict[str, pa.Table]:
         from ..extractor import embedding_array
-        from ..images import ImageError
+        from ..images import ImageError, redact_uri
 
         bs = self.extractor.batch_size
         ok: dict[str, list] = {"id": [], "uri": [], "width": [], "height": [], "sha256": []}
@@ -73,9 +73,9 @@ class ExtractRunner:
 
         for id_, uri, res in self.ctx.loaded(rows, stats, window=4 * bs):
             if isinstance(res, ImageError):
-                errors.append({"id": id_, "uri": uri, "stage": res.stage, "error": res.reason})
+                errors.append(error_row(id_, uri, res))
                 continue
-            ok["id"].append(id_), ok["uri"].append(uri), batch.append(res)
+            ok["id"].append(id_), ok["uri"].append(redact_uri(uri)), batch.append(res)
             if len(batch) == bs:
                 flush()
         if batch:

@@ -9,7 +9,7 @@ import pyarrow as pa
 from ..checkpoint import CheckpointInfo, read_clusters
 from ..config import ConfigError, JobConfig
 from ..manifest import plan_shards
-from . import Plan, Resolved, Task, error_table
+from . import Plan, Resolved, Task, error_row, error_table
 
 
 class _Sampling(Task):
@@ -22,8 +22,9 @@ class _Sampling(Task):
         return Resolved(info, (), meta)
 
     def keys(self, cfg: JobConfig, resolved: Resolved) -> dict:
-        g = cfg.generate
-        return {"seed": g.seed, "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+        g = cfg.generate  # write_png_files: a rerun that asks for PNGs the committed shards lack is refused
+        return {"seed": g.seed, "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p,
+                "write_png_files": cfg.output.write_png_files}
 
 
 class Generate(_Sampling):
@@ -57,6 +58,14 @@ class Complete(_Sampling):
 
     def outputs_per_row(self, cfg: JobConfig) -> int:
         return cfg.generate.samples_per_image
+
+    def plan(self, cfg: JobConfig) -> Plan:
+        plan = super().plan(cfg)
+        last = cfg.generate.seed + plan.rows * cfg.generate.samples_per_image
+        if last > 2**63:
+            raise ConfigError(f"generate.seed {cfg.generate.seed} + {plan.rows} rows x {cfg.generate.samples_per_image} "
+                              "samples per image passes the largest seed, 2**63 - 1")
+        return plan
 
     def keys(self, cfg: JobConfig, resolved: Resolved) -> dict:
         g = cfg.generate
@@ -151,7 +160,7 @@ class CompleteRunner(SampleRunner):
         per_batch = max(1, self.batch_size // k)
         for offset, (id_, uri, res) in enumerate(self.ctx.loaded(rows, stats, window=4 * self.batch_size)):
             if isinstance(res, ImageError):
-                errors.append({"id": id_, "uri": uri, "stage": res.stage, "error": res.reason})
+                errors.append(error_row(id_, uri, res))
                 continue
             pending.append((shard.start + offset, id_, tokenize(res.rgb[None], model.clusters)[0][:r]))
             if len(pending) == per_batch:
