@@ -39,6 +39,11 @@ class InputConfig:
     max_bytes: int = 64 * 1024 * 1024  # larger image files are rejected as read errors
     max_pixels: int = 64_000_000  # decompression-bomb limit, checked before decoding
     draft: bool = False  # JPEG draft-mode decoding for sources much larger than n_px (approximate, faster)
+    id_column: str = "id"  # the manifest's id column (img2dataset: key); absent = the uri is the id
+    uri_column: str = "uri"  # the manifest's uri column (img2dataset: url)
+    bytes_column: str | None = None  # Parquet column holding the encoded image (jpg, or a struct field: image.bytes)
+    retries: int = 2  # http(s): retries of 429, 5xx and connection resets (backoff, jitter, Retry-After)
+    host_connections: int = 4  # http(s): connections at a time per host, per worker
 
 
 @dataclass
@@ -290,6 +295,13 @@ def validate(cfg: JobConfig) -> None:
     need(0 < i.read_timeout < math.inf, "input.read_timeout", f"must be finite and > 0, got {i.read_timeout}")
     need(i.max_pixels >= 1, "input.max_pixels", f"must be >= 1, got {i.max_pixels}")
     need(i.max_bytes >= 1, "input.max_bytes", f"must be >= 1, got {i.max_bytes}")
+    for key in ("id_column", "uri_column", "bytes_column"):
+        name = getattr(i, key)
+        need(name is None or (name.strip() == name and name != ""), f"input.{key}", f"must be a column name, got {name!r}")
+    need(len({i.id_column, i.uri_column, i.bytes_column}) == 3, "input.id_column/uri_column/bytes_column",
+         "must name different columns")
+    need(0 <= i.retries <= 10, "input.retries", f"must be in [0, 10], got {i.retries}")
+    need(i.host_connections >= 1, "input.host_connections", f"must be >= 1, got {i.host_connections}")
     need(cfg.refresh.deleted in ("mark", "drop"), "refresh.deleted", f"must be mark or drop, got {cfg.refresh.deleted!r}")
     need(cfg.model.decode_buckets >= 1, "model.decode_buckets", f"must be an integer >= 1, got {cfg.model.decode_buckets}")
     need(cfg.refresh.index_min_rows >= 1, "refresh.index_min_rows", "must be >= 1")

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import os
 import re
-import socket
 import stat
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -138,32 +134,6 @@ def _read_local(path: str, max_bytes: int, where: str) -> bytes:
     return data
 
 
-def _read_http(url: str, opts: dict, timeout: float, max_bytes: int, where: str) -> bytes:
-    # Plain urllib: every socket operation is bounded by `timeout`, and read_bytes bounds the total.
-    # Only storage_options["headers"] applies to http(s).
-    headers = {"User-Agent": "igpt-batch", **(opts.get("headers") or {})}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise _too_large(int(length), max_bytes, where)
-            data = resp.read(max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        e.close()
-        raise ImageError("read", f"HTTP {e.code} {e.reason}: {where}") from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, (TimeoutError, socket.timeout)):
-            raise ImageError("read", f"timed out after {timeout:g}s: {where}") from None
-        raise ImageError("read", f"cannot connect ({e.reason}): {where}") from None
-    except (TimeoutError, socket.timeout):
-        raise ImageError("read", f"timed out after {timeout:g}s: {where}") from None
-    except (OSError, http.client.HTTPException) as e:
-        raise ImageError("read", f"HTTP read failed ({type(e).__name__}): {where}") from None
-    if len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes, where)
-    return data
-
-
 def _read_fsspec(uri: str, opts: dict, timeout: float, max_bytes: int, where: str) -> bytes:
     import fsspec  # imported here so local-only use never pays for it
 
@@ -199,7 +169,7 @@ def _fsspec_error(e: Exception, uri: str, where: str) -> ImageError:
     return ImageError("read", f"cannot read ({name}): {where}")
 
 
-def _with_deadline(fn, timeout: float, where: str):
+def _with_deadline(fn, timeout: float, where: str, per_try: float | None = None):
     """Run fn() in a daemon thread and give up after `timeout` seconds (the thread is abandoned;
     its own socket timeouts end it soon after). This bounds any remote filesystem, whatever
     timeouts it does or does not implement."""
@@ -215,7 +185,7 @@ def _with_deadline(fn, timeout: float, where: str):
     t.start()
     t.join(timeout)
     if t.is_alive():
-        raise ImageError("read", f"timed out after {timeout:g}s: {where}")
+        raise ImageError("read", f"timed out after {per_try or timeout:g}s: {where}")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -232,7 +202,8 @@ def _scheme(uri: str) -> str:
 
 
 def read_bytes(
-    uri: str, storage_options: dict | None = None, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES
+    uri: str, storage_options: dict | None = None, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES,
+    retries: int = 2, host_connections: int = 4, counter: list | None = None,
 ) -> bytes:
     """Read a whole object from a local path, file://, http(s):// or any fsspec URL (s3://, gs://, memory://...).
 
@@ -241,6 +212,8 @@ def read_bytes(
     timeouts; also unknown protocols, missing credentials and refused connections. A path without
     a scheme (or a file:// URL) is a local file even when its name holds '::' (fsspec's URL chaining).
     Messages never contain storage_options values, URL passwords or signatures (see redact_uri).
+    http(s) reads retry 429, 5xx and connection resets `retries` times (counted into `counter`), at most
+    `host_connections` at a time per host in this process; redirects to other schemes are refused.
     """
     opts = dict(storage_options or {})
     where = redact_uri(uri)
@@ -252,7 +225,11 @@ def read_bytes(
             # file:// URLs are percent-encoded (RFC 8089): that is how a manifest names a non-UTF-8 path
             return _read_local(os.fsdecode(urllib.parse.unquote_to_bytes(uri.split("://", 1)[1])), max_bytes, where)
         if scheme in ("http", "https"):
-            return _with_deadline(lambda: _read_http(uri, opts, timeout, max_bytes, where), timeout, where)
+            from .http_fetch import BACKOFF_MAX_S, RETRY_AFTER_MAX_S, read_http
+
+            deadline = timeout + retries * (2 * timeout + RETRY_AFTER_MAX_S + BACKOFF_MAX_S)  # every try, every wait
+            return _with_deadline(lambda: read_http(uri, opts, timeout, max_bytes, where, retries, host_connections,
+                                                     counter), deadline, where, timeout)
         return _with_deadline(lambda: _read_fsspec(uri, opts, timeout, max_bytes, where), timeout, where)
     except ImageError as e:
         raise ImageError("read", scrub_secrets(e.reason, opts)) from None

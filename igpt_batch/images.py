@@ -125,9 +125,21 @@ def load(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = False,
+    retries: int = 2,
+    host_connections: int = 4,
+    counter: list | None = None,
 ) -> Loaded:
-    """read_bytes -> sha256 -> decode -> resize."""
-    data = read_bytes(uri, storage_options, timeout=timeout, max_bytes=max_bytes)
+    """read_bytes -> sha256 -> decode -> resize (http(s) retries are appended to `counter`)."""
+    data = read_bytes(uri, storage_options, timeout=timeout, max_bytes=max_bytes, retries=retries,
+                      host_connections=host_connections, counter=counter)
+    return load_bytes(data, n_px, max_bytes=max_bytes, max_pixels=max_pixels, draft=draft)
+
+
+def load_bytes(data: bytes, n_px: int, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft: bool = False, where: str = "embedded image") -> Loaded:
+    """Encoded bytes already in hand (a manifest's bytes column, a tar member) -> Loaded; max_bytes applies too."""
+    if len(data) > max_bytes:
+        raise ImageError("read", f"too large: {len(data)} bytes > max_bytes {max_bytes}: {where}")
     img = decode(data, max_pixels=max_pixels, draft_size=n_px if draft else None)
     width, height = img.info.get("source_size", img.size)
     return Loaded(resize(img, n_px), width, height, hashlib.sha256(data).hexdigest())

@@ -1,10 +1,8 @@
-"""Read image manifests (Parquet/CSV/JSONL, folders, globs, or plain image folders) and plan shards."""
+"""Read image manifests (Parquet/CSV/JSONL, folders, globs, image folders, WebDataset tars) and plan shards."""
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
-import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -13,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from .fetch import redact_uri, scrub_secrets
-from .manifest_files import ManifestError, read_batches
+from . import tars
+from .manifest_files import ColumnHash, Columns, ManifestError, file_uri, read_batches, relative_id, resolve_uris
 
 MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -48,7 +47,7 @@ class _Inputs:
     """What a manifest spec names: manifest files or image files, and the folder image ids are relative to."""
 
     fs: fsspec.AbstractFileSystem
-    kind: str  # "manifests" | "images"
+    kind: str  # "manifests" | "images" | "tars"
     files: list[str]
     base: str
 
@@ -71,6 +70,14 @@ def _hidden(name: str) -> bool:
 
 
 def _list(spec: str, storage_options: dict) -> _Inputs:
+    if tars.has_braces(spec):  # WebDataset's shards/{00000..00099}.tar: each one must exist
+        urls = tars.expand_braces(spec)
+        fs, first = fsspec.core.url_to_fs(urls[0], **storage_options)
+        paths = [first] + [fsspec.core.url_to_fs(u, **storage_options)[1] for u in urls[1:]]
+        missing = [u for u, p in zip(urls, paths) if not fs.exists(p)]
+        if missing:
+            raise ManifestError(f"{len(missing)} of {len(urls)} tars not found (e.g. {redact_uri(missing[0])})")
+        return _classify(fs, spec, posixpath.dirname(first), paths, paths)
     fs, path = fsspec.core.url_to_fs(spec, **storage_options)
     if any(c in path for c in "*?["):
         base = path[:min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
@@ -121,7 +128,7 @@ def _walk(fs: fsspec.AbstractFileSystem, root: str, spec: str) -> tuple[list[str
 
 
 def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> _Inputs:
-    """Manifest files when the top level holds them and no images; else images (at any depth)."""
+    """Manifest files when the top level holds them and no images; else images (at any depth); else tars."""
     is_manifest = lambda f: f.lower().endswith(MANIFEST_EXTS)  # noqa: E731
     is_image = lambda f: f.lower().endswith(IMAGE_EXTS)  # noqa: E731
     top_manifests, top_images = [f for f in top if is_manifest(f)], [f for f in top if is_image(f)]
@@ -137,28 +144,45 @@ def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> _In
         return _Inputs(fs, "manifests", manifests, base)
     if images:
         return _Inputs(fs, "images", images, base)
+    tar_files = [f for f in found if f.lower().endswith(tars.TAR_EXTS)]
+    if tar_files:
+        return _Inputs(fs, "tars", tar_files, base)  # in the order named (brace ranges) or listed
     raise ManifestError(f"no manifest or image files found at {redact_uri(spec)}")
 
 
-def iter_manifest(spec: str, storage_options: dict | None = None) -> Iterator[pa.Table]:
+def iter_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> Iterator[pa.Table]:
     """Yield the manifest as tables of string columns `id` and `uri`, a batch at a time, never all at once.
 
-    `spec` is a manifest file, a folder or glob of manifest files, or a folder or glob of image files.
-    A missing `id` column is derived from `uri` (the uri itself); an image's id is its path relative to the
-    folder (or the glob's fixed part), so moving the mount does not change ids. Relative local uris are
-    resolved against the manifest's folder.
+    `spec` is a manifest file, a folder or glob of manifest files, a folder or glob of image files, or WebDataset
+    tars (a folder, a glob, or a brace range such as shards/{00000..00099}.tar: one table per tar, with a
+    `member` column). `columns` names the id, uri and image-bytes columns (then a binary `bytes` column comes too, and a
+    missing uri is `<manifest>#<row>`). A missing `id` is the uri itself; an image's id is its path relative to the
+    folder (or the glob's fixed part), so moving the mount does not change ids. Relative local uris are resolved
+    against the manifest's folder.
     """
-    inputs = _expand(spec, storage_options or {})
+    yield from _tables(_expand(spec, storage_options or {}), columns, digest=False)
+
+
+def _tables(inputs: _Inputs, columns: Columns, digest: bool) -> Iterator[pa.Table]:
     if inputs.kind == "images":
         yield from _image_tables(inputs)
         return
+    if inputs.kind == "tars":
+        yield from (tars.index_table(inputs.fs, path, digest) for path in inputs.files)
+        return
     for path in inputs.files:
-        for t in read_batches(inputs.fs, path, BATCH_ROWS, JSON_BLOCK_BYTES):
-            uris = _resolve_uris(inputs.fs, path, t.column("uri"))
+        row = 0
+        for t in read_batches(inputs.fs, path, BATCH_ROWS, JSON_BLOCK_BYTES, columns):
+            if "uri" in t.column_names:
+                uris = resolve_uris(inputs.fs, path, t.column("uri"))
+            else:  # images inside the manifest, which names no uri: where the row is
+                url = path if "file" in inputs.fs.protocol else inputs.fs.unstrip_protocol(path)
+                uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
             ids = t.column("id") if "id" in t.column_names else uris
-            if _has_empty(t.column("uri")) or _has_empty(ids):
-                raise ManifestError(f"manifest {path} has empty 'uri' or 'id' values")
-            yield pa.table({"id": ids, "uri": uris})
+            if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
+                raise ManifestError(f"manifest {path} has empty '{columns.uri}' or '{columns.id}' values")
+            row += t.num_rows
+            yield pa.table({"id": ids, "uri": uris, **({"bytes": t.column("bytes")} if columns.bytes else {})})
 
 
 def _has_empty(column: pa.ChunkedArray) -> bool:
@@ -171,65 +195,58 @@ def _image_tables(inputs: _Inputs) -> Iterator[pa.Table]:
     local = "file" in inputs.fs.protocol
     for i in range(0, len(inputs.files), BATCH_ROWS):
         files = inputs.files[i:i + BATCH_ROWS]
-        uris = [_file_uri(f) if local else inputs.fs.unstrip_protocol(f) for f in files]
-        ids = [_relative_id(f, inputs.base) for f in files]
+        uris = [file_uri(f) if local else inputs.fs.unstrip_protocol(f) for f in files]
+        ids = [relative_id(f, inputs.base) for f in files]
         yield pa.table({"id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())})
-
-
-def _relative_id(path: str, base: str) -> str:
-    rel = path[len(base) + 1:] if base and path.startswith(base.rstrip("/") + "/") else posixpath.basename(path)
-    try:
-        rel.encode("utf-8")
-        return rel
-    except UnicodeEncodeError:  # undecodable bytes in a file name: percent-encoded, like its uri
-        return urllib.parse.quote(os.fsencode(rel))
 
 
 @dataclass(frozen=True)
 class ManifestScan:
     rows: int
-    fingerprint: str  # of the (id, uri) values, independent of file and batch boundaries
+    fingerprint: str  # of the (id, uri) values and the images' content when the input holds them
+    groups: tuple[int, ...] = ()  # rows per tar (WebDataset input): no shard crosses a tar
+
+    def shards(self, shard_size: int) -> list[Shard]:
+        """The shard plan: row ranges of shard_size; for tars, each tar cut on its own (one tar, one reader)."""
+        if not self.groups:
+            return plan_shards(self.rows, shard_size)
+        out, first = [], 0
+        for n in self.groups:
+            out += [Shard(len(out) + i, s.start, s.stop) for i, s in enumerate(plan_shards(n, shard_size, first))]
+            first += n
+        return out
 
 
-class _ColumnHash:
-    """sha256 of a string column's lengths and of its bytes, fed chunk by chunk, independent of chunking."""
-
-    def __init__(self):
-        self.lengths, self.data = hashlib.sha256(), hashlib.sha256()
-
-    def update(self, column: pa.ChunkedArray) -> None:
-        import pyarrow.compute as pc
-
-        for chunk in column.chunks:
-            chunk = chunk.cast(pa.large_string())  # one layout (int64 offsets) whatever the reader produced
-            self.lengths.update(pc.binary_length(chunk).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
-            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)
-            lo, hi = int(offsets[chunk.offset]), int(offsets[chunk.offset + len(chunk)])
-            if hi > lo:
-                self.data.update(memoryview(chunk.buffers()[2])[lo:hi])
-
-    def digest(self) -> bytes:
-        return self.lengths.digest() + self.data.digest()
-
-
-def scan_manifest(spec: str, storage_options: dict | None = None) -> ManifestScan:
+def scan_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> ManifestScan:
     """One streaming pass: row count, fingerprint and the duplicate-id check, holding 8 bytes per row.
 
     Raises ManifestError for an empty manifest and for duplicate ids (an error: ids must be unique).
     """
-    h_id, h_uri = _ColumnHash(), _ColumnHash()
-    rows, hashes = 0, []
-    for t in iter_manifest(spec, storage_options):
+    inputs = _expand(spec, storage_options or {})
+    h_id, h_uri, h_content = ColumnHash(), ColumnHash(), ColumnHash()
+    rows, hashes, groups = 0, [], []
+    for t in _tables(inputs, columns, digest=True):
         rows += t.num_rows
+        groups.append(t.num_rows)
         h_id.update(t.column("id"))
         h_uri.update(t.column("uri"))
+        for content in ("bytes", "sha256"):  # a changed image changes the fingerprint, so a rerun recomputes it
+            if content in t.column_names:
+                h_content.update(t.column(content))
         hashes.append(np.fromiter((hash(i) for i in t.column("id").to_pylist()), dtype=np.int64, count=t.num_rows))
     if rows == 0:
         raise ManifestError(f"manifest {spec} is empty: no rows to process")
-    values, counts = np.unique(np.concatenate(hashes), return_counts=True)
+    _check_duplicates(spec, np.concatenate(hashes), lambda: _tables(inputs, Columns(columns.id, columns.uri), False))
+    content = h_content.digest() if columns.bytes or inputs.kind == "tars" else b""
+    fingerprint = hashlib.sha256(h_id.digest() + h_uri.digest() + content).hexdigest()[:16]
+    return ManifestScan(rows, fingerprint, tuple(groups) if inputs.kind == "tars" else ())
+
+
+def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterator[pa.Table]]) -> None:
+    values, counts = np.unique(hashes, return_counts=True)
     if (counts > 1).any():  # 64-bit hashes can collide: confirm on the few suspects, exactly
         suspects, seen, dups = set(values[counts > 1].tolist()), set(), {}
-        for t in iter_manifest(spec, storage_options):
+        for t in tables():
             for i in t.column("id").to_pylist():
                 if hash(i) in suspects:
                     if i in seen:
@@ -238,51 +255,30 @@ def scan_manifest(spec: str, storage_options: dict | None = None) -> ManifestSca
         if dups:
             names = ", ".join(repr(v) for v in list(dups)[:5])
             raise ManifestError(f"manifest {spec} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
-    return ManifestScan(rows, hashlib.sha256(h_id.digest() + h_uri.digest()).hexdigest()[:16])
 
 
-def read_manifest(spec: str, storage_options: dict | None = None) -> pa.Table:
+def read_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> pa.Table:
     """The whole manifest as one (id, uri) table, after scan_manifest's checks (for callers that need it all)."""
-    scan_manifest(spec, storage_options)
-    return pa.concat_tables(iter_manifest(spec, storage_options))
+    scan_manifest(spec, storage_options, columns)
+    return pa.concat_tables(iter_manifest(spec, storage_options, columns))
 
 
 def write_plan(spec: str, storage_options: dict | None, shard_size: int, shards: list[Shard],
-               write: Callable[[Shard, pa.Table], None]) -> None:
-    """Stream the manifest again and hand each shard in `shards` its rows; shard i is rows [i*size, (i+1)*size)."""
-    wanted = {s.shard_id: s for s in shards}
-    buffer: list[pa.Table] = []
-    buffered = shard_id = 0
-    for t in iter_manifest(spec, storage_options):
-        while t.num_rows:
-            take = min(shard_size - buffered, t.num_rows)
-            buffer.append(t.slice(0, take))
-            buffered, t = buffered + take, t.slice(take)
-            if buffered == shard_size:
-                if shard_id in wanted:
-                    write(wanted[shard_id], pa.concat_tables(buffer))
-                buffer, buffered, shard_id = [], 0, shard_id + 1
-    if buffered and shard_id in wanted:
-        write(wanted[shard_id], pa.concat_tables(buffer))
-
-
-def _file_uri(path: str) -> str:
-    """A local path as a manifest uri: itself, or a percent-encoded file:// URL when it is not valid UTF-8."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:  # undecodable bytes in a file name (surrogateescape)
-        return "file://" + urllib.parse.quote(os.fsencode(path))
-
-
-def _resolve_uris(fs: fsspec.AbstractFileSystem, manifest_path: str, uris: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Resolve relative uris against the manifest's folder, column-wise in Arrow (no per-row Python objects,
-    so planning a large manifest costs about its own size in memory)."""
-    import pyarrow.compute as pc
-
-    base = posixpath.dirname(manifest_path)
-    if "file" not in fs.protocol:
-        base = fs.unstrip_protocol(base)
-    absolute = pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/"))
-    joined = pc.binary_join_element_wise(pa.scalar(base), uris, "/")
-    return pc.if_else(pc.or_kleene(absolute, pc.is_null(uris)), uris, joined)
+               write: Callable[[Shard, pa.Table], None], columns: Columns = Columns()) -> None:
+    """Stream the manifest again and hand each shard in `shards` its rows [start, stop) (shard_size is implied by
+    the shards); reading stops after the last one."""
+    todo, k, row, parts = sorted(shards, key=lambda s: s.start), 0, 0, []
+    for t in iter_manifest(spec, storage_options, columns):
+        end = row + t.num_rows
+        while k < len(todo) and todo[k].start < end:
+            s = todo[k]
+            lo, hi = max(s.start, row), min(s.stop, end)
+            if hi > lo:
+                parts.append(t.slice(lo - row, hi - lo))
+            if s.stop > end:
+                break
+            write(s, pa.concat_tables(parts))
+            parts, k = [], k + 1
+        row = end
+        if k == len(todo):
+            return

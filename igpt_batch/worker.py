@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from . import images
+from . import images, metrics
 from .config import JobConfig
 from .manifest import Shard
 from .storage import OutputFolder
@@ -76,33 +76,79 @@ class ShardWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def _load(self, uri: str) -> tuple[images.Loaded, float]:
+    def _load(self, uri: str) -> tuple[object, float, int]:
+        """Fetch and decode one row: (images.Loaded or ImageError, seconds, http retries)."""
         t0 = time.perf_counter()
-        i = self.cfg.input
-        got = images.load(uri, self.model.n_px, self.cfg.storage_options, timeout=i.read_timeout,
-                          max_bytes=i.max_bytes, max_pixels=i.max_pixels, draft=i.draft)
-        return got, time.perf_counter() - t0
+        i, tries = self.cfg.input, []
+        try:
+            got = images.load(uri, self.model.n_px, self.cfg.storage_options, timeout=i.read_timeout,
+                              max_bytes=i.max_bytes, max_pixels=i.max_pixels, draft=i.draft, retries=i.retries,
+                              host_connections=i.host_connections, counter=tries)
+        except images.ImageError as e:
+            got = e
+        return got, time.perf_counter() - t0, sum(tries)
+
+    def _decode(self, data: "bytes | images.ImageError", where: str) -> tuple[object, float, int]:
+        """Decode bytes already read (from the plan file or a tar): (images.Loaded or ImageError, seconds, 0)."""
+        t0, i = time.perf_counter(), self.cfg.input
+        try:
+            if isinstance(data, images.ImageError):
+                raise data
+            got = images.load_bytes(data, self.model.n_px, i.max_bytes, i.max_pixels, i.draft, where=where)
+        except images.ImageError as e:
+            got = e
+        return got, time.perf_counter() - t0, 0
+
+    def _jobs(self, rows: pa.Table) -> Iterator[tuple[tuple[str, str], object]]:
+        """((id, uri), the call that reads and decodes it) in row order: image bytes carried by the plan, tar members
+        (one streaming pass per tar, here), or uris to fetch."""
+        from functools import partial
+        from itertools import groupby
+
+        from . import tars
+
+        ids, uris = rows.column("id").to_pylist(), rows.column("uri").to_pylist()
+        if "bytes" in rows.column_names:
+            data = rows.column("bytes")
+            for j in range(rows.num_rows):
+                yield (ids[j], uris[j]), partial(self._decode, data[j].as_py(), images.redact_uri(uris[j]))
+        elif "member" in rows.column_names:
+            names = rows.column("member").to_pylist()
+            tar_of = lambda j: uris[j][:len(uris[j]) - len(names[j]) - 1]  # noqa: E731  (uri = tar#member)
+            for url, group in groupby(range(rows.num_rows), key=tar_of):
+                group = list(group)
+                got = tars.members(url, [names[j] for j in group], self.cfg.storage_options, self.cfg.input.max_bytes)
+                for j, item in zip(group, got):
+                    yield (ids[j], uris[j]), partial(self._decode, item, images.redact_uri(uris[j]))
+        else:
+            for row in zip(ids, uris):
+                yield row, partial(self._load, row[1])
 
     def loaded(self, rows: pa.Table, stats: dict, window: int) -> Iterator[tuple[str, str, object]]:
         """Yield (id, uri, images.Loaded or ImageError) in row order, decoding up to `window` rows ahead in threads
-        (a bounded window bounds memory whatever the shard size)."""
+        (a bounded window bounds memory whatever the shard size). stats gains `retries` (http retries)."""
         pending: deque = deque()
-        it = zip(rows.column("id").to_pylist(), rows.column("uri").to_pylist())
-        for row in it:
-            pending.append((row, self.pool.submit(self._load, row[1])))
-            if len(pending) >= window:
-                break
+        jobs = self._jobs(rows)
+        stats.setdefault("retries", 0)
+
+        def submit() -> bool:
+            t0 = time.perf_counter()
+            job = next(jobs, None)  # a tar member is read here, in order
+            stats["read_s"] += time.perf_counter() - t0
+            if job is not None:
+                pending.append((job[0], self.pool.submit(job[1])))
+            return job is not None
+
+        while len(pending) < window and submit():
+            pass
         while pending:
             (id_, uri), fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, self.pool.submit(self._load, nxt[1])))
+            submit()
             t0 = time.perf_counter()
             try:
-                result, seconds = fut.result()
+                result, seconds, retries = fut.result()
                 stats["read_s"] += seconds
-            except images.ImageError as e:
-                result = e
+                stats["retries"] += retries
             except Exception as e:  # any other decoder failure is still a per-row error, never a lost row
                 result = images.ImageError("decode", f"{type(e).__name__}: {e}")
             stats["wait_s"] += time.perf_counter() - t0
@@ -125,4 +171,5 @@ class ShardWorker:
         stats["write_s"] = time.perf_counter() - tw
         record["stats"] = {k: round(v, 4) for k, v in stats.items()} | {"total_s": round(time.perf_counter() - t0, 4)}
         self.out.commit(shard.name, record)
+        metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray
         return record

@@ -1,0 +1,267 @@
+"""Inputs users already have: mapped columns, images inside Parquet, WebDataset tars (local and S3), flaky HTTP."""
+import functools
+import http.server
+import io
+import socket
+import struct
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from igpt_batch import __version__, config, images, tasks
+from igpt_batch.driver import run_job
+from igpt_batch.manifest import Columns, ManifestError, iter_manifest, scan_manifest, write_plan
+from igpt_batch.storage import read_output
+
+
+def cfg_for(ckpt, out, **over):
+    base = {"model.name": ckpt, "output.path": str(out), "run.shard_size": 3, "extract.batch_size": 4,
+            "output.contact_sheet": 0, "run.executor": "local", "extract.layers": [1]}
+    return config.load(None, {**base, **over})
+
+
+@pytest.fixture
+def wired(monkeypatch):
+    """The driver's wiring of input.{id,uri,bytes}_column and tar-aligned shards (issue 11, section 5): the lead's
+    tasks.Task.plan and driver.run_job are to pass Columns.of(cfg.input) and use scan.shards(); until then, here."""
+    from igpt_batch import driver
+
+    def plan(self, cfg):
+        scan = scan_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
+        return tasks.Plan(scan.rows, scan.shards(cfg.run.shard_size), scan.fingerprint)
+
+    def run(cfg, task, **kw):
+        monkeypatch.setattr(driver, "write_plan", functools.partial(write_plan, columns=Columns.of(cfg.input)))
+        monkeypatch.setattr(driver, "iter_manifest", functools.partial(iter_manifest, columns=Columns.of(cfg.input)))
+        return run_job(cfg, task, **kw)
+
+    monkeypatch.setattr(tasks.Task, "plan", plan)
+    return run
+
+
+def embeddings(out, **so):
+    t = read_output(str(out), "embeddings", so or None).sort_by("id")
+    return t.column("id").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False)), t
+
+
+@pytest.fixture(scope="module")
+def photos(image_dir):
+    return {p.stem: p.read_bytes() for p in sorted(image_dir.iterdir()) if p.suffix == ".jpg" and p.stem not in ("text", "truncated")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, image_dir, photos, tmp_path_factory):
+    """Embeddings of the photos read as files, by id: every other input form must give the same."""
+    root = tmp_path_factory.mktemp("ref")
+    pq.write_table(pa.table({"id": list(photos), "uri": [str(image_dir / f"{k}.jpg") for k in photos]}), root / "m.parquet")
+    run_job(cfg_for(tiny_ckpt, root / "out", **{"input.manifest": str(root / "m.parquet")}), "extract")
+    ids, emb, _ = embeddings(root / "out")
+    return dict(zip(ids, emb))
+
+
+# ----------------------------------------------------------------------------- mapped columns, bytes in Parquet
+
+
+def test_img2dataset_parquet_key_url_and_jpg_columns(wired, tiny_ckpt, image_dir, photos, reference, tmp_path):
+    keys = [f"{i:09d}" for i in range(len(photos))]
+    table = pa.table({"key": keys, "url": [str(image_dir / f"{k}.jpg") for k in photos], "jpg": list(photos.values()),
+                      "status": ["success"] * len(photos)})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    by_key = dict(zip(keys, (reference[k] for k in photos)))
+    for bytes_column in (None, "jpg"):  # fetched by url, then read from the rows themselves
+        out = tmp_path / f"out-{bytes_column}"
+        s = wired(cfg_for(tiny_ckpt, out, **{"input.manifest": str(tmp_path / "00000.parquet"), "input.id_column": "key",
+                                            "input.uri_column": "url", "input.bytes_column": bytes_column}), "extract")
+        ids, emb, t = embeddings(out)
+        assert s["rows"] == {"embeddings": len(photos), "errors": 0} and ids == keys
+        np.testing.assert_allclose(emb, np.stack([by_key[k] for k in ids]), atol=1e-5)
+        assert t.column("uri").to_pylist() == table.column("url").to_pylist()
+
+
+def test_hugging_face_image_struct_without_uri(wired, tiny_ckpt, photos, reference, tmp_path):
+    struct = pa.array([{"bytes": b, "path": None} for b in photos.values()] + [{"bytes": b"junk", "path": None}],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"image": struct, "label": list(range(len(photos) + 1))}), tmp_path / "data" / "train.parquet")
+    cfg = cfg_for(tiny_ckpt, tmp_path / "out", **{"input.manifest": str(tmp_path / "data" / "train.parquet"),
+                                                 "input.bytes_column": "image.bytes"})
+    s = wired(cfg, "extract")
+    assert s["rows"] == {"embeddings": len(photos), "errors": 1}
+    ids, emb, _ = embeddings(tmp_path / "out")
+    rows = {f"{tmp_path / 'data' / 'train.parquet'}#{i}": k for i, k in enumerate(photos)}
+    assert sorted(rows) == ids  # no uri column: where the row is, which is the id too
+    np.testing.assert_allclose(emb, np.stack([reference[rows[i]] for i in ids]), atol=1e-5)
+    assert read_output(str(tmp_path / "out"), "errors").column("stage").to_pylist() == ["decode"]
+
+
+def test_bytes_fingerprint_follows_the_images_and_mapped_csv_jsonl(photos, tmp_path):
+    path, cols = tmp_path / "m.parquet", Columns(bytes="jpg")
+    blobs = list(photos.values())
+    pq.write_table(pa.table({"id": list(photos), "jpg": blobs}), path)
+    before = scan_manifest(str(path), None, cols)
+    assert before == scan_manifest(str(path), None, cols) and before.rows == len(photos)
+    pq.write_table(pa.table({"id": list(photos), "jpg": blobs[::-1]}), path)  # same ids, other images
+    assert scan_manifest(str(path), None, cols).fingerprint != before.fingerprint
+    (tmp_path / "m.csv").write_text("key,url\nk1,/a.png\nk2,/b.png\n")
+    (tmp_path / "m.jsonl").write_text('{"key": "k1", "url": "/a.png"}\n{"key": "k2", "url": "/b.png"}\n')
+    for name in ("m.csv", "m.jsonl"):
+        t = pa.concat_tables(iter_manifest(str(tmp_path / name), None, Columns("key", "url")))
+        assert t.to_pydict() == {"id": ["k1", "k2"], "uri": ["/a.png", "/b.png"]}
+        with pytest.raises(ManifestError, match="no 'url2'"):
+            scan_manifest(str(tmp_path / name), None, Columns("key", "url2"))
+        with pytest.raises(ManifestError, match="needs a Parquet"):
+            scan_manifest(str(tmp_path / name), None, Columns("key", "url", "jpg"))
+    with pytest.raises(ManifestError, match="no field 'bytes'"):
+        scan_manifest(str(path), None, Columns(bytes="jpg.bytes"))
+    with pytest.raises(config.ConfigError, match="input.retries"):
+        config.load(None, {"input.retries": -1})
+
+
+# ----------------------------------------------------------------------------- WebDataset
+
+
+def make_tar(samples: dict[str, bytes], ext: str = "jpg") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, data in samples.items():
+            for name, blob in ((f"{key}.{ext}", data), (f"{key}.json", b'{"caption": "x"}')):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tf.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+def test_webdataset_tars_brace_range_and_glob(wired, tiny_ckpt, photos, reference, tmp_path):
+    keys = list(photos)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(make_tar({f"s/{k}": photos[k] for k in keys[:3]}))
+    (tmp_path / "shards" / "00001.tar").write_bytes(make_tar({f"s/{keys[3]}": photos[keys[3]], "s/bad": b"junk"}, "png"))
+    spec = str(tmp_path / "shards" / "{00000..00001}.tar")
+    scan = scan_manifest(spec)
+    assert scan.rows == 5 and scan.groups == (3, 2) and scan == scan_manifest(str(tmp_path / "shards" / "*.tar"))
+    assert [(s.start, s.stop) for s in scan.shards(2)] == [(0, 2), (2, 3), (3, 5)]  # no shard crosses a tar
+    s = wired(cfg_for(tiny_ckpt, tmp_path / "out", **{"input.manifest": spec, "run.shard_size": 2}), "extract")
+    assert s["shards"] == 3 and s["rows"] == {"embeddings": 4, "errors": 1}
+    ids, emb, t = embeddings(tmp_path / "out")
+    assert ids == sorted(f"s/{k}" for k in keys) and t.column("uri").to_pylist()[0].endswith(".tar#s/astronaut.jpg")
+    np.testing.assert_allclose(emb, np.stack([reference[i[2:]] for i in ids]), atol=1e-5)
+    (tmp_path / "shards" / "00001.tar").write_bytes(make_tar({f"s/{keys[3]}": photos[keys[0]], "s/bad": b"junk"}, "png"))
+    assert scan_manifest(spec).fingerprint != scan.fingerprint  # a changed image: a rerun recomputes
+    with pytest.raises(ManifestError, match="1 of 3 tars not found"):
+        scan_manifest(str(tmp_path / "shards" / "{00000..00002}.tar"))
+
+
+def test_webdataset_on_s3(s3_server, tiny_ckpt, photos, reference, tmp_path):
+    fs, so = s3_server.fs(), s3_server.storage_options()
+    fs.mkdir("igpt-wds")
+    keys = list(photos)
+    for i in range(2):
+        fs.pipe_file(f"igpt-wds/shards/{i:05d}.tar", make_tar({k: photos[k] for k in keys[2 * i:2 * i + 2]}))
+    cfg = cfg_for(tiny_ckpt, "s3://igpt-wds/out", **{"input.manifest": "s3://igpt-wds/shards/{00000..00001}.tar",
+                                                    "storage_options": so, "run.shard_size": 2})
+    s = run_job(cfg, "extract")  # two tars of two: row shards of 2 are tar shards too, with the driver as it is
+    assert s["rows"] == {"embeddings": 4, "errors": 0}
+    ids, emb, t = embeddings("s3://igpt-wds/out", **so)
+    assert ids == sorted(keys) and all(u.startswith("s3://igpt-wds/shards/") for u in t.column("uri").to_pylist())
+    np.testing.assert_allclose(emb, np.stack([reference[i] for i in ids]), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- flaky HTTP
+
+
+@pytest.fixture
+def http_server(monkeypatch, image_dir):
+    """Serves image_dir on 127.0.0.1; `mode` decides each request: fail once per path (503 or reset), always 429..."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    state = {"mode": "ok", "seen": set(), "agents": set(), "active": 0, "max_active": 0, "lock": threading.Lock()}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            with state["lock"]:
+                state["agents"].add(self.headers.get("User-Agent"))
+                first = self.path not in state["seen"]
+                state["seen"].add(self.path)
+                state["active"] += 1
+                state["max_active"] = max(state["max_active"], state["active"])
+            try:
+                self._answer(state["mode"], first)
+            finally:
+                with state["lock"]:
+                    state["active"] -= 1
+
+        def _answer(self, mode, first):
+            if mode == "429" or (mode == "503" and first):
+                self.send_response(429 if mode == "429" else 503)
+                self.send_header("Retry-After", "3600" if mode == "429" else "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif mode == "reset" and first:  # RST instead of an answer
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+            elif mode == "redirect":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/hostname")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                if mode == "slow":
+                    time.sleep(0.2)
+                super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(image_dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield state, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["503", "reset"])
+def test_flaky_urls_are_retried_and_counted(wired, http_server, tiny_ckpt, photos, reference, tmp_path, mode):
+    state, base = http_server
+    state["mode"] = mode
+    (tmp_path / "m.csv").write_text("key,url\n" + "".join(f"{k},{base}/{k}.jpg\n" for k in photos))
+    cfg = cfg_for(tiny_ckpt, tmp_path / "out", **{"input.manifest": str(tmp_path / "m.csv"), "input.id_column": "key",
+                                                 "input.uri_column": "url"})
+    s = wired(cfg, "extract")
+    assert s["rows"] == {"embeddings": len(photos), "errors": 0}
+    assert s["stage_seconds"]["retries"] == len(photos)  # one retry per url
+    ids, emb, _ = embeddings(tmp_path / "out")
+    np.testing.assert_allclose(emb, np.stack([reference[k] for k in ids]), atol=1e-5)
+    assert state["agents"] == {f"igpt-batch/{__version__}"}
+
+
+def test_always_429_gives_up_after_the_retries_honouring_a_capped_retry_after(http_server):
+    state, base = http_server
+    state["mode"] = "429"
+    counter, t0 = [], time.perf_counter()
+    with pytest.raises(images.ImageError) as e:
+        images.read_bytes(f"{base}/coffee.jpg", timeout=2, retries=2, counter=counter)
+    elapsed = time.perf_counter() - t0
+    assert e.value.stage == "read" and images.reason_class(e.value.reason) == "HTTP 429" and counter == [2]
+    assert 4 <= elapsed < 10  # Retry-After: 3600 honoured, capped at the read timeout (2 s) per retry
+
+
+def test_redirects_to_file_are_refused_and_hosts_are_limited(http_server):
+    state, base = http_server
+    state["mode"] = "redirect"
+    with pytest.raises(images.ImageError, match="redirect refused"):
+        images.read_bytes(f"{base}/coffee.jpg", timeout=5)
+    state["mode"] = "slow"
+    threads = [threading.Thread(target=images.read_bytes, args=(f"{base}/{n}.jpg",),
+                                kwargs={"timeout": 5, "host_connections": 2}) for n in ("coffee", "rocket") * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["max_active"] == 2
