@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Callable
 
+from . import metrics
 from .config import JobConfig
 from .manifest import Shard
 from .tasks import Resolved, Task
@@ -115,6 +116,7 @@ class RayPool:
         self.queue: list[Shard] = []
         self.start_failures = 0  # in a row: a model that cannot load must not restart actors forever
         self.start_timeout = cfg.run.actor_start_timeout
+        self.tags = metrics.job_tags(task.name, cfg.output.path)
 
     def run(self, shards: list[Shard]) -> dict[str, str]:
         import ray
@@ -139,6 +141,7 @@ class RayPool:
         finally:
             for actor in list(self.actors):
                 ray.kill(actor, no_restart=True)
+            metrics.actors(self.tags, 0, 0)
         return self.failed
 
     def _make_actor_class(self, ray) -> None:
@@ -175,6 +178,8 @@ class RayPool:
                     log.info("waiting for %d worker(s) to be placed (%s each); %d shard(s) queued",
                              len(pending), self.request, len(self.queue))
             self._give_up_pending(ray)
+            placed = sum(a["node"] is not None for a in self.actors.values())
+            metrics.actors(self.tags, placed, len(self.actors) - placed)
 
     def _fill(self) -> None:
         """Hand queued shards to live actors with room, the least busy first."""
@@ -204,6 +209,7 @@ class RayPool:
         try:
             self.done(ray.get(ref))
             self.failed.pop(shard.name, None)
+            metrics.shard(self.tags, "committed")
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             # The actor died (SIGKILL, OOM, node lost): its shards go back to the queue, it is replaced.
             state["shards"][ref] = shard
@@ -223,6 +229,7 @@ class RayPool:
             if record is not None:  # it died after committing this shard, before the reply: the shard is done
                 self.done(record)
                 self.failed.pop(shard.name, None)
+                metrics.shard(self.tags, "committed")
             else:
                 self._requeue(shard, reason)
         if self.queue or any(a["shards"] for a in self.actors.values()):
@@ -233,6 +240,7 @@ class RayPool:
         self.failed[shard.name] = reason
         if self.attempts[shard.name] <= self.cfg.run.max_retries:
             self.queue.append(shard)
+        metrics.shard(self.tags, "retried" if self.attempts[shard.name] <= self.cfg.run.max_retries else "given_up")
 
     def _watch_nodes(self, ray) -> None:
         """Actors on nodes that died are lost; with no live node at all the job cannot go on."""
