@@ -20,6 +20,11 @@ FLAGS = {
     "--manifest": ("input.manifest", "manifest file, folder or glob (Parquet, CSV, JSONL), or a folder or glob of images", {}),
     "--read-timeout": ("input.read_timeout", "seconds per image fetch", {}),
     "--max-pixels": ("input.max_pixels", "decompression-bomb limit, checked before decoding", {}),
+    "--id-column": ("input.id_column", "the manifest's id column (img2dataset: key)", {}),
+    "--uri-column": ("input.uri_column", "the manifest's uri column (img2dataset: url)", {}),
+    "--bytes-column": ("input.bytes_column", "Parquet column holding the image bytes (jpg, or image.bytes)", {}),
+    "--retries": ("input.retries", "http(s) retries of 429, 5xx and connection resets", {}),
+    "--host-connections": ("input.host_connections", "http(s) connections at a time per host, per worker", {}),
     "--draft": ("input.draft", "JPEG draft decoding for big sources (faster, approximate)", CONST),
     "--output": ("output.path", "output folder or fsspec URL", {}),
     "--overwrite": ("output.overwrite", "replace an existing output, also one written with another config", CONST),
@@ -52,11 +57,11 @@ FLAGS = {
     "--retry-errors": ("refresh.retry_errors", "refresh: retry failed rows even if their source is unchanged", CONST),
 }
 TASK_FLAGS = {
-    "extract": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
+    "extract": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
     "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
-    "complete": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
+    "complete": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
                  "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],
-    "refresh": ["--manifest", "--read-timeout", "--max-pixels", "--draft", "--layer", "--store", "--deleted", "--keep-current",
+    "refresh": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--store", "--deleted", "--keep-current",
                 "--retry-errors"],
 }
 COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--workers", "--shard-size", "--address",

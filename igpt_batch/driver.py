@@ -10,7 +10,7 @@ from collections import Counter
 
 from . import __version__, checkpoint, guards, tasks
 from .config import ConfigError, JobConfig
-from .manifest import iter_manifest, write_plan
+from .manifest import Columns, iter_manifest, write_plan
 from .storage import Lease, LeaseError, OutputFolder, errors_by_reason, read_output
 from .tasks import Plan, Resolved, Task
 
@@ -46,8 +46,8 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     resolved = task.resolve(cfg, info)
     plan = task.plan(cfg)
     if task.reads_manifest:  # after the scan: the manifest is known to be readable
-        guards.check_not_inputs(cfg.output.path, cfg.input.manifest,
-                                iter_manifest(cfg.input.manifest, cfg.storage_options))
+        guards.check_not_inputs(cfg.output.path, cfg.input.manifest, iter_manifest(
+            cfg.input.manifest, cfg.storage_options, Columns(cfg.input.id_column, cfg.input.uri_column)))
     return resolved, plan, task.compat_keys(cfg, resolved, plan)
 
 
@@ -136,7 +136,7 @@ def _run(cfg: JobConfig, task: Task, resolved: Resolved, plan: Plan, keys: dict,
     if task.reads_manifest:  # each shard's input rows, for its worker to read
         try:
             write_plan(cfg.input.manifest, cfg.storage_options, cfg.run.shard_size, todo,
-                       lambda s, rows: out.write_plan(s.name, rows))
+                       lambda s, rows: out.write_plan(s.name, rows), columns=Columns.of(cfg.input))
         except OSError as e:
             raise JobError(guards.plan_write_error(e, cfg.output.path)) from None
     per_row = task.outputs_per_row(cfg)
@@ -184,11 +184,12 @@ def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: 
     stage_s = Counter()
     for rec in records.values():
         stage_s.update(rec["stats"])
+    retries = int(stage_s.pop("retries", 0))
     new_rows = sum(r["stop"] - r["start"] for r in records.values())
     return {
         "task": task.name, "shards": len(plan.shards), "shards_skipped": len(before), "shards_run": len(records),
         "input_rows": plan.rows if task.reads_manifest else 0,
         "rows": dict(rows), "errors": rows.get("errors", 0), "errors_by_reason": dict(by_reason.most_common()),
         "wall_s": round(wall_s, 3), "rows_per_s": round(new_rows / wall_s, 3) if wall_s else None,
-        "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()},
+        "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()}, "http_retries": retries,
     }

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from . import images
+from . import images, metrics
 from .config import JobConfig
 from .manifest import Shard
 from .storage import OutputFolder
@@ -171,4 +171,5 @@ class ShardWorker:
         stats["write_s"] = time.perf_counter() - tw
         record["stats"] = {k: round(v, 4) for k, v in stats.items()} | {"total_s": round(time.perf_counter() - t0, 4)}
         self.out.commit(shard.name, record)
+        metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray
         return record

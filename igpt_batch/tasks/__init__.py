@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ..checkpoint import CheckpointInfo
 from ..config import JobConfig
-from ..manifest import Shard, plan_shards, scan_manifest
+from ..manifest import Columns, Shard, scan_manifest
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())])
 NIGHTLY = ("rows", "manifest_fingerprint", "shard_size")  # compat keys that may differ between nights of one store
@@ -63,8 +63,9 @@ class Task:
         """Task-specific config checks that need the checkpoint; raise ConfigError."""
 
     def plan(self, cfg: JobConfig) -> Plan:
-        scan = scan_manifest(cfg.input.manifest, cfg.storage_options)  # streams: memory stays ~8 bytes a row
-        return Plan(scan.rows, plan_shards(scan.rows, cfg.run.shard_size), scan.fingerprint)
+        # streams: memory stays ~8 bytes a row; shards never span two tar files
+        scan = scan_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
+        return Plan(scan.rows, scan.shards(cfg.run.shard_size), scan.fingerprint)
 
     def outputs_per_row(self, cfg: JobConfig) -> int:
         return 1

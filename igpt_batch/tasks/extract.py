@@ -36,9 +36,9 @@ class Extract(Task):
     def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
         if cfg.output.preview:
             from .. import pictures
-            from ..manifest import iter_manifest
+            from ..manifest import Columns, iter_manifest
 
-            head = next(iter_manifest(cfg.input.manifest, cfg.storage_options))
+            head = next(iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)))
             pictures.write_preview(out, cfg, read_clusters(resolved.info.path), head, resolved.info.n_px,
                                    cfg.output.preview)
 

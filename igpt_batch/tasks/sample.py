@@ -77,9 +77,9 @@ class Complete(_Sampling):
     def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
         if cfg.output.contact_sheet:
             from .. import pictures
-            from ..manifest import iter_manifest
+            from ..manifest import Columns, iter_manifest
 
-            head = next(iter_manifest(cfg.input.manifest, cfg.storage_options))
+            head = next(iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)))
             pictures.write_completion_sheet(out, cfg, read_clusters(resolved.info.path), head, resolved.info.n_px,
                                             cfg.output.contact_sheet)
 
