@@ -26,22 +26,9 @@ def cfg_for(ckpt, out, **over):
 
 
 @pytest.fixture
-def wired(monkeypatch):
-    """The driver's wiring of input.{id,uri,bytes}_column and tar-aligned shards (issue 11, section 5): the lead's
-    tasks.Task.plan and driver.run_job are to pass Columns.of(cfg.input) and use scan.shards(); until then, here."""
-    from igpt_batch import driver
-
-    def plan(self, cfg):
-        scan = scan_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
-        return tasks.Plan(scan.rows, scan.shards(cfg.run.shard_size), scan.fingerprint)
-
-    def run(cfg, task, **kw):
-        monkeypatch.setattr(driver, "write_plan", functools.partial(write_plan, columns=Columns.of(cfg.input)))
-        monkeypatch.setattr(driver, "iter_manifest", functools.partial(iter_manifest, columns=Columns.of(cfg.input)))
-        return run_job(cfg, task, **kw)
-
-    monkeypatch.setattr(tasks.Task, "plan", plan)
-    return run
+def wired():
+    """run_job: the driver passes Columns.of(cfg.input) and plans tar-aligned shards itself."""
+    return run_job
 
 
 def embeddings(out, **so):
@@ -235,7 +222,7 @@ def test_flaky_urls_are_retried_and_counted(wired, http_server, tiny_ckpt, photo
                                                  "input.uri_column": "url"})
     s = wired(cfg, "extract")
     assert s["rows"] == {"embeddings": len(photos), "errors": 0}
-    assert s["stage_seconds"]["retries"] == len(photos)  # one retry per url
+    assert s["http_retries"] == len(photos)  # one retry per url
     ids, emb, _ = embeddings(tmp_path / "out")
     np.testing.assert_allclose(emb, np.stack([reference[k] for k in ids]), atol=1e-5)
     assert state["agents"] == {f"igpt-batch/{__version__}"}
