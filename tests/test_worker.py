@@ -1,0 +1,69 @@
+"""ShardWorker's own contracts, in-process: lazy model load, read-ahead order, the commit record."""
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+
+from igpt_batch import checkpoint, config
+from igpt_batch.manifest import Shard
+from igpt_batch.storage import OutputFolder
+from igpt_batch.tasks import get
+from igpt_batch.worker import STAGES, ShardWorker
+
+
+def make(ckpt, out, task="generate", **over):
+    cfg = config.load(None, {"model.name": ckpt, "output.path": str(out), "generate.batch_size": 2,
+                             "extract.batch_size": 2, "run.torch_threads": 1, **over})
+    t = get(task)
+    return ShardWorker(cfg, t, t.resolve(cfg, checkpoint.read_info(ckpt))), cfg
+
+
+def test_a_generate_shard_is_written_then_committed_with_its_record(tiny_ckpt, tmp_path):
+    worker, _ = make(tiny_ckpt, tmp_path / "o")
+    assert worker.model is None  # nothing loads until the first shard (placement is probed before)
+    rec = worker.run(Shard(3, 6, 9))
+    assert worker.model is not None
+    assert rec["shard"] == "part-00003" and (rec["start"], rec["stop"]) == (6, 9)
+    assert rec["files"] == [{"path": "samples/part-00003.parquet", "rows": 3}] and rec["rows"] == {"samples": 3}
+    assert set(rec["stats"]) == {*STAGES, "total_s"} and rec["stats"]["model_s"] > 0
+    out = OutputFolder(str(tmp_path / "o"))
+    assert out.commit_record("part-00003") == rec
+    assert out.read_table("samples/part-00003.parquet").column("seed").to_pylist() == [6, 7, 8]
+
+
+def test_reading_keeps_row_order_and_turns_failures_into_errors(tiny_ckpt, image_dir, tmp_path):
+    worker, _ = make(tiny_ckpt, tmp_path / "o", "extract")
+    worker.load()
+    names = ["coffee.jpg", "text.jpg", "astronaut.jpg", "missing.jpg", "truncated.jpg", "rocket.jpg"]
+    rows = pa.table({"id": [f"r{i}" for i in range(6)], "uri": [str(image_dir / n) for n in names]})
+    stats = dict.fromkeys(STAGES, 0.0)
+    got = list(worker.loaded(rows, stats, window=2))  # a window smaller than the shard
+    assert [g[0] for g in got] == [f"r{i}" for i in range(6)]
+    kinds = [type(g[2]).__name__ for g in got]
+    assert kinds == ["Loaded", "ImageError", "Loaded", "ImageError", "ImageError", "Loaded"]
+    assert got[3][2].stage == "read" and got[1][2].stage == "decode"
+    assert got[0][2].rgb.shape == (worker.model.n_px, worker.model.n_px, 3)
+    assert stats["read_s"] > 0
+
+
+def test_an_extract_shard_reads_its_plan_rows(tiny_ckpt, image_dir, tmp_path):
+    worker, _ = make(tiny_ckpt, tmp_path / "o", "extract")
+    out = OutputFolder(str(tmp_path / "o"))
+    out.write_plan("part-00000", pa.table({"id": ["a", "b"], "uri": [str(image_dir / "coffee.jpg"), "nope.jpg"]}))
+    rec = worker.run(Shard(0, 0, 2))
+    assert rec["rows"] == {"embeddings": 1, "errors": 1}
+    emb = out.read_table("embeddings/part-00000.parquet")
+    assert emb.column("id").to_pylist() == ["a"] and emb.schema.metadata[b"layers"] == b"1"
+
+
+def test_a_model_that_cannot_load_fails_every_shard_with_the_same_error(tiny_ckpt, tmp_path):
+    worker, _ = make(tiny_ckpt, tmp_path / "o")
+    worker.resolved = dataclasses.replace(worker.resolved, info=dataclasses.replace(
+        worker.resolved.info, path=str(tmp_path / "gone")))
+    with pytest.raises(Exception) as first:
+        worker.run(Shard(0, 0, 1))
+    with pytest.raises(Exception) as second:
+        worker.run(Shard(1, 1, 2))
+    assert second.value is first.value  # cached: not reloaded per shard
