@@ -29,6 +29,14 @@ def error_row(id_: str, uri: str, err) -> dict:
     return {"id": id_, "uri": redact_uri(uri), "stage": err.stage, "error": err.reason}
 
 
+def picture_inputs(cfg: JobConfig, info: CheckpointInfo):
+    """The palette and the manifest's first rows: what the extract preview and the completion sheet draw."""
+    from ..checkpoint import read_clusters
+    from ..manifest import Columns, iter_manifest
+
+    return read_clusters(info.path), next(iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)))
+
+
 @dataclass(frozen=True)
 class Resolved:
     """What the driver resolves once for a job and hands to every worker as plain data."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..checkpoint import CheckpointInfo, read_clusters, resolve_layers
+from ..checkpoint import CheckpointInfo, resolve_layers
 from ..config import JobConfig
-from . import NIGHTLY, Plan, Resolved, Task, error_row, error_table
+from . import NIGHTLY, Plan, Resolved, Task, error_row, error_table, picture_inputs
 
 POOLING = "mean(ln_1(h[l]))"
 
@@ -36,11 +36,8 @@ class Extract(Task):
     def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
         if cfg.output.preview:
             from .. import pictures
-            from ..manifest import Columns, iter_manifest
 
-            head = next(iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)))
-            pictures.write_preview(out, cfg, read_clusters(resolved.info.path), head, resolved.info.n_px,
-                                   cfg.output.preview)
+            pictures.write_preview(out, cfg, *picture_inputs(cfg, resolved.info), resolved.info.n_px, cfg.output.preview)
 
 
 class ExtractRunner:

@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from ..checkpoint import CheckpointInfo, read_clusters
+from ..checkpoint import CheckpointInfo
 from ..config import ConfigError, JobConfig
 from ..manifest import plan_shards
-from . import Plan, Resolved, Task, error_row, error_table
+from . import Plan, Resolved, Task, error_row, error_table, picture_inputs
 
 
 class _Sampling(Task):
@@ -77,10 +77,8 @@ class Complete(_Sampling):
     def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
         if cfg.output.contact_sheet:
             from .. import pictures
-            from ..manifest import Columns, iter_manifest
 
-            head = next(iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)))
-            pictures.write_completion_sheet(out, cfg, read_clusters(resolved.info.path), head, resolved.info.n_px,
+            pictures.write_completion_sheet(out, cfg, *picture_inputs(cfg, resolved.info), resolved.info.n_px,
                                             cfg.output.contact_sheet)
 
 
