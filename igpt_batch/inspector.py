@@ -22,7 +22,7 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
 
         store = Store(url, storage_options)
         if not store.versions():
-            echo(f"{url}: no _job.json (not an igpt-batch output) and no v-*/_version.json (not a refresh store)")
+            echo(f"{url}: not an igpt-batch output (no job record) and not a refresh store (no version)")
             return 1
         report, show = describe_store(store, verify), show_store
     if as_json:

@@ -159,7 +159,7 @@ def _updated(night: Night, updates: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def publish(cfg: JobConfig, night: Night, rows: pa.RecordBatchReader, drop: str | None) -> None:
-    """Step 4: the failed-rows record, then the night's one Lance commit, then its tag and _LATEST.json."""
+    """Step 4: the failed-rows record, then the night's one Lance commit, then its tag and the latest pointer."""
     store, version, snap = night.store, night.version, night.snap
     store.write_failed(version, failed_record(night))
     ds = store.commit(version, snap, rows, drop)
