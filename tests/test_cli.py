@@ -74,3 +74,38 @@ def test_every_flag_is_in_the_readme_and_its_help_shows_the_config_default(capsy
     text = " ".join(capsys.readouterr().out.split())
     assert f"default {JobConfig().refresh.keep_current}" in text and f"default {JobConfig().input.read_timeout}" in text
     assert all(flag in text for flag in TASK_FLAGS["refresh"]) and "--output" not in text
+
+
+def _code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        return e.code
+
+
+def test_exit_codes_of_every_command(tiny_ckpt, image_dir, tmp_path, capsys):
+    """0 done; 1 the job ran but failed; 2 refused before any work: the README's contract, command by command."""
+    m = tmp_path / "m.csv"
+    m.write_text("id,uri\n" + "".join(f"r{i},{image_dir / n}\n" for i, n in enumerate(["coffee.jpg", "text.jpg"])))
+    common = ["--model", tiny_ckpt, "--executor", "local", "--torch-threads", "1"]
+    missing = str(tmp_path / "nope.csv")
+    refused = {
+        "extract": ["extract", *common, "--manifest", missing, "--output", str(tmp_path / "e")],
+        "generate": ["generate", *common, "--output", str(tmp_path / "g"), "--top-k", "-1"],
+        "complete": ["complete", *common, "--manifest", str(m), "--output", str(tmp_path / "c"), "--prompt-rows", "99"],
+        "refresh": ["refresh", *common, "--manifest", str(m)],  # no --store
+        "export": ["export", str(tmp_path / "no-store"), str(tmp_path / "x")],
+        "neighbors": ["neighbors", str(tmp_path / "no-store"), "--id", "a"],
+        "dedup": ["dedup", str(tmp_path / "no-store"), "--threshold", "0.9"],
+        "probe": ["probe", str(tmp_path / "no-output"), missing],
+        "inspect": ["inspect", str(tmp_path), "--no-such-flag"],
+        "demo": ["demo", "--executor", "nowhere"],
+    }
+    for command, argv in refused.items():
+        assert _code(argv) == 2, command
+        assert "Traceback" not in capsys.readouterr().err, command
+    assert _code(["extract", *common, "--manifest", str(m), "--output", str(tmp_path / "e1"),
+                  "--max-error-fraction", "0.1"]) == 1  # one of two rows cannot decode
+    assert "input rows failed" in capsys.readouterr().err
+    assert _code(["inspect", str(tmp_path / "e1")]) == 0
+    assert _code(["generate", *common, "--output", str(tmp_path / "g1"), "--num-samples", "2", "--contact-sheet", "0"]) == 0
