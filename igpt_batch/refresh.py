@@ -16,7 +16,7 @@ from . import checkpoint
 from .config import ConfigError, JobConfig
 from .driver import JobError, run_job
 from .refresh_plan import STAT_SCHEMA, TOUCH, plan_night
-from .storage import OutputFolder, read_output
+from .storage import Folder, Lease, LeaseError, OutputFolder, read_output
 from .store import FAILED_SCHEMA, Store, current_schema
 
 log = logging.getLogger("igpt_batch")
@@ -200,6 +200,14 @@ def refresh(cfg: JobConfig) -> dict:
     if not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
     info = checkpoint.read_info(cfg.model.name)  # read once a night: the weights are hashed once
+    try:  # one night at a time per store: a second refresh is refused, naming the first
+        with Lease(Folder(cfg.refresh.store, cfg.storage_options), cfg.run.lease_timeout):
+            return _night(cfg, info)
+    except LeaseError as e:
+        raise JobError(str(e)) from None
+
+
+def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
     layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)
     version, keys = version_of(cfg, info)
     store = Store(cfg.refresh.store, cfg.storage_options)

@@ -167,3 +167,18 @@ def test_guards_need_no_model(tmp_path):
         check_not_inputs("s3://b/imgs/out", "s3://b/m.parquet", [pa.table({"uri": ["s3://b/imgs/1.jpg"]})])
     check_not_inputs("s3://b/out", "s3://b/m.parquet", [pa.table({"uri": ["s3://b/imgs/1.jpg", "gs://b/out/x.jpg"]})])
     assert OutputFolder(str(tmp_path)).sweep_temp() == 0
+
+
+def test_a_second_refresh_of_one_store_is_refused(tiny_ckpt, image_dir, tmp_path):
+    from igpt_batch.refresh import refresh
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / LEASE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "other",
+                                           "started_at": time.time(), "refreshed_at": time.time()}))
+    manifest = write_manifest(tmp_path / "m.parquet", [str(image_dir / "coffee.jpg")])
+    cfg = config.load(None, {"model.name": tiny_ckpt, "input.manifest": str(manifest), "refresh.store": str(store),
+                             "run.executor": "local"})
+    with pytest.raises(JobError, match="in use by another job"):
+        refresh(cfg)
+    assert sorted(p.name for p in store.iterdir()) == [LEASE]  # nothing planned, nothing written
