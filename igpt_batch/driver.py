@@ -57,11 +57,7 @@ def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> Outp
     """Check a previous run's job against this one. With cfg.output.overwrite the previous output is replaced;
     otherwise a mismatch is refused (on_mismatch="refuse") or replaced ("overwrite"), and a match resumes."""
     out = OutputFolder(cfg.output.path, cfg.storage_options)
-    try:
-        previous = out.read_job()
-    except PermissionError:
-        # the message never carries storage options: they hold the keys
-        raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
+    previous = out.read_job()
     old = (previous or {}).get("compat", {})
     diff = sorted(k for k in set(old) | set(keys) if old.get(k) != json.loads(json.dumps(keys)).get(k))
     if previous is not None and (cfg.output.overwrite or (diff and on_mismatch == "overwrite")):
@@ -121,6 +117,8 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
             return _run(cfg, task, resolved, plan, keys, job, on_mismatch, t0)
     except LeaseError as e:
         raise JobError(str(e)) from None
+    except PermissionError:  # the message never carries storage options: they hold the keys
+        raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

@@ -66,7 +66,9 @@ def init_ray(address: str | None) -> bool:
         # Ray's default token auth stays on; only its notice about that, on every local run, is dropped
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
             lambda record: "Token authentication is enabled" not in record.getMessage())
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
+        # a node we own and that dies is noticed in seconds, not the default half minute
+        ray.init(address="local", include_dashboard=False, configure_logging=False,
+                 _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
         return True
     return False
 

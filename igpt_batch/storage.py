@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 KINDS = ("embeddings", "samples", "errors")
-TRANSIENT = (OSError, TimeoutError, ConnectionError)
 JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS = "_job.json", "_SUCCESS", "_FAILED", "_plan", "_commits", "pngs"
 LEASE = "_LEASE.json"
 PICTURES = ("contact_sheet.png", "preview.png")
@@ -27,19 +26,17 @@ OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES)  # all tha
 _TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
 
 
-def retry(fn: Callable[[], Any], what: str, attempts: int = 6, base_delay: float = 0.5) -> Any:
-    """Call fn, retrying transient I/O errors with exponential backoff (object stores flap)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except (FileNotFoundError, PermissionError):
-            raise
-        except TRANSIENT as e:
-            if i == attempts - 1:
-                raise
-            delay = base_delay * 2**i
-            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, e, delay)
-            time.sleep(delay)
+# Object stores flap: transient errors are retried by the client itself, configured here once (botocore's
+# standard mode: exponential backoff with jitter, connection errors and throttling included; access denied never).
+S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
+def with_client_retries(url: str, storage_options: dict | None) -> dict:
+    """storage_options plus the client's retry configuration for s3:// (a user's own setting wins)."""
+    so = dict(storage_options or {})
+    if url.split("://", 1)[0].lower() in ("s3", "s3a") and "://" in url:
+        so["config_kwargs"] = {"retries": S3_RETRIES, **(so.get("config_kwargs") or {})}
+    return so
 
 
 class Folder:
@@ -47,7 +44,7 @@ class Folder:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.fs, self.root = fsspec.core.url_to_fs(url, **with_client_retries(url, storage_options))
         self.root = self.root.rstrip("/")
 
     def path(self, *parts: str) -> str:
@@ -62,7 +59,7 @@ class Folder:
         """Write a whole file so that readers see either nothing or all of it."""
         final = self.path(rel)
         if not self.is_local:
-            retry(lambda: self.fs.pipe_file(final, data), f"write {rel}")  # an S3 PUT is atomic
+            self.fs.pipe_file(final, data)  # an S3 PUT is atomic
             return
         # a hidden temp file beside the target, then an atomic rename; readers skip dot-files
         tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp")
@@ -77,7 +74,7 @@ class Folder:
 
     def read_json(self, rel: str) -> dict | None:
         try:
-            return json.loads(retry(lambda: self.fs.cat_file(self.path(rel)), f"read {rel}"))
+            return json.loads(self.fs.cat_file(self.path(rel)))
         except FileNotFoundError:
             return None
 
@@ -85,7 +82,7 @@ class Folder:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def exists(self, rel: str) -> bool:
-        return bool(retry(lambda: self.fs.exists(self.path(rel)), f"stat {rel}"))
+        return bool(self.fs.exists(self.path(rel)))
 
     def write_table(self, rel: str, table: pa.Table) -> dict:
         """One whole Parquet file (zstd); returns {path, rows}."""
@@ -95,11 +92,11 @@ class Folder:
         return {"path": rel, "rows": table.num_rows}
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        return retry(lambda: pq.read_table(self.path(rel), columns=columns, filesystem=self.fs), f"read {rel}")
+        return pq.read_table(self.path(rel), columns=columns, filesystem=self.fs)
 
     def remove(self, rel: str) -> None:
         if self.exists(rel):
-            retry(lambda: self.fs.rm(self.path(rel), recursive=True), f"remove {rel}")
+            self.fs.rm(self.path(rel), recursive=True)
 
 
 class OutputFolder(Folder):
@@ -172,10 +169,10 @@ class OutputFolder(Folder):
     def committed(self) -> dict[str, dict]:
         """Commit markers by shard name."""
         pattern = self.path(COMMITS, "part-*.json")
-        files = retry(lambda: self.fs.glob(pattern), "list commits")
+        files = self.fs.glob(pattern)
         if not files:
             return {}
-        blobs = retry(lambda: self.fs.cat(files), "read commits")
+        blobs = self.fs.cat(files)
         return {posixpath.basename(f)[: -len(".json")]: json.loads(b) for f, b in blobs.items()}
 
     def committed_files(self, kind: str, commits: dict[str, dict] | None = None) -> list[str]:

@@ -9,7 +9,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import OutputFolder, errors_by_reason, retry
+from .storage import OutputFolder, errors_by_reason
 
 log = logging.getLogger("igpt_batch")
 TABLE = "current.lance"  # the current table of a version, a Lance dataset
@@ -92,12 +92,12 @@ class Store:
         v.fs.invalidate_cache(v.path(sub))  # object stores cache listings
         if not v.exists(sub):
             return []
-        found = retry(lambda: v.fs.ls(v.path(sub), detail=False), f"list {sub}/")
+        found = v.fs.ls(v.path(sub), detail=False)
         return sorted(posixpath.basename(p.rstrip("/")) for p in found)
 
     # -- versions and the latest pointer -------------------------------------
     def versions(self) -> list[str]:
-        found = retry(lambda: self.root.fs.glob(self.root.path("v-*", "_version.json")), "list versions")
+        found = self.root.fs.glob(self.root.path("v-*", "_version.json"))
         return sorted(f.split("/")[-2] for f in found)
 
     def version_info(self, version: str) -> dict | None:
@@ -143,8 +143,7 @@ class Store:
         if not newer:
             return None
         v = self.folder(version)
-        rows = retry(lambda: pq.read_metadata(v.path("manifests", f"{newer[-1]}.parquet"), filesystem=v.fs).num_rows,
-                     "read manifest")
+        rows = pq.read_metadata(v.path("manifests", f"{newer[-1]}.parquet"), filesystem=v.fs).num_rows
         return {"snapshot": newer[-1], "rows": rows}
 
     def taken(self, version: str, snap: str) -> bool:
@@ -158,8 +157,7 @@ class Store:
         if not self.folder(version).exists(TABLE):
             return None
         opts = lance_options(self.url, self.storage_options)
-        return retry(lambda: lance.dataset(self.table_url(version), version=snapshot, storage_options=opts),
-                     f"open {version}/{TABLE}")
+        return lance.dataset(self.table_url(version), version=snapshot, storage_options=opts)
 
     def nights(self, version: str) -> dict[str, int]:
         """Published nights: snapshot id -> Lance version of its commit, oldest first."""
@@ -230,8 +228,7 @@ class Store:
         if ds is None:
             return pa.table({})
         where = [f for f in (filter, None if include_deleted else "deleted = false") if f]
-        return retry(lambda: ds.to_table(columns=columns, filter=" AND ".join(f"({f})" for f in where) or None),
-                     f"read {version}/{TABLE}")
+        return ds.to_table(columns=columns, filter=" AND ".join(f"({f})" for f in where) or None)
 
     def verify(self, version: str) -> list[str]:
         """Problems with a version's table: missing data files, kept nights that cannot be read."""

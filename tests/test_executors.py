@@ -72,7 +72,7 @@ def _wait_for_commits(out: Path, n: int, proc: subprocess.Popen, timeout: float 
 @pytest.mark.parametrize("kill", ["raylet_and_workers", "dashboard_agent"])
 def test_local_node_loss_ends_the_job_with_a_message_and_a_rerun_resumes(tiny_ckpt, tmp_path, kill):
     out = tmp_path / "o"
-    cmd = [IGPT, "generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "200", "--shard-size", "2",
+    cmd = [IGPT, "generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "80", "--shard-size", "2",
            "--batch-size", "2", "--contact-sheet", "0", "--torch-threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -92,12 +92,14 @@ def test_local_node_loss_ends_the_job_with_a_message_and_a_rerun_resumes(tiny_ck
     assert waited < 60, waited
     assert "no live node" in err and "Traceback" not in err, err[-3000:]
     before = OutputFolder(str(out)).committed()
-    assert 2 <= len(before) < 100
+    assert 2 <= len(before) < 40
+    if kill == "dashboard_agent":
+        return  # the resume below is the same for both faults
     r = subprocess.run(cmd + ["--executor", "local"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
-    assert summary["shards_skipped"] == len(before) and summary["shards_run"] == 100 - len(before)
-    assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(200))
+    assert summary["shards_skipped"] == len(before) and summary["shards_run"] == 40 - len(before)
+    assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(80))
 
 
 def test_removed_worker_node_does_not_strand_shards(tiny_ckpt, tmp_path):
@@ -109,7 +111,7 @@ def test_removed_worker_node_does_not_strand_shards(tiny_ckpt, tmp_path):
         worker = cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         out = tmp_path / "o"
-        cmd = [IGPT, "generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "120", "--shard-size", "2",
+        cmd = [IGPT, "generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "60", "--shard-size", "2",
                "--batch-size", "2", "--contact-sheet", "0", "--workers", "3", "--torch-threads", "1",
                "--address", cluster.address, "--config", str(_timeout_config(tmp_path, 15))]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,8 +125,8 @@ def test_removed_worker_node_does_not_strand_shards(tiny_ckpt, tmp_path):
         assert proc.returncode == 0, err[-3000:]
         # Ray may print the lost raylet's last words to stdout too; the summary is one JSON line among them
         summaries = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"')]
-        assert summaries and summaries[-1]["rows"]["samples"] == 120, stdout[-3000:]
-        assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(120))
+        assert summaries and summaries[-1]["rows"]["samples"] == 60, stdout[-3000:]
+        assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(60))
     finally:
         cluster.shutdown()
 

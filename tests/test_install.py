@@ -197,9 +197,10 @@ def test_no_deps_install_next_to_another_ray_and_pyarrow_runs_extract(tmp_path, 
 
     rng = np.random.default_rng(0)
     rows = ["id,uri"]
+    (tmp_path / "images").mkdir()
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append(f"img{i},{i}.png")
+        Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        rows.append(f"img{i},images/{i}.png")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
