@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, write_manifest
+from conftest import REPO, free_ports, write_manifest
 from igpt_batch.storage import read_output
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -22,12 +22,12 @@ def ray_head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rayhead")
     # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: keep that path short
     ray_tmp = tempfile.mkdtemp(prefix="igpt-ray-", dir="/tmp")
-    port, dash = free_port(), free_port()
+    port, dash, *ports = free_ports(9)  # distinct: each held until all are chosen
     # Every port of its own: the session's local Ray (ray_local) already holds Ray's default agent ports,
     # and a head whose job agent cannot bind answers every submit with "No available agent".
-    agent_ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    agent_ports = [f"--{flag}={p}" for flag, p in zip(("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                    "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
-                   "ray-client-server-port")]
+                   "ray-client-server-port"), ports)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import free_port, write_manifest
+from conftest import free_ports, write_manifest
 from igpt_batch import metrics
 from igpt_batch.storage import OutputFolder, read_output
 
@@ -45,10 +45,10 @@ def metrics_head(tmp_path_factory):
     """`ray start --head --block` with a metrics export port, in its own process group; stopped by PID (killpg)."""
     tmp = tmp_path_factory.mktemp("metricshead")
     ray_tmp = tempfile.mkdtemp(prefix="igpt-ray-", dir="/tmp")  # unix socket paths must stay short
-    port, mport = free_port(), free_port()
+    port, mport, *ports = free_ports(8)  # distinct: each held until all are chosen
     # every port of its own, so no other Ray on the machine (the session's ray_local) meets this one
-    own = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-           "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    own = [f"--{flag}={p}" for flag, p in zip(("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+           "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port"), ports)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(

@@ -133,3 +133,24 @@ def test_export_writes_a_night_as_parquet(tmp_path):
     add_arguments(p.add_subparsers())
     assert run(p.parse_args(["export", str(tmp_path / "store"), str(tmp_path / "old"), "--snapshot", "20260101T000000Z"])) == 0
     assert sorted(pq.read_table(tmp_path / "old").column("id").to_pylist()) == ["a", "b"]
+
+
+def test_the_documented_readers_see_the_live_rows(tmp_path, ray_local):
+    """docs/REFRESH.md's readers: read_current, lance, Ray Data's read_lance, and DuckDB through Arrow."""
+    import duckdb
+    import lance
+
+    from igpt_batch.refresh import read_current
+
+    store = Store(str(tmp_path / "store"))
+    store.create_version(V, {"model": "m", "created_at": "2026-01-01"})
+    night(store, "20260101T000000Z", rows(["a", "b", "c"], "20260101T000000Z"))
+    night(store, "20260102T000000Z", rows(["c"], "20260102T000000Z", deleted=True))
+    live = ["a", "b"]
+    assert sorted(read_current(str(tmp_path / "store")).column("id").to_pylist()) == live
+    ds = lance.dataset(store.table_url(V))
+    arrow = ds.to_table(columns=["id", "embedding"], filter="deleted = false")
+    assert sorted(arrow.column("id").to_pylist()) == live and arrow.schema.field("embedding").type.list_size == 4
+    assert sorted(r[0] for r in duckdb.sql("select id from arrow").fetchall()) == live
+    got = ray_local.data.read_lance(store.table_url(V)).filter(expr="deleted == False").take_all()
+    assert sorted(r["id"] for r in got) == live
