@@ -10,8 +10,8 @@
     )
     ds.write_parquet("out/")
 
-Each output batch is the input batch (all columns, row order kept) plus
-  - "embedding": float32 (B, len(layers) * n_embd), the layers concatenated in the order given
+Each output batch (a pyarrow Table) is the input batch (all columns, row order kept) plus
+  - "embedding": fixed_size_list<float32>[len(layers) * n_embd] as `extract` writes it, the layers concatenated in order
     (the same features as the batch job: mean over positions of ln_1 of block l's input);
   - "error": "" for rows that worked, else "<stage>: <reason>" (stage "read" or "decode"); such rows
     carry a NaN embedding. Rows are never dropped.
@@ -107,7 +107,7 @@ class Embedder:
         """uint8 (B, n_px, n_px, 3) -> float32 (B, dim), through the one extraction path."""
         return self.extractor(rgb)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> "pa.Table":
         if not isinstance(batch, dict):
             raise TypeError(f"Embedder expects a dict of numpy arrays (batch_format='numpy'), got {type(batch).__name__}")
         for name in ("embedding", "error"):
@@ -119,10 +119,28 @@ class Embedder:
         ok = [i for i, (rgb, _) in enumerate(results) if rgb is not None]
         if ok:
             emb[ok] = self.embed_rgb(np.stack([results[i][0] for i in ok]))
-        errors = np.array([err for _, err in results], dtype=object)
-        return {**batch, "embedding": emb, "error": errors}
+        return _arrow({**batch, "error": np.array([err for _, err in results], dtype=object)}, emb)
 
     def __del__(self):
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def _arrow(columns: dict[str, np.ndarray], emb: np.ndarray) -> "pa.Table":
+    """The output batch as Arrow: the input columns as they were, and `embedding` as the fixed_size_list<float32>
+    that `igpt-batch extract` writes (so a write_parquet of the dataset has the CLI's schema)."""
+    import pyarrow as pa
+
+    from .extractor import embedding_array
+
+    out = {}
+    for name, values in columns.items():
+        values = np.asarray(values)
+        if values.ndim > 1:  # an image tensor column, say: Ray's own tensor type, as Ray Data would make it
+            from ray.data.extensions import ArrowTensorArray
+
+            out[name] = ArrowTensorArray.from_numpy(values)
+        else:
+            out[name] = pa.array(list(values) if values.dtype == object else values)
+    return pa.table({**out, "embedding": embedding_array(emb)})

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -24,6 +25,15 @@ def expected_features(model, paths, layers) -> np.ndarray:
     return model.features(tokens, layers).numpy()
 
 
+def cols(table) -> dict:
+    """An output batch (a pyarrow Table) as numpy: `embedding` (B, dim) float32, other columns 1-D."""
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), table.schema.field("embedding").type.list_size)
+    out = {n: np.array(table.column(n).to_pylist(), dtype=object) for n in table.column_names if n != "embedding"}
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy()
+    out["embedding"] = flat.reshape(table.num_rows, table.schema.field("embedding").type.list_size).astype(np.float32)
+    return out
+
+
 @pytest.fixture(scope="module")
 def embedder(tiny_ckpt):
     return Embedder(model=tiny_ckpt, layers=LAYERS, dtype="fp32", device="cpu", column="bytes", model_batch_size=3)
@@ -34,7 +44,7 @@ def test_bytes_column_keeps_every_row(embedder, tiny_model, image_dir):
     batch = {"bytes": np.array([f.read_bytes() for f in files], dtype=object),
              "path": np.array([str(f) for f in files], dtype=object),
              "n": np.arange(len(files))}
-    out = embedder(batch)
+    out = cols(embedder(batch))
     assert set(out) == {"bytes", "path", "n", "embedding", "error"}
     assert out["path"].tolist() == batch["path"].tolist() and out["n"].tolist() == list(range(len(files)))
     emb, err = out["embedding"], out["error"]
@@ -54,7 +64,7 @@ def test_path_column_reports_read_errors(tiny_ckpt, tiny_model, image_dir):
     emb = Embedder(model=tiny_ckpt, layers=[2], device="cpu", column="uri")
     pngs = sorted(image_dir.glob("*.png"))
     uris = [str(pngs[0]), str(image_dir / "missing.png"), "file://" + str(pngs[1]), None]
-    out = emb({"uri": np.array(uris, dtype=object)})
+    out = cols(emb({"uri": np.array(uris, dtype=object)}))
     err = out["error"].tolist()
     assert err[0] == "" and err[2] == ""
     assert err[1].startswith("read: file not found") and err[3] == "read: missing value"
@@ -66,9 +76,9 @@ def test_auto_column_default_layer_and_bad_column(tiny_ckpt, image_dir):
     emb = Embedder(model=tiny_ckpt, device="cpu", column=None)
     assert emb.layers == [emb.model.n_layer // 2]
     png = sorted(image_dir.glob("*.png"))[0]
-    out = emb({"path": np.array([str(png)], dtype=object)})
+    out = cols(emb({"path": np.array([str(png)], dtype=object)}))
     assert out["error"].tolist() == [""] and out["embedding"].shape == (1, emb.model.n_embd)
-    out = emb({"path": np.array([], dtype=object)})
+    out = cols(emb({"path": np.array([], dtype=object)}))
     assert out["embedding"].shape == (0, emb.model.n_embd) and len(out["error"]) == 0
     with pytest.raises(KeyError, match="none of the columns"):
         emb({"image": np.array([png.read_bytes()], dtype=object)})
@@ -89,6 +99,7 @@ def test_map_batches_on_actor_pool(ray_local, tiny_ckpt, tiny_model, image_dir):
         batch_size=3,
         num_cpus=0.5,  # on 2 CPUs a whole-CPU actor would starve the read stage
     )
+    assert ds.schema().base_schema.field("embedding").type == pa.list_(pa.float32(), len(LAYERS) * tiny_model.n_embd)
     rows = ds.take_all()
     assert len(rows) == len(pngs)
     by_name = {Path(r["path"]).name: r for r in rows}
