@@ -99,6 +99,7 @@ def test_map_batches_on_actor_pool(ray_local, tiny_ckpt, tiny_model, image_dir):
         batch_size=3,
         num_cpus=0.5,  # on 2 CPUs a whole-CPU actor would starve the read stage
     )
+    ds = ds.materialize()  # run the pipeline once, for the schema and the rows
     assert ds.schema().base_schema.field("embedding").type == pa.list_(pa.float32(), len(LAYERS) * tiny_model.n_embd)
     rows = ds.take_all()
     assert len(rows) == len(pngs)
