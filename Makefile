@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/igpt-batch demo --output demo-output
 
 test: install
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 bench: install
 	$(BIN)/python bench/bench_sampler.py

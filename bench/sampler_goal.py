@@ -2,7 +2,7 @@
 """The CPU sampler goal, measured in one run: `igpt-batch generate` end to end at our batch against transformers'
 `generate` at its best batch, on an imagegpt-small-shaped random checkpoint at 1024 positions.
 
-    python bench/sampler_goal.py --threads 2                  # HF at batches 1, 4, 16; ours at batch 32
+    python bench/sampler_goal.py --threads 2                  # HF at batches 1, 4, 16; ours at its default batch
     python bench/sampler_goal.py --threads 2 --breakdown 16,32 --dtypes fp32,bf16
     python bench/sampler_goal.py --smoke                      # tiny shape, seconds
 
@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32, help="ours: --batch-size for igpt-batch generate (default 32)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="ours: --batch-size for igpt-batch generate (default: none, so its default, auto)")
+    p.add_argument("--num-samples", type=int, default=64, help="ours: samples generated (default 64, the CLI's)")
     p.add_argument("--hf-batches", default="1,4,16", help="transformers' generate batches; its best counts")
     p.add_argument("--breakdown", default="", help="batches for the decode-step breakdown, e.g. 16,32")
     p.add_argument("--dtypes", default="fp32", help="dtypes for the breakdown, e.g. fp32,bf16")
@@ -66,15 +69,20 @@ def hf_tokens_per_s(hf, batch: int) -> float:
     return batch * P / (time.perf_counter() - start)
 
 
-def ours_end_to_end(ckpt: Path, out: Path, batch: int, threads: int, positions: int) -> dict:
-    """`igpt-batch generate` in a fresh process, one shard of `batch` samples: wall-clock tokens/s."""
-    cmd = [str(CLI), "generate", "--model", str(ckpt), "--output", str(out), "--num-samples", str(batch),
-           "--batch-size", str(batch), "--executor", "local", "--torch-threads", str(threads), "--overwrite"]
+def ours_end_to_end(ckpt: Path, out: Path, samples: int, batch: int, threads: int, positions: int) -> dict:
+    """`igpt-batch generate` in a fresh process, one shard of `samples` samples (at `batch`, or with no
+    --batch-size at all when 0): wall-clock tokens/s, and the batch it ran at (from its log)."""
+    cmd = [str(CLI), "generate", "--model", str(ckpt), "--output", str(out), "--num-samples", str(samples),
+           *(["--batch-size", str(batch)] if batch else []), "--executor", "local", "--torch-threads", str(threads),
+           "--overwrite"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - start
     success = json.loads((out / "_SUCCESS").read_text())
-    return {"command": " ".join(cmd[1:]), "wall_s": wall, "tokens_per_s": batch * positions / wall,
+    auto = re.search(r"batch size auto: (\d+)", proc.stderr)
+    return {"command": " ".join(cmd[1:]), "batch": batch or (int(auto.group(1)) if auto else None), "wall_s": wall,
+            "tokens_per_s": samples * positions / wall,
             "model_s": success.get("stage_seconds", {}).get("model_s"), "job_wall_s": success.get("wall_s")}
 
 
@@ -119,12 +127,13 @@ def main(argv=None) -> float:
         for batch in [int(b) for b in args.hf_batches.split(",")]:
             hf_runs[batch] = hf_tokens_per_s(hf, batch)
             print(f"hf_generate batch {batch}: {hf_runs[batch]:.1f} tokens/s", flush=True)
-        ours = ours_end_to_end(ckpt, Path(tmp) / "out", args.batch, args.threads, P)
+        samples = (args.batch or 2) if args.smoke else args.num_samples
+        ours = ours_end_to_end(ckpt, Path(tmp) / "out", samples, args.batch, args.threads, P)
         print(f"igpt-batch {ours['command']}: {ours['wall_s']:.1f} s wall, {ours['tokens_per_s']:.1f} tokens/s "
               f"end to end (job {ours['job_wall_s']} s, model {ours['model_s']} s)", flush=True)
     best = max(hf_runs, key=hf_runs.get)
     ratio = ours["tokens_per_s"] / hf_runs[best]
-    print(f"ratio: {ratio:.2f} (ours at batch {args.batch} end to end / transformers at its best batch {best}; "
+    print(f"ratio: {ratio:.2f} (ours at batch {ours['batch']} end to end / transformers at its best batch {best}; "
           f"load average now {os.getloadavg()})")
     return ratio
 

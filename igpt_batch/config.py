@@ -68,7 +68,7 @@ class GenerateConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off; larger than the vocabulary is clamped
     top_p: float = 1.0  # 1 = off
-    batch_size: int | str = 32  # or "auto": as many KV caches as fit (GPU memory; on CPU 32, halved to fit)
+    batch_size: int | str = "auto"  # as many KV caches as fit (GPU memory; on CPU 64, halved to fit), or a number
     prompt_rows: int = 0  # complete: keep the top R pixel rows of each image
     samples_per_image: int = 1  # complete: K completions per image
 

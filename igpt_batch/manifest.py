@@ -236,16 +236,18 @@ def scan_manifest(spec: str, storage_options: dict | None = None, columns: Colum
         hashes.append(np.fromiter((hash(i) for i in t.column("id").to_pylist()), dtype=np.int64, count=t.num_rows))
     if rows == 0:
         raise ManifestError(f"manifest {spec} is empty: no rows to process")
-    _check_duplicates(spec, np.concatenate(hashes), lambda: _tables(inputs, Columns(columns.id, columns.uri), False))
+    hashes = np.concatenate(hashes)
+    _check_duplicates(spec, hashes, lambda: _tables(inputs, Columns(columns.id, columns.uri), False))
     content = h_content.digest() if columns.bytes or inputs.kind == "tars" else b""
     fingerprint = hashlib.sha256(h_id.digest() + h_uri.digest() + content).hexdigest()[:16]
     return ManifestScan(rows, fingerprint, tuple(groups) if inputs.kind == "tars" else ())
 
 
 def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterator[pa.Table]]) -> None:
-    values, counts = np.unique(hashes, return_counts=True)
-    if (counts > 1).any():  # 64-bit hashes can collide: confirm on the few suspects, exactly
-        suspects, seen, dups = set(values[counts > 1].tolist()), set(), {}
+    hashes.sort()  # in place: 8 bytes a row, plus a bit per row for the comparison
+    repeated = hashes[1:] == hashes[:-1]
+    if repeated.any():  # 64-bit hashes can collide: confirm on the few suspects, exactly
+        suspects, seen, dups = set(hashes[1:][repeated].tolist()), set(), {}
         for t in tables():
             for i in t.column("id").to_pylist():
                 if hash(i) in suspects:

@@ -1,28 +1,27 @@
-"""Refresh planning: stat the manifest by listings, join it with the current table per hash bucket of id, decide."""
+"""Refresh planning: stat the manifest by listings, join it with the current table per hash bucket of id, decide.
+
+With more than refresh.plan_bucket_rows rows a night is planned in two rounds of n tasks, so no process holds more
+than a bucket: the manifest is split by hash of each row's folder or prefix (so each is listed once in the night),
+and those tasks write their stats grouped by hash bucket of id; the decide tasks join them with the current table's
+metadata columns, split by the same hash of id."""
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import os
-import posixpath
-import urllib.parse
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import images
 from .config import JobConfig
+from .stat import STAT_SCHEMA, THREADS, is_web, prefix_of, stat_table
 
-THREADS = 16  # concurrent HEADs, listings and re-reads
-LIST_MIN = 4  # a prefix holding at least this many of a bucket's rows is listed once instead of stat-ed row by row
 BUCKET_ROWS = 250_000  # default refresh.plan_bucket_rows: manifest rows planned by one process
 META = ("id", "uri", "sha256", "size", "mtime", "etag", "deleted")  # the current table's columns planning reads
-STAT_SCHEMA = pa.schema([("size", pa.int64()), ("mtime", pa.string()), ("etag", pa.string())])
+STATED = pa.schema([("id", pa.string()), ("uri", pa.string()), *STAT_SCHEMA, ("bucket", pa.int64())])  # stat files
 TOUCH = ("id", "uri", "size", "mtime", "etag")  # a metadata update: these columns of an unchanged row
 
 
@@ -45,101 +44,6 @@ def bucket_of(ids: pa.Array, n: int) -> np.ndarray:
         h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         h ^= h >> np.uint64(31)
     return (h % np.uint64(n)).astype(np.int64)
-
-
-def _local_path(uri: str) -> str | None:
-    """The filesystem path of a local uri (as images.read_bytes: file:// URLs are percent-encoded), else None."""
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if not scheme:
-        return uri
-    if scheme in ("file", "local"):
-        return os.fsdecode(urllib.parse.unquote_to_bytes(uri.split("://", 1)[1]))
-    return None
-
-
-def _from_info(info: dict) -> dict:
-    """{size, mtime, etag} from an fsspec info or listing entry (the same values either way)."""
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
-    etag = info.get("ETag") or info.get("etag")
-    return {"size": info.get("size"), "mtime": mtime.isoformat() if isinstance(mtime, dt.datetime) else
-            (None if mtime is None else str(mtime)), "etag": None if etag is None else str(etag).strip('"')}
-
-
-def _fs_for(uri: str, options: dict):
-    if uri.split("://", 1)[0].lower() in ("http", "https"):  # as images.read_bytes: only headers apply to http(s)
-        kw = {"client_kwargs": {"headers": options["headers"]}} if options.get("headers") else {}
-        return fsspec.filesystem("http", **kw), uri
-    return fsspec.core.url_to_fs(uri, **options)
-
-
-def stat_one(uri: str, options: dict, timeout: float) -> dict | None:
-    """{size, mtime, etag} of one source without reading its bytes (a HEAD); None when the store cannot say."""
-    try:
-        path = _local_path(uri)
-        if path is not None:
-            st = os.stat(path)
-            return {"size": st.st_size, "mtime": str(st.st_mtime_ns), "etag": None}
-        fs, path = _fs_for(uri, options)
-        fs.invalidate_cache(path)  # object stores cache listings; tonight's answer must be fresh
-        return _from_info(images._with_deadline(lambda: fs.info(path), timeout, uri))
-    except Exception:  # missing, denied, timed out: decided by reading (and the worker records the error)
-        return None
-
-
-def _listing(prefix: str, wanted: set[str], options: dict, timeout: float) -> dict[str, dict]:
-    """Basename -> stat of the `wanted` entries of one folder or prefix: os.scandir locally, one LIST on object
-    stores. Only wanted entries are kept, so memory follows the bucket's rows, not the folder's size."""
-    try:
-        path = _local_path(prefix)
-        if path is not None:
-            with os.scandir(path or ".") as it:
-                return {e.name: _entry_stat(e) for e in it if e.name in wanted}
-        fs, path = _fs_for(prefix, options)
-        fs.invalidate_cache(path)
-        found = images._with_deadline(lambda: fs.ls(path, detail=True), timeout, prefix)
-        return {name: _from_info(i) for i in found
-                if i.get("type") != "directory" and (name := posixpath.basename(i["name"].rstrip("/"))) in wanted}
-    except Exception:
-        return {}
-
-
-def _entry_stat(entry: os.DirEntry) -> dict | None:
-    try:
-        st = entry.stat()
-        return {"size": st.st_size, "mtime": str(st.st_mtime_ns), "etag": None}
-    except OSError:
-        return None
-
-
-def _basename(uri: str) -> str:
-    path = _local_path(uri)
-    return os.path.basename(path) if path is not None else uri.rsplit("/", 1)[-1]
-
-
-def stat_table(uris: pa.Array, options: dict, timeout: float) -> tuple[pa.Table, Counter]:
-    """size, mtime, etag of every uri (nulls where the store cannot say): prefixes shared by LIST_MIN rows or more
-    are listed once, the other rows are stat-ed one by one (http(s) always). Also counts lists and HEADs."""
-    uris = uris.to_pylist()
-    by_prefix = defaultdict(list)
-    for i, u in enumerate(uris):
-        web = u.lower().startswith(("http://", "https://"))
-        by_prefix[None if web else (u.rsplit("/", 1)[0] if "/" in u else "")].append(i)
-    listed = [p for p, rows in by_prefix.items() if p is not None and len(rows) >= LIST_MIN]
-    head = [i for p, rows in by_prefix.items() if p not in listed for i in rows]
-    cols = {c: [None] * len(uris) for c in STAT_SCHEMA.names}
-
-    def put(i: int, st: dict | None) -> None:
-        for c in cols:
-            cols[c][i] = (st or {}).get(c)
-
-    with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-refresh") as pool:
-        wanted = [{_basename(uris[i]) for i in by_prefix[p]} for p in listed]
-        for p, entries in zip(listed, pool.map(lambda pw: _listing(pw[0], pw[1], options, timeout), zip(listed, wanted))):
-            for i in by_prefix[p]:
-                put(i, entries.get(_basename(uris[i])))
-        for i, st in zip(head, pool.map(lambda i: stat_one(uris[i], options, timeout), head)):
-            put(i, st)
-    return pa.table(cols, schema=STAT_SCHEMA), Counter(lists=len(listed), heads=len(head))
 
 
 def sha_of(uri: str, cfg: JobConfig) -> str | None:
@@ -178,10 +82,11 @@ def same_source(uri: pa.Array, st: pa.Table, was: pa.Table, nulls_equal: bool = 
 
 
 def decide(man: pa.Table, prev: pa.Table, failed: pa.Table, cfg: JobConfig, pending: str | None) -> dict:
-    """One bucket of a night: every manifest row stat-ed (before any bytes are read), then decided against the
-    previous row of its id. Returns the rows to compute, the metadata updates, the ids gone and the counts."""
+    """One bucket of a night: its manifest rows, already stat-ed (id, uri, size, mtime, etag: before any bytes
+    are read), decided against the previous row of each id. Returns the rows to compute, the metadata updates,
+    the ids gone and the counts."""
     ids, uris = man.column("id").combine_chunks(), man.column("uri").combine_chunks()
-    st, io = stat_table(uris, cfg.storage_options, cfg.input.read_timeout)
+    st = man.select(STAT_SCHEMA.names)
     at = pc.index_in(ids, value_set=prev.column("id"))  # row in prev, null for a new id
     was = prev.select(["uri", *STAT_SCHEMA.names, "deleted"]).take(at)
     known = as_mask(pc.is_valid(at))
@@ -212,40 +117,45 @@ def decide(man: pa.Table, prev: pa.Table, failed: pa.Table, cfg: JobConfig, pend
     counts = {"manifest_rows": len(ids), "new": int((~known & ~skip).sum()), "changed": int((changed & ~skip).sum()),
               "unchanged": int(unchanged.sum()), "revived": int((unchanged & as_mask(was.column("deleted"))).sum()),
               "failed_unchanged": int(skip.sum()), "previous_rows": prev.num_rows,
-              "previous_deleted": int(as_mask(prev.column("deleted")).sum()), **{f"pre_{k}": v for k, v in pre.items()},
-              **{f"stat_{k}": v for k, v in io.items()}}
+              "previous_deleted": int(as_mask(prev.column("deleted")).sum()), **{f"pre_{k}": v for k, v in pre.items()}}
     return {"compute": stat.filter(pa.array(compute)), "touch": stat.filter(pa.array(unchanged & moved)),
             "gone": gone, "failed": failed.filter(pc.is_in(failed.column("id"), value_set=ids)), "counts": counts}
 
 
 def plan_night(cfg: JobConfig, store, version: str, failed: pa.Table, pending: str | None) -> dict:
-    """Decide every manifest row. Up to refresh.plan_bucket_rows rows are planned here; more are split into hash
-    buckets of id (the manifest and the current table's metadata columns, streamed) and planned one bucket per
-    task (Ray tasks with the ray executor), so no process holds more than a bucket."""
+    """Decide every manifest row. Up to refresh.plan_bucket_rows rows are planned here; more in two rounds of
+    bucket tasks (Ray tasks with the ray executor; see the module's docstring)."""
     from .manifest import iter_manifest, scan_manifest
 
     rows = scan_manifest(cfg.input.manifest, cfg.storage_options).rows  # the checks: empty, duplicate ids
-    n = max(1, -(-rows // getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)))
+    per = getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)
+    n = max(1, -(-rows // per))
     if n == 1:
         prev = store.read(version, columns=list(META))
         prev = prev if prev.num_rows or prev.num_columns else _empty_meta()
-        return combine([decide(pa.concat_tables(iter_manifest(cfg.input.manifest, cfg.storage_options)), prev,
-                               failed, cfg, pending)])
+        man = pa.concat_tables(iter_manifest(cfg.input.manifest, cfg.storage_options))
+        st, io = stat_table(man.column("uri").combine_chunks(), cfg.storage_options, cfg.input.read_timeout)
+        man = pa.table({"id": man.column("id"), "uri": man.column("uri"), **{c: st.column(c) for c in st.column_names}})
+        return combine([decide(man, prev, failed, cfg, pending)], [io])
     scratch = store.scratch(version)
     scratch.remove("")
     _split(cfg, store, version, n)
-    args = [(cfg, store.url, store.storage_options, version, b, failed, pending) for b in range(n)]
-    if cfg.run.executor == "ray":
-        import ray
+    where = (cfg, store.url, store.storage_options, version, n)
+    io = _run(cfg, stat_bucket, [(*where, b) for b in range(n)])
+    return combine(_run(cfg, decide_bucket, [(*where, b, failed, pending) for b in range(n)]), io)
 
-        from .executors import init_ray
 
-        init_ray(cfg.run.address)
-        task = ray.remote(num_cpus=1, max_retries=cfg.run.max_retries)(decide_bucket)
-        results = ray.get([task.remote(*a) for a in args])
-    else:
-        results = [decide_bucket(*a) for a in args]
-    return combine(results)
+def _run(cfg: JobConfig, fn, args: list[tuple]) -> list:
+    """fn(*a) for every a: as Ray tasks with the ray executor, else one after another here."""
+    if cfg.run.executor != "ray":
+        return [fn(*a) for a in args]
+    import ray
+
+    from .executors import init_ray
+
+    init_ray(cfg.run.address)
+    task = ray.remote(num_cpus=1, max_retries=cfg.run.max_retries)(fn)
+    return ray.get([task.remote(*a) for a in args])
 
 
 def _empty_meta() -> pa.Table:
@@ -254,8 +164,23 @@ def _empty_meta() -> pa.Table:
     return current_schema(1).empty_table().select(list(META))
 
 
+def _by_bucket(t: pa.Table, bucket: np.ndarray, n: int) -> Iterator[tuple[int, pa.Table]]:
+    """(b, t's rows in bucket b) for every b in 0..n-1 (empty ones too), with one sort instead of n filters."""
+    order = np.argsort(bucket, kind="stable")
+    t, bounds = t.take(order), np.searchsorted(bucket[order], np.arange(n + 1))
+    for b in range(n):
+        yield b, t.slice(bounds[b], bounds[b + 1] - bounds[b])
+
+
+def _stat_bucket_of(t: pa.Table, n: int) -> np.ndarray:
+    """A manifest row's stat bucket: the hash of its folder or prefix, so each is listed by one task; by id for
+    http(s) rows, which are never listed."""
+    uris = t.column("uri")
+    return np.where(as_mask(is_web(uris)), bucket_of(t.column("id"), n), bucket_of(prefix_of(uris), n))
+
+
 def _split(cfg: JobConfig, store, version: str, n: int) -> None:
-    """Stream the manifest and the current table's metadata columns into n bucket files each."""
+    """Stream the manifest into n stat bucket files and the current table's metadata columns into n id bucket files."""
     import pyarrow.parquet as pq
 
     from .manifest import iter_manifest
@@ -263,15 +188,15 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
     scratch = store.scratch(version)
     scratch.fs.makedirs(scratch.path(""), exist_ok=True)
     ds = store.open(version)
-    sources = {"manifest": iter_manifest(cfg.input.manifest, cfg.storage_options),
-               "current": (pa.Table.from_batches([b]) for b in ds.to_batches(columns=list(META), batch_size=65536))
-               if ds is not None else iter([_empty_meta()])}
-    for kind, batches in sources.items():
+    ids = pa.schema([STATED.field("id"), STATED.field("uri")])
+    manifest = (t.select(ids.names).cast(ids) for t in iter_manifest(cfg.input.manifest, cfg.storage_options))
+    sources = {"manifest": (manifest, lambda t: _stat_bucket_of(t, n)),
+               "current": ((pa.Table.from_batches([b]) for b in ds.to_batches(columns=list(META), batch_size=65536))
+                           if ds is not None else iter([_empty_meta()]), lambda t: bucket_of(t.column("id"), n))}
+    for kind, (tables, bucket) in sources.items():
         writers = {}
-        for t in batches:
-            bucket = bucket_of(t.column("id"), n)
-            for b in range(n):
-                part = t.filter(pa.array(bucket == b))
+        for t in tables:
+            for b, part in _by_bucket(t, bucket(t), n):
                 if b not in writers:
                     sink = scratch.fs.open(scratch.path(store.bucket_file(kind, b)), "wb")
                     writers[b] = (sink, pq.ParquetWriter(sink, part.schema))
@@ -281,22 +206,51 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
             sink.close()
 
 
-def decide_bucket(cfg, url, storage_options, version, b, failed, pending) -> dict:
-    """decide() for bucket b; its rows to compute go to a file beside the bucket's, not back to the driver."""
+def stat_bucket(cfg, url, storage_options, version, n, b) -> Counter:
+    """Stat stat bucket b's manifest rows, plan_bucket_rows at a time, and write them to stat-b grouped by hash
+    bucket of id (a row group or more per id bucket). Returns the lists and HEADs made."""
+    import pyarrow.parquet as pq
+
+    from .store import Store
+
+    store = Store(url, storage_options)
+    scratch, io = store.scratch(version), Counter()
+    with scratch.fs.open(scratch.path(store.bucket_file("stat", b)), "wb") as sink, \
+            pq.ParquetWriter(sink, STATED) as writer, scratch.fs.open(scratch.path(store.bucket_file("manifest", b))) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)):
+            st, c = stat_table(batch.column("uri"), cfg.storage_options, cfg.input.read_timeout)
+            io.update(c)
+            bucket = bucket_of(batch.column("id"), n)
+            t = pa.table({"id": batch.column("id"), "uri": batch.column("uri"), **{k: st.column(k) for k in st.column_names},
+                          "bucket": bucket}, schema=STATED)
+            for _, part in _by_bucket(t, bucket, n):
+                if part.num_rows:
+                    writer.write_table(part)
+    return io
+
+
+def decide_bucket(cfg, url, storage_options, version, n, b, failed, pending) -> dict:
+    """decide() for id bucket b, from its rows in every stat file; its rows to compute go to a file beside the
+    bucket's, not back to the driver."""
+    import pyarrow.dataset as pads
+
     from .store import Store, write_parquet
 
     store = Store(url, storage_options)
     scratch = store.scratch(version)
-    out = decide(scratch.read_table(store.bucket_file("manifest", b)), scratch.read_table(store.bucket_file("current", b)),
-                 failed, cfg, pending)
+    stats = pads.dataset([scratch.path(store.bucket_file("stat", s)) for s in range(n)], schema=STATED,
+                         format="parquet", filesystem=scratch.fs)
+    man = stats.to_table(filter=pc.field("bucket") == b).drop_columns(["bucket"])
+    out = decide(man, scratch.read_table(store.bucket_file("current", b)), failed, cfg, pending)
     write_parquet(scratch, store.bucket_file("compute", b), out.pop("compute"))
     return out | {"compute": store.bucket_file("compute", b)}
 
 
-def combine(results: list[dict]) -> dict:
-    """The night's plan from its buckets: counts summed, the small tables concatenated, the compute parts listed."""
+def combine(results: list[dict], io: list[Counter]) -> dict:
+    """The night's plan from its buckets: counts summed (with the lists and HEADs made), the small tables
+    concatenated, the compute parts listed."""
     counts = Counter()
-    for r in results:
-        counts.update(r["counts"])
+    for c in [r["counts"] for r in results] + [{f"stat_{k}": v for k, v in i.items()} for i in io]:
+        counts.update(c)
     cat = {k: pa.concat_tables([r[k] for r in results]) for k in ("touch", "gone", "failed")}
     return {"counts": dict(counts), "compute": [r["compute"] for r in results], **cat}

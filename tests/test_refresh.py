@@ -263,6 +263,13 @@ def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_
     s2 = refresh(cfg)
     assert (s2["computed"], s2["snapshot"], s2["precheck"]) == (0, None, {"etag": 4, "hashed": 0})  # no bytes read
     assert s2["stat"] == {"lists": 1, "heads": 0}  # one LIST for the prefix, no HEAD per row
+    cfg.refresh.plan_bucket_rows = 2  # the same night planned in 2 buckets, through planning files in the bucket
+    s2b = refresh(cfg)
+    assert (s2b["computed"], s2b["snapshot"], s2b["precheck"]) == (0, None, {"etag": 4, "hashed": 0})
+    fs.invalidate_cache()
+    left = fs.find(f"igpt-refresh/store/{s1['version']}/_planning", detail=True)
+    assert [k for k, v in left.items() if v["type"] != "directory"] == []  # planning files removed
+    cfg.refresh.plan_bucket_rows = 250_000
     assert table_of_url("s3://igpt-refresh/store", so).version == lance1
     time.sleep(1.1)
     fs.put_file(str(d / names[0]), f"igpt-refresh/images/{names[0]}")  # same bytes: new LastModified, same ETag
@@ -382,6 +389,29 @@ def test_step_plan_in_buckets_counts_as_in_one(one_night, ray_local):
     counts = [{k: v for k, v in n.summary.items() if k not in ("snapshot", "stat")} for n in nights]
     assert counts[0] == counts[1] == counts[2]  # the summary's counts do not depend on the buckets
     assert not (o["store"] / o["version"] / "_planning").exists()  # the bucket files are removed
+
+
+def test_step_plan_in_buckets_lists_each_folder_once(one_night):
+    """Buckets of id would split a folder's rows between tasks (each listing it, or stat-ing rows one by one): the
+    night's stat round is split by folder, so each folder is listed once, whatever the id buckets."""
+    import pyarrow as pa
+
+    from igpt_batch.refresh import plan
+    from igpt_batch.refresh_plan import bucket_of
+
+    o = one_night
+    base = o["tmp"] / "folders"
+    folders = [next(f for f in (f"f{k}" for k in range(50)) if bucket_of(pa.array([str(base / f)]), 2)[0] == b)
+               for b in (0, 1)]  # one folder in each of the 2 stat buckets
+    names = []
+    for f in folders:
+        (base / f).mkdir(parents=True)
+        for i in range(5):
+            (base / f / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+            names.append(f"{f}/{i}.jpg")
+    cfg = cfg_for(o["ckpt"], o["store"], manifest(o["tmp"] / "mf.parquet", base, names), **{"refresh.plan_bucket_rows": 8})
+    s = plan(cfg, Store(str(o["store"])), o["version"], o["info"], [2]).summary
+    assert (s["new"], s["deleted"], s["stat"]) == (10, 8, {"lists": 2, "heads": 0})
 
 
 def test_step_run_extract_counts_errors_against_the_whole_manifest(one_night):
