@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Refresh planning cost on the driver: wall time and peak RSS of a night over a Lance store of N rows, all unchanged.
 
+Peak RSS is the driver's: with `--executor ray` (the default) the bucket rounds run in Ray workers, and the
+driver scans the manifest, splits it and the table's metadata columns into bucket files, and sums the results.
 Each size gets a real store (a current table of N rows with 64-float embeddings, real files behind every uri,
 1,000 to a folder: hard links, so every stat is a real os.stat) and one `refresh()` night in a fresh process, which plans, finds
 nothing to embed and stops. Memory per row is the slope of peak RSS between the two sizes, so imports and
@@ -31,12 +33,12 @@ CHUNK = 1_000_000  # rows generated at a time, so setting up 10M rows fits in me
 MTIME_NS = 1_700_000_000_000_000_000
 
 
-def job_config(d: Path, bucket_rows: int | None = None):
+def job_config(d: Path, bucket_rows: int | None = None, executor: str = "local"):
     from igpt_batch import config
 
     extra = {"refresh.plan_bucket_rows": bucket_rows} if bucket_rows else {}
     return config.load(None, {"model.name": "demo", "extract.layers": [2], "refresh.store": str(d / "store"),
-                              "input.manifest": str(d / "m.parquet"), "run.executor": "local", **extra})
+                              "input.manifest": str(d / "m.parquet"), "run.executor": executor, **extra})
 
 
 def chunks(rows: int, d: Path):
@@ -86,10 +88,10 @@ def setup(rows: int, d: Path) -> None:
     store.publish(version, SNAP, ds.version)
 
 
-def measure(d: Path, bucket_rows: int | None) -> None:
+def measure(d: Path, bucket_rows: int | None, executor: str) -> None:
     from igpt_batch.refresh import refresh
 
-    cfg = job_config(d, bucket_rows)
+    cfg = job_config(d, bucket_rows, executor)
     t0 = time.perf_counter()
     summary = refresh(cfg)
     wall = time.perf_counter() - t0
@@ -98,13 +100,13 @@ def measure(d: Path, bucket_rows: int | None) -> None:
                       "computed": summary["computed"], "precheck": summary["precheck"]}))
 
 
-def run(rows: int, bucket_rows: int | None) -> dict:
+def run(rows: int, bucket_rows: int | None, executor: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="igpt-plan-") as tmp:
         d = Path(tmp)
         me = [sys.executable, __file__]
         subprocess.run([*me, "--setup", str(rows), str(d)], check=True)
         buckets = ["--bucket-rows", str(bucket_rows)] if bucket_rows else []
-        out = subprocess.run([*me, "--measure", str(d), *buckets], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([*me, "--measure", str(d), "--executor", executor, *buckets], check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
     if (result["unchanged"], result["computed"]) != (rows, 0):
         raise SystemExit(f"expected {rows} unchanged rows and nothing computed, got {result}")
@@ -116,16 +118,19 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, nargs=2, default=[1_000_000, 10_000_000], metavar=("SMALL", "LARGE"))
     p.add_argument("--smoke", action="store_true", help="2,000 and 6,000 rows, planned 1,000 rows to a bucket")
     p.add_argument("--bucket-rows", type=int, help="refresh.plan_bucket_rows (default: the config's, 250,000)")
+    p.add_argument("--executor", choices=["ray", "local"], default="ray",
+                   help="ray (default): the bucket rounds run as Ray tasks on a local Ray, as in production; "
+                        "local: one after another in the driver process")
     p.add_argument("--setup", nargs=2, metavar=("ROWS", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--measure", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.setup:
         return setup(int(args.setup[0]), Path(args.setup[1]))
     if args.measure:
-        return measure(Path(args.measure), args.bucket_rows)
+        return measure(Path(args.measure), args.bucket_rows, args.executor)
     small, large = (2_000, 6_000) if args.smoke else args.rows
     bucket_rows = 1_000 if args.smoke and not args.bucket_rows else args.bucket_rows
-    results = {rows: run(rows, bucket_rows) for rows in (small, large)}
+    results = {rows: run(rows, bucket_rows, args.executor) for rows in (small, large)}
     for rows, r in results.items():
         print(f"rows {rows}: planning {r['wall_s']:.1f} s, {rows / r['wall_s']:.0f} rows/s, peak RSS {r['peak_mib']:.0f} MiB, "
               f"precheck {r['precheck']}, {-(-rows // PER_FOLDER)} folders, {r['stat']['lists']} lists, "

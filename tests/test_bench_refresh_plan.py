@@ -8,7 +8,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_refresh_plan.py"
 
 
 def test_bench_refresh_plan_smoke():
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--executor", "local"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rows in (2000, 6000):  # the bench itself exits non-zero unless every row was found unchanged by size+mtime
         folders = rows // 1000  # planned in buckets of 1,000 rows: still one listing per folder, no HEAD
