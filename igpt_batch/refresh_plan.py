@@ -191,7 +191,8 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
     ids = pa.schema([STATED.field("id"), STATED.field("uri")])
     manifest = (t.select(ids.names).cast(ids) for t in iter_manifest(cfg.input.manifest, cfg.storage_options))
     sources = {"manifest": (manifest, lambda t: _stat_bucket_of(t, n)),
-               "current": ((pa.Table.from_batches([b]) for b in ds.to_batches(columns=list(META), batch_size=65536))
+               "current": ((pa.Table.from_batches([b]) for b in ds.to_batches(columns=list(META), batch_size=65536,
+                                                                                 fragment_readahead=1, batch_readahead=1))
                            if ds is not None else iter([_empty_meta()]), lambda t: bucket_of(t.column("id"), n))}
     for kind, (tables, bucket) in sources.items():
         writers = {}
@@ -201,6 +202,8 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
                     sink = scratch.fs.open(scratch.path(store.bucket_file(kind, b)), "wb")
                     writers[b] = (sink, pq.ParquetWriter(sink, part.schema))
                 writers[b][1].write_table(part)
+            del t, part
+            pa.default_memory_pool().release_unused()  # else the allocator keeps every batch's pages: RSS grows with N
         for sink, w in writers.values():
             w.close()
             sink.close()

@@ -163,7 +163,9 @@ def test_progress_is_logged_off_a_tty_and_stats_are_recorded(tiny_ckpt, tmp_path
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert lines and lines[-1].startswith("progress: 4/4 samples")
     assert any("KV cache: " in r.getMessage() for r in caplog.records)  # the exact per-sample cache size is logged
-    assert any("batch size auto: 32 on CPU" in r.getMessage() for r in caplog.records)
+    from igpt_batch.batching import CPU_SAMPLE_BATCH
+
+    assert any(f"batch size auto: {CPU_SAMPLE_BATCH} on CPU" in r.getMessage() for r in caplog.records)
     assert set(summary["stage_seconds"]) >= {"read_s", "preprocess_s", "model_s", "write_s", "total_s"}
     assert summary["stage_seconds"]["model_s"] > 0
     commit = OutputFolder(str(tmp_path / "g")).committed()["part-00000"]
