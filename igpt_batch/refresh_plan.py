@@ -148,7 +148,11 @@ def plan_night(cfg: JobConfig, store, version: str, failed: pa.Table, pending: s
 def _run(cfg: JobConfig, fn, args: list[tuple]) -> list:
     """fn(*a) for every a: as Ray tasks with the ray executor, else one after another here."""
     if cfg.run.executor != "ray":
-        return [fn(*a) for a in args]
+        out = []
+        for a in args:
+            out.append(fn(*a))
+            pa.default_memory_pool().release_unused()  # a bucket's pages, before the next bucket's
+        return out
     import ray
 
     from .executors import init_ray
@@ -210,7 +214,7 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
 
 
 def stat_bucket(cfg, url, storage_options, version, n, b) -> Counter:
-    """Stat stat bucket b's manifest rows, plan_bucket_rows at a time, and write them to stat-b grouped by hash
+    """Stat stat bucket b's manifest rows, 2 * plan_bucket_rows at a time, and write them to stat-b grouped by hash
     bucket of id (a row group or more per id bucket). Returns the lists and HEADs made."""
     import pyarrow.parquet as pq
 
@@ -220,7 +224,9 @@ def stat_bucket(cfg, url, storage_options, version, n, b) -> Counter:
     scratch, io = store.scratch(version), Counter()
     with scratch.fs.open(scratch.path(store.bucket_file("stat", b)), "wb") as sink, \
             pq.ParquetWriter(sink, STATED) as writer, scratch.fs.open(scratch.path(store.bucket_file("manifest", b))) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)):
+        # twice a bucket's rows at a time: a stat bucket holds plan_bucket_rows on average, so nearly all are stat-ed
+        # in one slice (every folder listed once), and the stat columns are a fraction of a decide bucket's
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=2 * getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)):
             st, c = stat_table(batch.column("uri"), cfg.storage_options, cfg.input.read_timeout)
             io.update(c)
             bucket = bucket_of(batch.column("id"), n)
