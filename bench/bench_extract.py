@@ -5,7 +5,7 @@ Sections (each prints `name: value` lines; ratios are plain numbers):
 
   extract     bare-model images/s (features at n_layer // 2, the job's default layer) for the chosen
               model, plus the committed demo model when it exists.
-  pipeline    end-to-end images/s of the production shard path (igpt_batch.worker.ShardWorker.run over
+  pipeline    end-to-end images/s of the production shard path (igpt_batch.run.worker.ShardWorker.run over
               real JPEG files: plan rows -> decode ahead in threads -> Extractor (tokenise -> features)
               -> Parquet (zstd) -> commit marker), divided by bare-model images/s (Extractor.features on
               pre-tokenised batches of the same model and batch size)  -> pipeline_efficiency.
@@ -51,10 +51,11 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from igpt_batch import images, palette  # noqa: E402
-from igpt_batch.checkpoint import DEMO_MODEL_DIR  # noqa: E402
-from igpt_batch.extractor import Extractor  # noqa: E402
-from igpt_batch.model import DTYPES, IGPT, load_model, resolve_device  # noqa: E402
+from igpt_batch.inputs import images
+from igpt_batch.model import palette  # noqa: E402
+from igpt_batch.model.checkpoint import DEMO_MODEL_DIR  # noqa: E402
+from igpt_batch.model.extractor import Extractor  # noqa: E402
+from igpt_batch.model.transformer import DTYPES, IGPT, load_model, resolve_device  # noqa: E402
 
 SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "gpu")
 SHAPES = {  # name -> (n_px, n_embd, n_layer, n_head, vocab_size incl. SOS)
@@ -158,7 +159,7 @@ def decode_resize(data: bytes, n_px: int) -> np.ndarray:
 
 
 def features_np(model: IGPT, tokens: np.ndarray, layers: list[int]) -> np.ndarray:
-    """The production feature call (igpt_batch.extractor.Extractor) on pre-tokenised images."""
+    """The production feature call (igpt_batch.model.extractor.Extractor) on pre-tokenised images."""
     return Extractor(model, layers, batch_size=max(1, len(tokens))).features(tokens)
 
 
@@ -176,11 +177,12 @@ class ProductionShard:
     threads -> Extractor (tokenise -> features) -> Parquet (zstd) -> commit marker."""
 
     def __init__(self, model: IGPT, jpegs: list[bytes], batch: int, layers: list[int], workdir: Path):
-        from igpt_batch import checkpoint, config
-        from igpt_batch.manifest import Shard
-        from igpt_batch.storage import OutputFolder
-        from igpt_batch.tasks.extract import Extract
-        from igpt_batch.worker import ShardWorker
+        from igpt_batch import config
+        from igpt_batch.inputs.manifest import Shard
+        from igpt_batch.model import checkpoint
+        from igpt_batch.run.storage import OutputFolder
+        from igpt_batch.run.tasks.extract import Extract
+        from igpt_batch.run.worker import ShardWorker
 
         ckpt = save_checkpoint(model, workdir / "ckpt")
         uris = []

@@ -8,9 +8,7 @@ Usage:  python bench/bench_load.py [--rows 100000] [--workers 2] [--shard-size 5
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -73,7 +71,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     a = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from igpt_batch.storage import read_output
+    from igpt_batch.run.storage import read_output
 
     with tempfile.TemporaryDirectory() as tmp:
         results = {}

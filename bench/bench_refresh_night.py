@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def table(ids, dim: int, snap: str, seed: int):
     import numpy as np
     import pyarrow as pa
 
-    from igpt_batch.store import current_schema
+    from igpt_batch.store.layout import current_schema
 
     n, rng = len(ids), np.random.default_rng(seed)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * dim, dtype=np.float32)), dim)
@@ -48,7 +47,7 @@ def setup(rows: int, dim: int, d: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from igpt_batch.store import Store
+    from igpt_batch.store.layout import Store
 
     store = Store(str(d / "store"))
     store.create_version(V, {})
@@ -82,8 +81,8 @@ def written_since(p: Path, t: float) -> int:
 def night_lance(d: Path, rows: int, frac: float, dim: int) -> dict:
     import pyarrow as pa
 
-    from igpt_batch.refresh import _id_in
-    from igpt_batch.store import Store
+    from igpt_batch.store.layout import Store
+    from igpt_batch.store.refresh import _id_in
 
     upsert, gone = changes(rows, frac, dim)
     since, t0 = time.time() - 0.01, time.perf_counter()

@@ -54,9 +54,9 @@ def setup(rows: int, d: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from igpt_batch import checkpoint
-    from igpt_batch.refresh import version_of
-    from igpt_batch.store import Store, current_schema
+    from igpt_batch.model import checkpoint
+    from igpt_batch.store.layout import Store, current_schema
+    from igpt_batch.store.refresh import version_of
 
     for k in range(rows // LINKS_PER_FILE + 1):
         src = d / f"source{k}.jpg"
@@ -89,7 +89,7 @@ def setup(rows: int, d: Path) -> None:
 
 
 def measure(d: Path, bucket_rows: int | None, executor: str) -> None:
-    from igpt_batch.refresh import refresh
+    from igpt_batch.store.refresh import refresh
 
     cfg = job_config(d, bucket_rows, executor)
     t0 = time.perf_counter()

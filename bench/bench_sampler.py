@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sampler throughput: igpt_batch.sampling.generate (static KV cache, SDPA) vs transformers' generate.
+"""Sampler throughput: igpt_batch.model.sampling.generate (static KV cache, SDPA) vs transformers' generate.
 
 Both run in this process on the same random ImageGPT, batch and image length, sampling from the full
 distribution (temperature 1, no top-k/top-p). Examples:
@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 
-from igpt_batch.model import DTYPES, IGPT, kv_cache_bytes, resolve_device  # noqa: E402
-from igpt_batch.sampling import generate  # noqa: E402
+from igpt_batch.model.sampling import generate  # noqa: E402
+from igpt_batch.model.transformer import DTYPES, IGPT, kv_cache_bytes, resolve_device  # noqa: E402
 
 DEFAULTS = dict(device="cpu", dtype="fp32", positions=256, batch=32, n_embd=512, n_layer=24, n_head=8, vocab=513)
 PRESETS = {

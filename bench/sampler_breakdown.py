@@ -7,7 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from igpt_batch.model import IGPT, conv1d
+from igpt_batch.model.transformer import IGPT, conv1d
 
 
 def _best(fn, device: torch.device, repeats: int = 3) -> float:

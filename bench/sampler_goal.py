@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+import sampler_breakdown  # noqa: E402
 import torch  # noqa: E402
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 
-import sampler_breakdown  # noqa: E402
-from igpt_batch.model import DTYPES, IGPT  # noqa: E402
+from igpt_batch.model.transformer import DTYPES, IGPT  # noqa: E402
 
 SMALL = dict(n_embd=512, n_layer=24, n_head=8, n_positions=1024, vocab_size=513)
 SMOKE = dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=17)

@@ -5,10 +5,9 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from . import config as config_mod
-from .config import ConfigError
+from igpt_batch import config as config_mod
+from igpt_batch.errors import ConfigError
 
 # flag -> (dotted config key, help, extra argparse kwargs); values are type-checked by config.apply, not argparse.
 # --help appends each key's default from igpt_batch/config.py.
@@ -80,7 +79,7 @@ def versions() -> str:
     """`igpt-batch --version`: the package and the libraries that decide its results."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from igpt_batch import __version__
 
     parts = [f"igpt-batch {__version__}"]
     for pkg in ("torch", "transformers", "ray", "pyarrow", "pylance"):
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="demo-output")
     d.add_argument("--num-samples", type=int, default=64)
     d.add_argument("--executor", default="ray", choices=["ray", "local"])
-    from .probe import add_arguments as probe_arguments
+    from igpt_batch.probe import add_arguments as probe_arguments
 
     probe_arguments(sub.add_parser("probe", help="linear probe (logistic regression) on extracted embeddings + labels"))
     i = sub.add_parser("inspect", help="summarise an output folder or a refresh store")
@@ -130,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every committed file (or every live current-table file) exists with its row count")
     i.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     i.add_argument("--json", action="store_true", help="print one machine-readable JSON object instead of text")
-    from .search import add_arguments as search_arguments
+    from igpt_batch.store.search import add_arguments as search_arguments
 
     search_arguments(sub)  # export, neighbors, dedup
     return p
@@ -169,31 +168,32 @@ def _storage_options(text: str | None) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse(argv)
-    from .driver import JobError, run_job
+    from igpt_batch.errors import JobError
+    from igpt_batch.run.driver import run_job
 
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from igpt_batch.demo import run_demo
 
             run_demo(args.output, args.num_samples, args.executor)
             return 0
         if args.command == "probe":
-            from .probe import run_from_args
+            from igpt_batch.probe import run_from_args
 
             run_from_args(args)
             return 0
         if args.command == "inspect":
-            from .inspector import inspect
+            from igpt_batch.inspector import inspect
 
             return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
                            as_json=args.json)
         if args.command in ("export", "neighbors", "dedup"):
-            from .search import run
+            from igpt_batch.store.search import run
 
             return run(args)
         cfg = config_from_args(args, args.command)
         if args.command == "refresh":
-            from .refresh import refresh
+            from igpt_batch.store.refresh import refresh
 
             summary = refresh(cfg)
         else:

@@ -8,19 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# storage_options keys whose values are known to be harmless; every other value is saved as '***', at any depth
-SAFE_OPTION_KEYS = frozenset({
-    "anon", "region_name", "use_ssl", "verify", "endpoint_url", "client_kwargs", "config_kwargs", "s3", "retries",
-    "max_attempts", "mode", "addressing_style", "signature_version", "connect_timeout", "read_timeout",
-    "max_pool_connections", "requester_pays", "version_aware", "cache_regions", "skip_instance_cache",
-    "use_listings_cache", "listings_expiry_time", "default_block_size", "default_fill_cache", "default_cache_type",
-    "block_size", "timeout", "project", "consistency", "use_fips_endpoint", "use_dualstack_endpoint", "fixed_upload_size",
-})
+from igpt_batch.errors import ConfigError
+from igpt_batch.redact import redact_secrets, redact_uri
+
 MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key."""
 
 
 @dataclass
@@ -113,27 +104,11 @@ class JobConfig:
     def to_dict(self, redact: bool = True) -> dict:
         d = dataclasses.asdict(self)
         if redact:
-            from .fetch import redact_uri
-
             d["storage_options"] = redact_secrets(d["storage_options"])
             for section, key in (("input", "manifest"), ("output", "path"), ("refresh", "store"), ("run", "address")):
                 if d[section][key]:  # URLs may carry user:pass@ or a presigned signature
                     d[section][key] = redact_uri(d[section][key])
         return d
-
-
-def redact_secrets(obj: Any, safe: bool = False) -> Any:
-    """storage_options as safe to log and save: a value is kept only under a key on SAFE_OPTION_KEYS (URLs
-    without `user:pass@` or signatures); every other value, at any depth, becomes '***'."""
-    if isinstance(obj, dict):
-        return {k: redact_secrets(v, str(k) in SAFE_OPTION_KEYS) for k, v in obj.items()}
-    if not safe:
-        return "***"
-    if isinstance(obj, str):
-        from .fetch import redact_uri
-
-        return redact_uri(obj)
-    return obj if isinstance(obj, (bool, int, float, type(None))) else "***"
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:

@@ -12,7 +12,7 @@ log = logging.getLogger("igpt_batch")
 
 def write_demo_inputs(folder: Path, n: int = 200) -> Path:
     """Write n real digits (scikit-learn) upscaled to 32x32 PNGs plus one broken file, and a manifest.csv."""
-    from .train_demo import digits_rgb
+    from igpt_batch.train_demo import digits_rgb
 
     folder.mkdir(parents=True, exist_ok=True)
     rgb, labels = digits_rgb()
@@ -31,10 +31,10 @@ def write_demo_inputs(folder: Path, n: int = 200) -> Path:
 
 
 def run_demo(output: str, num_samples: int = 64, executor: str = "ray") -> dict:
-    from . import config
-    from .driver import run_job
-    from .tasks.extract import Extract
-    from .tasks.sample import Generate
+    from igpt_batch import config
+    from igpt_batch.run.driver import run_job
+    from igpt_batch.run.tasks.extract import Extract
+    from igpt_batch.run.tasks.sample import Generate
 
     root = Path(output)
     manifest = write_demo_inputs(root / "inputs")

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from .storage import KINDS, PICTURES, OutputFolder, errors_by_reason, read_output
+from igpt_batch.run.storage import KINDS, PICTURES, OutputFolder, errors_by_reason, read_output
 
 
 def inspect(url: str, verify: bool = False, storage_options: dict | None = None, echo=print,
@@ -18,7 +18,7 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
     if out.read_job() is not None:
         report, show = describe_output(out, verify), show_output
     else:
-        from .store import Store
+        from igpt_batch.store.layout import Store
 
         store = Store(url, storage_options)
         if not store.versions():

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from . import images
+from igpt_batch import errors
+from igpt_batch.inputs import fetch, images
 
 BYTES_TYPES = (bytes, bytearray, memoryview, np.bytes_)
 AUTO_COLUMNS = ("bytes", "path", "uri")
@@ -34,7 +35,7 @@ AUTO_COLUMNS = ("bytes", "path", "uri")
 class Embedder:
     """Loads an ImageGPT once per actor; `__call__(batch)` adds "embedding" and "error" columns.
 
-    model: "demo", a local checkpoint folder or a hub id (see igpt_batch.checkpoint.resolve).
+    model: "demo", a local checkpoint folder or a hub id (see igpt_batch.model.checkpoint.resolve).
     layers: feature layers (0..n_layer); empty/None means the job default n_layer // 2.
     dtype: "fp32", "bf16" or "fp16"; device: "auto", "cpu", "cuda" or "cuda:N".
     column: the input column. Values that are bytes are decoded directly (read_binary_files' "bytes");
@@ -45,19 +46,19 @@ class Embedder:
     model_batch_size: most images per model call (bounds memory whatever Ray's batch_size).
     torch_threads: torch intra-op threads in this actor (0 leaves torch's default).
     read_threads: threads decoding (and reading) images of a batch in parallel.
-    draft, max_pixels: as in igpt_batch.images.decode.
+    draft, max_pixels: as in igpt_batch.inputs.images.decode.
     """
 
     def __init__(self, model: str = "demo", layers: list[int] | None = None, dtype: str = "fp32",
                  device: str = "auto", column: str | None = "bytes", model_batch_size: int = 64,
                  torch_threads: int = 0, read_threads: int = 4, storage_options: dict | None = None,
-                 read_timeout: float = 30.0, max_bytes: int = images.DEFAULT_MAX_BYTES,
+                 read_timeout: float = 30.0, max_bytes: int = fetch.DEFAULT_MAX_BYTES,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, draft: bool = False):
         import torch
 
-        from .checkpoint import resolve_layers
-        from .extractor import Extractor
-        from .model import load_model
+        from igpt_batch.model.checkpoint import resolve_layers
+        from igpt_batch.model.extractor import Extractor
+        from igpt_batch.model.transformer import load_model
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -85,7 +86,7 @@ class Embedder:
             if value is None or (isinstance(value, float) and np.isnan(value)):
                 return None, "read: missing value"
             return None, f"read: unsupported value type {type(value).__name__} (expected bytes or a path/URI string)"
-        except images.ImageError as e:
+        except errors.ImageError as e:
             return None, f"{e.stage}: {e.reason}"
         except Exception as e:  # any other decoder failure is still a per-row error, never a lost row
             return None, f"decode: {type(e).__name__}: {e}"
@@ -132,7 +133,7 @@ def _arrow(columns: dict[str, np.ndarray], emb: np.ndarray) -> "pa.Table":
     that `igpt-batch extract` writes (so a write_parquet of the dataset has the CLI's schema)."""
     import pyarrow as pa
 
-    from .extractor import embedding_array
+    from igpt_batch.model.extractor import embedding_array
 
     out = {}
     for name, values in columns.items():

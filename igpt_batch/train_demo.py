@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .kmeans import fit_palette
-from .palette import tokenize
+from igpt_batch.model.kmeans import fit_palette
+from igpt_batch.model.palette import tokenize
 
 N_PX = 8
 N_CLUSTERS = 16

@@ -1,15 +1,14 @@
-"""igpt_batch.batching: explicit sizes pass through; `auto` probes the GPU, or sizes sampling from the KV cache."""
+"""igpt_batch.model.batching: explicit sizes pass through; `auto` probes the GPU, or sizes sampling from the KV cache."""
 
 import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import tiny_hf
 
-from igpt_batch import batching
-from igpt_batch.model import kv_cache_bytes
+from igpt_batch.model import batching
+from igpt_batch.model.transformer import kv_cache_bytes
 
 
 def fake_model(device: str = "cpu", dtype=torch.float32):

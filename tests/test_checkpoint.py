@@ -1,4 +1,4 @@
-"""Tests for igpt_batch.checkpoint: complete checkpoints, clear refusals, a fingerprint of everything that matters."""
+"""Tests for igpt_batch.model.checkpoint: complete checkpoints, clear refusals, a fingerprint of everything that matters."""
 import json
 import shutil
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from igpt_batch import checkpoint
+from igpt_batch.model import checkpoint
 
 
 @pytest.fixture

@@ -59,8 +59,8 @@ def test_every_flag_is_in_the_readme_and_its_help_shows_the_config_default(capsy
     import re
 
     import pytest
-
     from conftest import REPO
+
     from igpt_batch.cli import FLAGS, TASK_FLAGS
     from igpt_batch.config import JobConfig
 

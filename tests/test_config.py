@@ -3,7 +3,7 @@ import yaml
 
 from igpt_batch import config
 from igpt_batch.cli import build_parser, config_from_args
-from igpt_batch.config import ConfigError
+from igpt_batch.errors import ConfigError
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):

@@ -2,15 +2,17 @@
 import duckdb
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import write_manifest
-from igpt_batch import config, images, palette
-from igpt_batch.driver import JobError, run_job
-from igpt_batch.model import load_model
-from igpt_batch.storage import OutputFolder, read_output
+
+from igpt_batch import config
+from igpt_batch.errors import JobError
+from igpt_batch.inputs import images
+from igpt_batch.model import palette
+from igpt_batch.model.transformer import load_model
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.storage import OutputFolder, read_output
 
 
 def cfg_for(ckpt, out, **over):
@@ -116,8 +118,7 @@ def test_complete_keeps_the_prompt_rows(tiny_ckpt, image_dir, tmp_path):
 
 
 def test_bad_manifest_and_layers_fail_before_any_work(tiny_ckpt, tmp_path):
-    from igpt_batch.config import ConfigError
-    from igpt_batch.manifest import ManifestError
+    from igpt_batch.errors import ConfigError, ManifestError
 
     (tmp_path / "m.csv").write_text("id,path\na,b\n")
     with pytest.raises(ManifestError, match="uri"):
@@ -154,7 +155,7 @@ def test_resumed_generation_gives_the_same_images(tiny_ckpt, tmp_path):
 def test_progress_is_logged_off_a_tty_and_stats_are_recorded(tiny_ckpt, tmp_path, caplog):
     import logging
 
-    from igpt_batch.driver import Progress
+    from igpt_batch.run.driver import Progress
 
     caplog.set_level(logging.INFO, logger="igpt_batch")
     cfg = cfg_for(tiny_ckpt, tmp_path / "g", **{"run.executor": "local", "generate.num_samples": 4, "run.shard_size": 2,
@@ -163,7 +164,7 @@ def test_progress_is_logged_off_a_tty_and_stats_are_recorded(tiny_ckpt, tmp_path
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert lines and lines[-1].startswith("progress: 4/4 samples")
     assert any("KV cache: " in r.getMessage() for r in caplog.records)  # the exact per-sample cache size is logged
-    from igpt_batch.batching import CPU_SAMPLE_BATCH
+    from igpt_batch.model.batching import CPU_SAMPLE_BATCH
 
     assert any(f"batch size auto: {CPU_SAMPLE_BATCH} on CPU" in r.getMessage() for r in caplog.records)
     assert set(summary["stage_seconds"]) >= {"read_s", "preprocess_s", "model_s", "write_s", "total_s"}

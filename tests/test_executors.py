@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from igpt_batch import config
-from igpt_batch.driver import JobError, run_job
-from igpt_batch.executors import check_resources
-from igpt_batch.storage import OutputFolder, read_output
+from igpt_batch.errors import JobError
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.executors import check_resources
+from igpt_batch.run.storage import OutputFolder, read_output
 
 IGPT = str(Path(sys.executable).parent / "igpt-batch")
 

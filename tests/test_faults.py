@@ -12,15 +12,14 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from conftest import S3Server, write_manifest
 from PIL import Image
 from skimage import data
 
-from conftest import S3Server, write_manifest
 from igpt_batch import config
-from igpt_batch.driver import run_job
-from igpt_batch.storage import OutputFolder, read_output
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.storage import OutputFolder, read_output
 
 IGPT = str(Path(sys.executable).parent / "igpt-batch")
 

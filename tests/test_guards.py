@@ -11,13 +11,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_manifest
+
 from igpt_batch import config
 from igpt_batch.cli import main
-from igpt_batch.config import ConfigError
-from igpt_batch.driver import JobError, run_job
-from igpt_batch.storage import LEASE, OutputFolder, read_output
+from igpt_batch.errors import ConfigError, JobError
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.storage import LEASE, OutputFolder, read_output
 
 
 def cfg_for(ckpt, out, **over):
@@ -161,7 +161,7 @@ def test_uris_with_credentials_are_written_redacted(tiny_ckpt, tmp_path):
 
 
 def test_guards_need_no_model(tmp_path):
-    from igpt_batch.guards import check_not_inputs
+    from igpt_batch.run.guards import check_not_inputs
 
     with pytest.raises(ConfigError, match="overlaps the input images in s3://b/imgs"):
         check_not_inputs("s3://b/imgs/out", "s3://b/m.parquet", [pa.table({"uri": ["s3://b/imgs/1.jpg"]})])
@@ -170,7 +170,7 @@ def test_guards_need_no_model(tmp_path):
 
 
 def test_a_second_refresh_of_one_store_is_refused(tiny_ckpt, image_dir, tmp_path):
-    from igpt_batch.refresh import refresh
+    from igpt_batch.store.refresh import refresh
 
     store = tmp_path / "store"
     store.mkdir()

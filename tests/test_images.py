@@ -1,4 +1,4 @@
-"""Tests for igpt_batch.images on real files, a real HTTP server and the real HF processor."""
+"""Tests for igpt_batch.inputs.images on real files, a real HTTP server and the real HF processor."""
 
 import functools
 import http.server
@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from igpt_batch import images, palette
-from igpt_batch.images import ImageError
+from igpt_batch import errors, redact
+from igpt_batch.errors import ImageError
+from igpt_batch.inputs import fetch, images
+from igpt_batch.model import palette
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -53,7 +55,7 @@ def _decode_err(payload: bytes, **kw) -> ImageError:
 
 def _read_err(uri: str, **kw) -> ImageError:
     with pytest.raises(ImageError) as e:
-        images.read_bytes(uri, **kw)
+        fetch.read_bytes(uri, **kw)
     assert e.value.stage == "read"
     return e.value
 
@@ -74,7 +76,7 @@ def test_png_and_jpeg(tmp_path):
     photo = data.astronaut()[::4, ::4]  # (128, 128, 3)
     png = _write(tmp_path / "a.png", _encode(Image.fromarray(photo), "PNG"))
     jpg = _write(tmp_path / "a.jpg", _encode(Image.fromarray(photo), "JPEG", quality=95))
-    img = images.decode(images.read_bytes(png))
+    img = images.decode(fetch.read_bytes(png))
     assert img.mode == "RGB" and np.array_equal(np.asarray(img), photo)
     rgb, w, h = images.load_rgb(jpg, 32)
     assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8 and (w, h) == (128, 128)
@@ -129,7 +131,7 @@ def test_16_bit_png_is_scaled_not_clipped():
 
 def test_one_pixel_image(tmp_path):
     uri = _write(tmp_path / "one.png", _encode(Image.new("RGB", (1, 1), (12, 34, 56)), "PNG"))
-    assert images.decode(images.read_bytes(uri)).size == (1, 1)
+    assert images.decode(fetch.read_bytes(uri)).size == (1, 1)
     rgb, w, h = images.load_rgb(uri, 4)
     assert (w, h) == (1, 1) and (rgb == [12, 34, 56]).all()
 
@@ -149,7 +151,7 @@ def test_exif_rotated_jpeg(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
     uri = _write(tmp_path / "rot.jpg", _encode(Image.fromarray(a), "JPEG", quality=95, exif=exif.tobytes()))
-    img = images.decode(images.read_bytes(uri))
+    img = images.decode(fetch.read_bytes(uri))
     assert img.size == (20, 40)  # width/height swapped
     got = np.asarray(img).astype(int)
     assert np.abs(got[:15] - [255, 0, 0]).max() < 40  # old left (red) is now the top
@@ -204,7 +206,7 @@ def test_read_errors(tmp_path):
     assert "is a directory" in _read_err(str(tmp_path)).reason
     big = _write(tmp_path / "big.png", _encode(Image.new("RGB", (64, 64)), "PNG") + b"\0" * 5000)
     assert "too large" in _read_err(big, max_bytes=1000).reason
-    assert len(images.read_bytes(big, max_bytes=10_000)) > 5000
+    assert len(fetch.read_bytes(big, max_bytes=10_000)) > 5000
 
 
 def test_permission_denied(tmp_path):
@@ -212,7 +214,7 @@ def test_permission_denied(tmp_path):
     os.chmod(uri, 0)
     try:
         if os.access(uri, os.R_OK):  # root ignores file modes: then the read must simply work
-            assert images.decode(images.read_bytes(uri)).size == (2, 2)
+            assert images.decode(fetch.read_bytes(uri)).size == (2, 2)
         else:
             assert _read_err(uri).reason.startswith("permission denied:")
     finally:
@@ -227,7 +229,7 @@ def test_paths_with_spaces_and_non_utf8_bytes(tmp_path):
     _write(raw, png)
     name = os.fsdecode(raw)  # str with a surrogate escape for the 0xff byte
     assert "\udcff" in name
-    assert images.read_bytes(name) == png
+    assert fetch.read_bytes(name) == png
     err = _read_err(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"gone\xff.png")))
     str(err).encode("utf-8")  # the message is printable, surrogates are escaped
 
@@ -237,7 +239,7 @@ def test_fsspec_memory_filesystem():
     png = _encode(Image.new("RGB", (5, 4), (9, 8, 7)), "PNG")
     fs.pipe("/igpt-test/x.png", png)
     try:
-        assert images.read_bytes("memory://igpt-test/x.png") == png
+        assert fetch.read_bytes("memory://igpt-test/x.png") == png
         assert "too large" in _read_err("memory://igpt-test/x.png", max_bytes=10).reason
         assert "file not found" in _read_err("memory://igpt-test/nope.png").reason
     finally:
@@ -275,7 +277,7 @@ def test_http_ok_404_and_size(http_root):
     root, base = http_root
     png = _encode(Image.new("RGB", (7, 3), (40, 50, 60)), "PNG")
     _write(root / "pic.png", png)
-    assert images.read_bytes(f"{base}/pic.png", timeout=5) == png
+    assert fetch.read_bytes(f"{base}/pic.png", timeout=5) == png
     rgb, w, h = images.load_rgb(f"{base}/pic.png", 4, timeout=5)
     assert (w, h) == (7, 3) and (rgb == [40, 50, 60]).all()
     err = _read_err(f"{base}/nope.png?X-Amz-Signature=s3cr3t", timeout=5)
@@ -308,7 +310,7 @@ def test_load_rgb_tokens_equal_processor(tmp_path):
     for i, src in enumerate(sources):
         uri = _write(tmp_path / f"p{i}.jpg", _encode(Image.fromarray(src), "JPEG", quality=90))
         uris.append(uri)
-        decoded.append(np.asarray(images.decode(images.read_bytes(uri))))
+        decoded.append(np.asarray(images.decode(fetch.read_bytes(uri))))
     assert len({d.shape for d in decoded}) == 4  # all different sizes, incl. a 50x37 one
     for n_px in (32, 24):
         ours = np.stack([palette.tokenize(images.load_rgb(u, n_px)[0], clusters) for u in uris])
@@ -321,7 +323,7 @@ def test_draft_is_close_to_full_decode(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     uri = _write(tmp_path / "big.jpg", _encode(big, "JPEG", quality=90, exif=exif.tobytes()))
-    payload = images.read_bytes(uri)
+    payload = fetch.read_bytes(uri)
     drafted = images.decode(payload, draft_size=32)
     assert max(drafted.size) <= 512 and drafted.info["source_size"] == (1536, 2048)
     full, w, h = images.load_rgb(uri, 32)
@@ -352,7 +354,7 @@ def test_draft_is_close_to_full_decode(tmp_path):
     ("/data/caf\udce9.png", "/data/caf\\udce9.png"),
 ])
 def test_redact_uri(uri, safe):
-    assert images.redact_uri(uri) == safe
+    assert redact.redact_uri(uri) == safe
 
 
 def test_reason_classes_of_the_reasons_this_module_gives(tmp_path, http_root):
@@ -371,16 +373,16 @@ def test_reason_classes_of_the_reasons_this_module_gives(tmp_path, http_root):
         "empty": _decode_err(b"").reason,
         "not image": _decode_err(b"hello" * 10).reason,
     }
-    classes = {k: images.reason_class(v) for k, v in got.items()}
+    classes = {k: errors.reason_class(v) for k, v in got.items()}
     assert classes == {
         "missing": "file not found", "dir": "is a directory", "big": "too large (over max_bytes 10)", "404": "HTTP 404",
         "protocol": "unknown protocol (nosuchproto)", "truncated": "corrupt or truncated image",
         "bomb": "decompression bomb (over --max-pixels 9999)", "pil bomb": "decompression bomb (over --max-pixels 50000000)",
         "empty": "empty data", "not image": "not a recognised image format",
     }
-    assert images.reason_class("timed out after 1.5s: http://h/x.png") == "timed out after 1.5s"
-    assert images.reason_class("ValueError: bad things at /secret/x.png") == "ValueError"
-    assert images.reason_class(got["truncated"].replace("truncated", "x")) != ""  # never empty
+    assert errors.reason_class("timed out after 1.5s: http://h/x.png") == "timed out after 1.5s"
+    assert errors.reason_class("ValueError: bad things at /secret/x.png") == "ValueError"
+    assert errors.reason_class(got["truncated"].replace("truncated", "x")) != ""  # never empty
 
 
 def test_bomb_reason_names_the_flag_and_its_value():
@@ -415,12 +417,12 @@ def test_refused_connections_are_read_errors():
     so = {"key": "k", "secret": "zzz-secret-value", "skip_instance_cache": True,
           "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "config_kwargs": {"retries": {"max_attempts": 1}}}
     err = _read_err("s3://bkt/x.png", storage_options=so, timeout=20)
-    assert "zzz-secret-value" not in err.reason and images.reason_class(err.reason) in (
+    assert "zzz-secret-value" not in err.reason and errors.reason_class(err.reason) in (
         "cannot connect (EndpointConnectionError)", "cannot connect (ClientConnectorError)")
 
 
 def test_local_names_with_double_colons_are_files(tmp_path):
     png = _encode(Image.new("RGB", (2, 2)), "PNG")
     path = _write(tmp_path / "shot::2024.png", png)
-    assert images.read_bytes(path) == png
-    assert images.read_bytes("file://" + path) == png
+    assert fetch.read_bytes(path) == png
+    assert fetch.read_bytes("file://" + path) == png

@@ -13,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from igpt_batch import __version__, config, images, tasks
-from igpt_batch.driver import run_job
-from igpt_batch.manifest import Columns, ManifestError, iter_manifest, scan_manifest, write_plan
-from igpt_batch.storage import read_output
+from igpt_batch import __version__, config, errors
+from igpt_batch.errors import ManifestError
+from igpt_batch.inputs import fetch
+from igpt_batch.inputs.manifest import Columns, iter_manifest, scan_manifest
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.storage import read_output
 
 
 def cfg_for(ckpt, out, **over):
@@ -232,20 +234,20 @@ def test_always_429_gives_up_after_the_retries_honouring_a_capped_retry_after(ht
     state, base = http_server
     state["mode"] = "429"
     counter, t0 = [], time.perf_counter()
-    with pytest.raises(images.ImageError) as e:
-        images.read_bytes(f"{base}/coffee.jpg", timeout=2, retries=2, counter=counter)
+    with pytest.raises(errors.ImageError) as e:
+        fetch.read_bytes(f"{base}/coffee.jpg", timeout=2, retries=2, counter=counter)
     elapsed = time.perf_counter() - t0
-    assert e.value.stage == "read" and images.reason_class(e.value.reason) == "HTTP 429" and counter == [2]
+    assert e.value.stage == "read" and errors.reason_class(e.value.reason) == "HTTP 429" and counter == [2]
     assert 4 <= elapsed < 10  # Retry-After: 3600 honoured, capped at the read timeout (2 s) per retry
 
 
 def test_redirects_to_file_are_refused_and_hosts_are_limited(http_server):
     state, base = http_server
     state["mode"] = "redirect"
-    with pytest.raises(images.ImageError, match="redirect refused"):
-        images.read_bytes(f"{base}/coffee.jpg", timeout=5)
+    with pytest.raises(errors.ImageError, match="redirect refused"):
+        fetch.read_bytes(f"{base}/coffee.jpg", timeout=5)
     state["mode"] = "slow"
-    threads = [threading.Thread(target=images.read_bytes, args=(f"{base}/{n}.jpg",),
+    threads = [threading.Thread(target=fetch.read_bytes, args=(f"{base}/{n}.jpg",),
                                 kwargs={"timeout": 5, "host_connections": 2}) for n in ("coffee", "rocket") * 3]
     for t in threads:
         t.start()

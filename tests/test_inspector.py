@@ -6,8 +6,8 @@ import json
 import pytest
 
 from igpt_batch import config
-from igpt_batch.driver import run_job
 from igpt_batch.inspector import inspect
+from igpt_batch.run.driver import run_job
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -192,8 +192,8 @@ def test_no_deps_install_next_to_another_ray_and_pyarrow_runs_extract(tmp_path, 
     where, ray_v, pa_v, _ = subprocess.check_output([str(py), "-c", probe], text=True, cwd=tmp_path).split()
     assert (ray_v, pa_v) == (OTHER["ray"], OTHER["pyarrow"]) and where.startswith(str(site))
 
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     rows = ["id,uri"]

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_ports, write_manifest
-from igpt_batch.storage import read_output
+
+from igpt_batch.run.storage import read_output
 
 RAY = str(Path(sys.executable).parent / "ray")
 

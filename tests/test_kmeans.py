@@ -1,10 +1,10 @@
-"""igpt_batch.kmeans: the k-means palette fit is deterministic, beats random palettes, and never yields NaN."""
+"""igpt_batch.model.kmeans: the k-means palette fit is deterministic, beats random palettes, and never yields NaN."""
 import numpy as np
 import pytest
 from skimage import data
 
-from igpt_batch import palette
-from igpt_batch.kmeans import fit_palette
+from igpt_batch.model import palette
+from igpt_batch.model.kmeans import fit_palette
 
 
 def mean_sq_error(rgb: np.ndarray, clusters: np.ndarray) -> float:

@@ -4,8 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from igpt_batch import manifest as manifest_mod
-from igpt_batch.manifest import ManifestError, Shard, plan_shards, read_manifest, scan_manifest, write_plan
+from igpt_batch.errors import ManifestError
+from igpt_batch.inputs import manifest as manifest_mod
+from igpt_batch.inputs.manifest import plan_shards, read_manifest, scan_manifest, write_plan
 
 
 def test_plan_shards_is_a_pure_row_range_split():
@@ -61,7 +62,7 @@ def test_missing_and_unreadable_manifests(tmp_path):
 def test_image_folder_with_a_non_utf8_name(tmp_path):
     import os
 
-    from igpt_batch.images import read_bytes
+    from igpt_batch.inputs.images import read_bytes
 
     raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
     with open(raw, "wb") as f:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-
 from conftest import free_ports, write_manifest
-from igpt_batch import metrics
-from igpt_batch.storage import OutputFolder, read_output
+
+from igpt_batch.run import metrics
+from igpt_batch.run.storage import OutputFolder, read_output
 
 BIN = Path(sys.executable).parent
 

@@ -1,4 +1,4 @@
-"""igpt_batch.model against transformers' own ImageGPTForCausalImageModeling on tiny random configs."""
+"""igpt_batch.model.transformer against transformers' own ImageGPTForCausalImageModeling on tiny random configs."""
 
 import copy
 import logging
@@ -6,11 +6,9 @@ import logging
 import numpy as np
 import pytest
 import torch
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
-
 from conftest import full_logits, tiny_hf
 
-from igpt_batch.model import IGPT, KVCache, kv_cache_bytes, resolve_device
+from igpt_batch.model.transformer import IGPT, KVCache, kv_cache_bytes, resolve_device
 
 N_LAYER, N_EMBD, N_POS, VOCAB = 3, 32, 64, 17
 SOS = VOCAB - 1
@@ -217,7 +215,7 @@ def _check_decode(model, seed):
 
 def test_compile_decode_stays_eager_off_cuda(hf, caplog):
     model = IGPT(hf, clusters())
-    with caplog.at_level(logging.WARNING, logger="igpt_batch.model"):
+    with caplog.at_level(logging.WARNING, logger="igpt_batch.model.transformer"):
         assert model.compile_decode() is (model.device.type == "cuda")
     assert "stays eager" in caplog.text
     _check_decode(model, 23)
@@ -228,7 +226,7 @@ def test_compile_decode_falls_back_when_compilation_fails(hf, caplog):
         raise RuntimeError("forced compiler failure")
 
     model = IGPT(hf, clusters())
-    with caplog.at_level(logging.WARNING, logger="igpt_batch.model"):
+    with caplog.at_level(logging.WARNING, logger="igpt_batch.model.transformer"):
         assert model.compile_decode(backend=broken_backend, mode=None, require_cuda=False)
         _check_decode(model, 29)  # first compiled call fails -> warning -> eager result
     assert "falling back to eager" in caplog.text
@@ -246,7 +244,7 @@ def test_compiled_static_decode_path_matches(hf):
 def test_load_model_from_local_safetensors_folder(tmp_path, hf, model):
     import json
 
-    from igpt_batch.model import load_model
+    from igpt_batch.model.transformer import load_model
 
     hf.save_pretrained(tmp_path)
     assert list(tmp_path.glob("*.safetensors"))
@@ -265,7 +263,7 @@ def test_load_model_from_local_safetensors_folder(tmp_path, hf, model):
 def test_compiled_generation_reuses_its_cache_and_matches_eager(hf):
     """Repeated generate calls on the compiled path reuse one cache per batch size (fixed addresses for CUDA
     graphs); stale entries from the previous call must not leak into the next."""
-    from igpt_batch.sampling import generate
+    from igpt_batch.model.sampling import generate
 
     eager = IGPT(hf, clusters())
     compiled = IGPT(hf, clusters())
@@ -325,7 +323,7 @@ def loud_hf(value: float = 1500.0):
 
 
 def test_rms_norm_statistics_in_fp32_for_reduced_precision():
-    from igpt_batch.model import rms_norm
+    from igpt_batch.model.transformer import rms_norm
 
     ln = torch.nn.LayerNorm(8)  # only .weight and .eps are read
     with torch.no_grad():
@@ -342,7 +340,7 @@ def test_rms_norm_statistics_in_fp32_for_reduced_precision():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_with_a_loud_residual_stream(dtype):
     """Features finite and within 2e-2 relative of fp32; samples are valid tokens."""
-    from igpt_batch.sampling import generate
+    from igpt_batch.model.sampling import generate
 
     hf = loud_hf()
     ref_model = IGPT(hf, clusters())

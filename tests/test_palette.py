@@ -1,4 +1,4 @@
-"""Tests for igpt_batch.palette against the real HF ImageGPT processor and brute force."""
+"""Tests for igpt_batch.model.palette against the real HF ImageGPT processor and brute force."""
 
 import hashlib
 import io
@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from igpt_batch import checkpoint, images, palette
-from igpt_batch.kmeans import fit_palette
+from igpt_batch.inputs import images
+from igpt_batch.model import checkpoint, palette
+from igpt_batch.model.kmeans import fit_palette
 
 N_PX = 32
 DEMO_PALETTE_HASH = "290da7a411e21d41"  # palette_hash of the committed demo model's clusters

@@ -1,4 +1,4 @@
-"""igpt_batch.pictures: picture grids, and the sheets written from real committed outputs (no Ray, no model)."""
+"""igpt_batch.run.pictures: picture grids, and the sheets written from real committed outputs (no Ray, no model)."""
 from pathlib import Path
 
 import numpy as np
@@ -6,8 +6,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from igpt_batch import config, palette, pictures
-from igpt_batch.storage import OutputFolder
+from igpt_batch import config
+from igpt_batch.model import palette
+from igpt_batch.run import pictures
+from igpt_batch.run.storage import OutputFolder
 
 N_PX, SCALE, PAD = 8, 16, 2  # the sheets upscale 8x8 pictures by 128 // 8, with grid's default 2 px padding
 # A two-colour palette (black, white): grey levels far from 128 quantise to a known colour.

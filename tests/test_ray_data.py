@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from igpt_batch import images, palette
-from igpt_batch.model import load_model
+from igpt_batch.inputs import images
+from igpt_batch.model import palette
+from igpt_batch.model.transformer import load_model
 from igpt_batch.ray_data import Embedder
 
 LAYERS = [1, 3]

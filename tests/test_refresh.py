@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, S3Server, real_photos, write_manifest
+
 from igpt_batch import config
 from igpt_batch.cli import build_parser, config_from_args, main
-from igpt_batch.driver import run_job
 from igpt_batch.inspector import inspect
-from igpt_batch.refresh import read_current, refresh
-from igpt_batch.storage import OutputFolder, read_output
-from igpt_batch.store import Store
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.store.layout import Store
+from igpt_batch.store.refresh import read_current, refresh
 
 IGPT = str(Path(sys.executable).parent / "igpt-batch")
 
@@ -321,7 +321,7 @@ def test_cli_flags_config_and_k8s_manifest():
 def test_snapshot_ids_sort_after_the_previous_night_even_with_a_clock_behind(tmp_path, monkeypatch):
     import datetime as dt
 
-    import igpt_batch.refresh as R
+    import igpt_batch.store.refresh as R
 
     class Nights(Store):
         last = {}
@@ -345,8 +345,8 @@ def test_snapshot_ids_sort_after_the_previous_night_even_with_a_clock_behind(tmp
 @pytest.fixture
 def one_night(tiny_ckpt, tmp_path):
     """A store after one night over 8 real photos, and the pieces a step needs."""
-    from igpt_batch import checkpoint
-    from igpt_batch.refresh import version_of
+    from igpt_batch.model import checkpoint
+    from igpt_batch.store.refresh import version_of
 
     d = tmp_path / "img"
     names = photos(d)
@@ -371,7 +371,7 @@ def _night3(o):
 
 
 def test_step_plan_in_buckets_counts_as_in_one(one_night, ray_local):
-    from igpt_batch.refresh import plan
+    from igpt_batch.store.refresh import plan
 
     o = one_night
     cfg = cfg_for(o["ckpt"], o["store"], _night3(o))
@@ -396,8 +396,8 @@ def test_step_plan_in_buckets_lists_each_folder_once(one_night):
     night's stat round is split by folder, so each folder is listed once, whatever the id buckets."""
     import pyarrow as pa
 
-    from igpt_batch.refresh import plan
-    from igpt_batch.refresh_plan import bucket_of
+    from igpt_batch.store.night_plan import bucket_of
+    from igpt_batch.store.refresh import plan
 
     o = one_night
     base = o["tmp"] / "folders"
@@ -415,8 +415,8 @@ def test_step_plan_in_buckets_lists_each_folder_once(one_night):
 
 
 def test_step_run_extract_counts_errors_against_the_whole_manifest(one_night):
-    from igpt_batch.driver import JobError
-    from igpt_batch.refresh import plan, run_extract
+    from igpt_batch.errors import JobError
+    from igpt_batch.store.refresh import plan, run_extract
 
     o = one_night
     (o["d"] / "broken.jpg").write_text("not an image")
@@ -430,7 +430,7 @@ def test_step_run_extract_counts_errors_against_the_whole_manifest(one_night):
 
 
 def test_steps_merge_publish_prune(one_night):
-    from igpt_batch.refresh import merge, plan, prune, publish, run_extract
+    from igpt_batch.store.refresh import merge, plan, prune, publish, run_extract
 
     o = one_night
     cfg = cfg_for(o["ckpt"], o["store"], _night3(o), **{"refresh.keep_current": 1})

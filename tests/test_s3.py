@@ -4,11 +4,12 @@ import logging
 
 import numpy as np
 import pytest
-
 from conftest import S3Server
+
 from igpt_batch import config
-from igpt_batch.driver import JobError, run_job
-from igpt_batch.storage import read_output
+from igpt_batch.errors import JobError
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.storage import read_output
 
 
 def test_extract_and_generate_on_s3(ray_local, s3_server: S3Server, tiny_ckpt, image_dir, caplog):
@@ -49,7 +50,7 @@ def test_wrong_credentials_fail_fast_without_leaking_the_secret(s3_server: S3Ser
     with pytest.raises(JobError) as e:
         run_job(cfg, "generate")
     assert "access denied" in str(e.value) and wrong not in str(e.value) and s3_server.key not in str(e.value)
-    from igpt_batch.manifest import ManifestError
+    from igpt_batch.errors import ManifestError
 
     cfg = config.load(None, {"model.name": tiny_ckpt, "output.path": "s3://igpt-creds/out", "input.manifest": "s3://igpt-creds/m.csv",
                              "storage_options": s3_server.storage_options(secret=wrong), "run.executor": "local"})

@@ -1,15 +1,12 @@
-"""igpt_batch.sampling: greedy equals transformers' generate; counter-based randomness; filters."""
+"""igpt_batch.model.sampling: greedy equals transformers' generate; counter-based randomness; filters."""
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
-
 from conftest import full_logits, tiny_hf
+from scipy.stats import chisquare
 
-from igpt_batch.model import IGPT
-from igpt_batch.sampling import (
+from igpt_batch.model.sampling import (
     filter_logits,
     generate,
     gumbel_noise,
@@ -17,6 +14,7 @@ from igpt_batch.sampling import (
     seeds_tensor,
     validate_sampling,
 )
+from igpt_batch.model.transformer import IGPT
 
 N_POS, VOCAB = 64, 17
 K = VOCAB - 1  # colours; SOS = K

@@ -1,18 +1,17 @@
 """neighbors and dedup over a refresh store of real photos with planted copies, exact and through an IVF-PQ index."""
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_manifest
 from PIL import Image
 
-from conftest import write_manifest
 from igpt_batch import config
 from igpt_batch.cli import main
-from igpt_batch.refresh import refresh
-from igpt_batch.store import Store
+from igpt_batch.store.layout import Store
+from igpt_batch.store.refresh import refresh
 
 # skimage photos (grey ones drawn as RGB). The demo model's layer 0 (8x8 px), measured on this store: a copy (JPEG q30,
 # half size, left-right flip) has cosine >= 0.9987 with its original and its other copies, two unrelated images
@@ -94,7 +93,7 @@ def test_contact_sheet_with_a_grey_tile_for_a_lost_source(store, tmp_path, capsy
     first = pic[2:66, 2:66]
     assert np.array_equal(first, np.asarray(Image.open(store / "img" / "rocket.png").resize((64, 64), Image.Resampling.BILINEAR)))
     # a source that cannot be read any more is drawn grey
-    from igpt_batch.neighbors import write_sheet
+    from igpt_batch.store.neighbors import write_sheet
 
     write_sheet(str(sheet), [str(store / "img" / "rocket.png"), str(tmp_path / "gone.png")], None)
     pic = np.asarray(Image.open(sheet))

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from igpt_batch.storage import OutputFolder, read_output
+from igpt_batch.run.storage import OutputFolder, read_output
 
 
 def table(ids):

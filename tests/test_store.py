@@ -2,9 +2,9 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from conftest import S3Server
-from igpt_batch.store import FAILED_SCHEMA, Store, current_schema, lance_options
+
+from igpt_batch.store.layout import FAILED_SCHEMA, Store, current_schema, lance_options
 
 V = "v-0123456789ab"
 
@@ -119,7 +119,7 @@ def test_store_on_s3(s3_server: S3Server):
 def test_export_writes_a_night_as_parquet(tmp_path):
     import pyarrow.parquet as pq
 
-    from igpt_batch.search import add_arguments, export, run
+    from igpt_batch.store.search import add_arguments, export, run
 
     store = Store(str(tmp_path / "store"))
     store.create_version(V, {})
@@ -140,7 +140,7 @@ def test_the_documented_readers_see_the_live_rows(tmp_path, ray_local):
     import duckdb
     import lance
 
-    from igpt_batch.refresh import read_current
+    from igpt_batch.store.refresh import read_current
 
     store = Store(str(tmp_path / "store"))
     store.create_version(V, {"model": "m", "created_at": "2026-01-01"})

@@ -6,11 +6,12 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
-from igpt_batch import checkpoint, config
-from igpt_batch.manifest import Shard
-from igpt_batch.storage import OutputFolder
-from igpt_batch.tasks import get
-from igpt_batch.worker import STAGES, ShardWorker
+from igpt_batch import config
+from igpt_batch.inputs.manifest import Shard
+from igpt_batch.model import checkpoint
+from igpt_batch.run.storage import OutputFolder
+from igpt_batch.run.tasks import get
+from igpt_batch.run.worker import STAGES, ShardWorker
 
 
 def make(ckpt, out, task="generate", **over):

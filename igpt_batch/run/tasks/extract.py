@@ -1,0 +1,89 @@
+"""The extract task: paper-exact embeddings of a manifest's images, and its preview picture."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from igpt_batch.config import JobConfig
+from igpt_batch.model.checkpoint import CheckpointInfo, resolve_layers
+from igpt_batch.run.tasks.base import NIGHTLY, Plan, Resolved, Task, error_row, error_table, picture_inputs
+
+POOLING = "mean(ln_1(h[l]))"
+
+
+class Extract(Task):
+    """Embeddings: one row per readable image, the features of `layers` concatenated in order."""
+
+    name = "extract"
+    unit = "images"
+
+    def resolve(self, cfg: JobConfig, info: CheckpointInfo) -> Resolved:
+        base = super().resolve(cfg, info)
+        layers = tuple(resolve_layers(cfg.extract.layers, info.n_layer))
+        return Resolved(info, layers, base.meta | {"layers": ",".join(map(str, layers)), "pooling": POOLING})
+
+    def keys(self, cfg: JobConfig, resolved: Resolved) -> dict:
+        return {"layers": list(resolved.layers)}
+
+    def version_keys(self, cfg: JobConfig, info: CheckpointInfo) -> dict:
+        """A refresh store's version: the compatibility keys minus what may differ between nights."""
+        keys = self.compat_keys(cfg, self.resolve(cfg, info), Plan(0, []))
+        return {k: v for k, v in keys.items() if k not in NIGHTLY}
+
+    def runner(self, ctx, resolved: Resolved) -> "ExtractRunner":
+        return ExtractRunner(ctx, resolved)
+
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
+        if cfg.output.preview:
+            from igpt_batch.run import pictures
+
+            pictures.write_preview(out, cfg, *picture_inputs(cfg, resolved.info), resolved.info.n_px, cfg.output.preview)
+
+
+class ExtractRunner:
+    """Per shard: read and decode ahead -> Extractor (tokenise -> features) -> embeddings and errors tables."""
+
+    def __init__(self, ctx, resolved: Resolved):
+        from igpt_batch.model import batching
+        from igpt_batch.model.extractor import Extractor
+
+        self.ctx, self.meta = ctx, resolved.meta
+        bs = batching.extract_batch_size(ctx.model, list(resolved.layers), ctx.cfg.extract.batch_size)
+        self.extractor = Extractor(ctx.model, resolved.layers, bs, lock=ctx.model_lock)
+
+    def __call__(self, shard, rows: pa.Table, stats: dict) -> dict[str, pa.Table]:
+        from igpt_batch.errors import ImageError
+        from igpt_batch.model.extractor import embedding_array
+        from igpt_batch.redact import redact_uri
+
+        bs = self.extractor.batch_size
+        ok: dict[str, list] = {"id": [], "uri": [], "width": [], "height": [], "sha256": []}
+        embs: list[np.ndarray] = [np.zeros((0, self.extractor.dim), np.float32)]
+        errors: list[dict] = []
+        batch: list = []
+
+        def flush() -> None:
+            embs.append(self.extractor(np.stack([got.rgb for got in batch]), stats))
+            for got in batch:
+                for key in ("width", "height", "sha256"):
+                    ok[key].append(getattr(got, key))
+            batch.clear()
+
+        for id_, uri, res in self.ctx.loaded(rows, stats, window=4 * bs):
+            if isinstance(res, ImageError):
+                errors.append(error_row(id_, uri, res))
+                continue
+            ok["id"].append(id_), ok["uri"].append(redact_uri(uri)), batch.append(res)
+            if len(batch) == bs:
+                flush()
+        if batch:
+            flush()
+        table = pa.table({
+            "id": pa.array(ok["id"], pa.string()),
+            "uri": pa.array(ok["uri"], pa.string()),
+            "embedding": embedding_array(np.concatenate(embs)),
+            "width": pa.array(ok["width"], pa.int32()),
+            "height": pa.array(ok["height"], pa.int32()),
+            "sha256": pa.array(ok["sha256"], pa.string()),
+        }).replace_schema_metadata(self.meta)
+        return {"embeddings": table, "errors": error_table(errors)}
