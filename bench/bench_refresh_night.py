@@ -80,14 +80,14 @@ def written_since(p: Path, t: float) -> int:
 
 def night_lance(d: Path, rows: int, frac: float, dim: int) -> dict:
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from igpt_batch.store.layout import Store
-    from igpt_batch.store.refresh import _id_in
 
     upsert, gone = changes(rows, frac, dim)
     since, t0 = time.time() - 0.01, time.perf_counter()
     store = Store(str(d / "store"))
-    marks = store.read(V, filter=_id_in(pa.array(gone))) if gone else upsert.schema.empty_table()
+    marks = store.read(V, filter=pc.field("id").isin(gone)) if gone else upsert.schema.empty_table()
     marks = marks.set_column(marks.schema.get_field_index("deleted"), "deleted", pa.array([True] * marks.num_rows))
     t = pa.concat_tables([upsert, marks.cast(upsert.schema)])
     if t.num_rows:

@@ -129,10 +129,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every committed file (or every live current-table file) exists with its row count")
     i.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     i.add_argument("--json", action="store_true", help="print one machine-readable JSON object instead of text")
-    from igpt_batch.store.search import add_arguments as search_arguments
-
-    search_arguments(sub)  # export, neighbors, dedup
+    _store_commands(sub)
     return p
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", help="the night to read (a kept snapshot id); default the latest")
+    p.add_argument("--version", help="the store version (v-...); default the latest")
+    p.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+
+
+def _store_commands(sub) -> None:
+    """`export`, `neighbors` and `dedup`: readers of a refresh store (igpt_batch.store.export, .neighbors)."""
+    e = sub.add_parser("export", help="write a refresh store's current table as plain Parquet files")
+    e.add_argument("store", help="the refresh store (folder or fsspec URL)")
+    e.add_argument("out", help="output folder or fsspec URL for part-*.parquet")
+    e.add_argument("--include-deleted", action="store_true", help="also rows marked deleted")
+    _store_options(e)
+    n = sub.add_parser("neighbors", help="the k nearest live rows of a refresh store to an id or an image (cosine)")
+    n.add_argument("store", help="the refresh store (folder or fsspec URL)")
+    q = n.add_mutually_exclusive_group(required=True)
+    q.add_argument("--id", dest="row_id", help="a row of the store's table")
+    q.add_argument("--image", help="an image path or fsspec URI, embedded with the store's own model and layers")
+    n.add_argument("-k", type=int, default=10, help="neighbours to return; default 10")
+    n.add_argument("--contact-sheet", metavar="FILE", help="also draw the query beside its neighbours as a PNG")
+    n.add_argument("--device", default="auto", help="--image: where the model runs (auto, cpu, cuda); default auto")
+    _store_options(n)
+    d = sub.add_parser("dedup", help="groups of near-duplicate live rows of a refresh store, as Parquet")
+    d.add_argument("store", help="the refresh store (folder or fsspec URL)")
+    d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity a pair needs; default 0.95")
+    d.add_argument("--output", help="Parquet file for the groups (path or fsspec URL); default none, summary only")
+    d.add_argument("-k", type=int, default=10, help="neighbours queried per row; default 10")
+    _store_options(d)
+
+
+def _run_store_command(args: argparse.Namespace) -> int:
+    """Run `export`, `neighbors` or `dedup`; prints one JSON line. ValueError/FileNotFoundError mean bad input."""
+    from igpt_batch.store import neighbors as nn
+    from igpt_batch.store.export import export
+
+    so = json.loads(args.storage_options) if args.storage_options else None
+    if args.command == "export":
+        out = export(args.store, args.out, args.snapshot, args.version, so, args.include_deleted)
+    elif args.command == "neighbors":
+        out = nn.neighbors(args.store, args.row_id, args.image, args.k, args.snapshot, args.version, so,
+                           args.contact_sheet, args.device)
+    else:
+        out = nn.dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so)
+    print(json.dumps(out), flush=True)
+    return 0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -188,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
                            as_json=args.json)
         if args.command in ("export", "neighbors", "dedup"):
-            from igpt_batch.store.search import run
-
-            return run(args)
+            return _run_store_command(args)
         cfg = config_from_args(args, args.command)
         if args.command == "refresh":
             from igpt_batch.store.refresh import refresh

@@ -101,7 +101,7 @@ def describe_store(store, verify: bool) -> dict:
     a night in flight and the failed rows by reason; with verify, problems found reading every kept night."""
     versions, problems = {}, []
     for name in store.versions():
-        v = {"info": store.version_info(name), "nights": store.nights(name), "snapshots": store.snapshots(name),
+        v = {"info": store.version_info(name), "nights": store.kept_snapshots(name), "snapshots": store.snapshot_outputs(name),
              "pending": store.pending(name), "failed_by_reason": dict(store.failed_by_reason(name).most_common())}
         ds = store.open(name)
         try:

@@ -7,6 +7,7 @@ import posixpath
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from igpt_batch.run.storage import OutputFolder, errors_by_reason
@@ -15,25 +16,20 @@ log = logging.getLogger("igpt_batch")
 TABLE = "current.lance"  # the current table of a version, a Lance dataset
 FAILED = "failed.parquet"  # rows that could not be embedded, kept beside the table
 FRAGMENT_ROWS = 1024 * 1024  # Lance's target fragment size: smaller fragments count towards compaction
-NIGHT = "igpt_snapshot"  # the Lance transaction property naming the night a commit publishes
-FAILED_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
-                           ("mtime", pa.string()), ("etag", pa.string()), ("stage", pa.string()),
-                           ("reason", pa.string()), ("first_night", pa.string()), ("last_night", pa.string())])
+SNAPSHOT_PROPERTY = "igpt_snapshot"  # the Lance transaction property naming the snapshot a commit publishes
+SNAPSHOT_FORMAT = "%Y%m%dT%H%M%SZ"  # snapshot ids are UTC times, so they sort by time
+LIVE = pc.field("deleted") == pa.scalar(False)  # the rows not marked deleted, as a Lance/Arrow filter
+SOURCE = [("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
+          ("mtime", pa.string()), ("etag", pa.string())]  # a row's source: the first columns of both tables
+# first_night / last_night: the snapshot ids of the nights a row failed in first and last
+FAILED_SCHEMA = pa.schema([*SOURCE, ("stage", pa.string()), ("reason", pa.string()), ("first_night", pa.string()),
+                           ("last_night", pa.string())])
 
 
 def current_schema(dim: int, metadata: dict | None = None) -> pa.Schema:
     """The current table's columns (docs/REFRESH.md)."""
-    return pa.schema([("id", pa.string()), ("uri", pa.string()), ("sha256", pa.string()), ("size", pa.int64()),
-                      ("mtime", pa.string()), ("etag", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
-                      ("width", pa.int32()), ("height", pa.int32()), ("snapshot", pa.string()), ("deleted", pa.bool_())],
-                     metadata=metadata)
-
-
-def write_parquet(folder: OutputFolder, rel: str, table: pa.Table) -> None:
-    """One whole Parquet file that readers see complete or not at all."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    folder.write_bytes(rel, sink.getvalue().to_pybytes())
+    return pa.schema([*SOURCE, ("embedding", pa.list_(pa.float32(), dim)), ("width", pa.int32()),
+                      ("height", pa.int32()), ("snapshot", pa.string()), ("deleted", pa.bool_())], metadata=metadata)
 
 
 def lance_options(url: str, storage_options: dict | None) -> dict | None:
@@ -57,8 +53,10 @@ def lance_options(url: str, storage_options: dict | None) -> dict | None:
 class Store:
     """One refresh store: STORE/_LATEST.json and a folder per version (docs/REFRESH.md, "Store layout").
 
-    The only module that spells the store's file names. The current table is a Lance dataset: each night is one
-    atomic commit, tagged with its snapshot id, so a reader sees the previous night or the new one, never a mix.
+    The only module that spells the store's file names and speaks to its Lance table. Each night publishes at most
+    one snapshot: one atomic commit of the current table, tagged with its snapshot id, so a reader sees the previous
+    snapshot or the new one, never a mix. `version` is always the store's `v-<hash>`; Lance's integer versions of
+    the table are `table_version`.
     """
 
     def __init__(self, url: str, storage_options: dict | None = None):
@@ -72,14 +70,15 @@ class Store:
     def table_url(self, version: str) -> str:
         return f"{self.url}/{version}/{TABLE}"
 
-    def snapshot_url(self, version: str, snap: str) -> str:
-        return f"{self.url}/{version}/snapshots/{snap}"
+    def snapshot_url(self, version: str, snapshot: str) -> str:
+        """The extract output of the rows a snapshot computed."""
+        return f"{self.url}/{version}/snapshots/{snapshot}"
 
-    def manifest_url(self, version: str, snap: str) -> str:
-        return f"{self.url}/{version}/manifests/{snap}.parquet"
+    def manifest_url(self, version: str, snapshot: str) -> str:
+        return f"{self.url}/{version}/manifests/{snapshot}.parquet"
 
-    def scratch(self, version: str) -> OutputFolder:
-        """Planning's bucket files for one night (removed when the night is planned)."""
+    def planning(self, version: str) -> OutputFolder:
+        """The night plan's bucket files (removed when the night is planned)."""
         return OutputFolder(f"{self.url}/{version}/_planning", self.storage_options)
 
     @staticmethod
@@ -108,12 +107,12 @@ class Store:
             self.folder(version).write_json("_version.json", info)
 
     def latest(self) -> dict:
-        """{"version", "snapshot", "updated_at"} of the night refreshed last ({} before any)."""
+        """{"version", "snapshot", "updated_at"} of the snapshot published last ({} before any)."""
         return self.root.read_json("_LATEST.json") or {}
 
-    def set_latest(self, version: str, snap: str) -> None:
+    def set_latest(self, version: str, snapshot: str) -> None:
         now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-        self.root.write_json("_LATEST.json", {"version": version, "snapshot": snap, "updated_at": now})
+        self.root.write_json("_LATEST.json", {"version": version, "snapshot": snapshot, "updated_at": now})
 
     def resolve(self, version: str | None) -> str:
         """The version to read: the one named, else the latest, else the newest created."""
@@ -125,19 +124,20 @@ class Store:
             version = max(created, key=created.get)
         return version
 
-    # -- nights ----------------------------------------------------------------
-    def snapshots(self, version: str) -> list[str]:
-        """Every night that ran the model (snapshots/<id>/, never deleted), oldest first."""
+    # -- snapshots -------------------------------------------------------------
+    def snapshot_outputs(self, version: str) -> list[str]:
+        """Every snapshot that ran the model (snapshots/<id>/, never deleted), oldest first."""
         return self._list(version, "snapshots")
 
-    def write_night_manifest(self, version: str, snap: str, table: pa.Table) -> str:
-        write_parquet(self.folder(version), f"manifests/{snap}.parquet", table)
-        return self.manifest_url(version, snap)
+    def write_snapshot_manifest(self, version: str, snapshot: str, table: pa.Table) -> str:
+        """A snapshot's to-compute manifest: written before its extract run, it marks the snapshot in flight."""
+        self.folder(version).write_table(f"manifests/{snapshot}.parquet", table)
+        return self.manifest_url(version, snapshot)
 
     def pending(self, version: str) -> dict | None:
-        """A night in flight: a to-compute manifest newer than the last published night. {"snapshot", "rows"}."""
-        nights = self.nights(version)
-        last = max(nights) if nights else ""
+        """A snapshot in flight: a to-compute manifest newer than the last kept snapshot. {"snapshot", "rows"}."""
+        kept = self.kept_snapshots(version)
+        last = max(kept) if kept else ""
         mine = [m[: -len(".parquet")] for m in self._list(version, "manifests") if m.endswith(".parquet")]
         newer = [s for s in mine if s > last]
         if not newer:
@@ -146,12 +146,12 @@ class Store:
         rows = pq.read_metadata(v.path("manifests", f"{newer[-1]}.parquet"), filesystem=v.fs).num_rows
         return {"snapshot": newer[-1], "rows": rows}
 
-    def taken(self, version: str, snap: str) -> bool:
-        return snap in self.nights(version) or self.folder(version).exists(f"snapshots/{snap}")
+    def taken(self, version: str, snapshot: str) -> bool:
+        return snapshot in self.kept_snapshots(version) or self.folder(version).exists(f"snapshots/{snapshot}")
 
     # -- the Lance table ---------------------------------------------------------
     def open(self, version: str, snapshot: str | None = None):
-        """The current table (a lance.LanceDataset) as of `snapshot` (a tag), or its latest version; None if absent."""
+        """The current table (a lance.LanceDataset) as of `snapshot` (a tag), or its latest; None if absent."""
         import lance
 
         if not self.folder(version).exists(TABLE):
@@ -159,79 +159,80 @@ class Store:
         opts = lance_options(self.url, self.storage_options)
         return lance.dataset(self.table_url(version), version=snapshot, storage_options=opts)
 
-    def nights(self, version: str) -> dict[str, int]:
-        """Published nights: snapshot id -> Lance version of its commit, oldest first."""
+    def kept_snapshots(self, version: str) -> dict[str, int]:
+        """Published snapshots still kept as tags: snapshot id -> table_version of its commit, oldest first."""
         ds = self.open(version)
         if ds is None:
             return {}
         return dict(sorted((name, t["version"]) for name, t in ds.tags.list().items()))
 
-    def commit(self, version: str, snap: str, rows: pa.RecordBatchReader, drop: str | None = None):
-        """One atomic commit of a night: upsert `rows` on id (and delete rows matching `drop`), named by `snap`."""
+    def commit(self, version: str, snapshot: str, rows: pa.RecordBatchReader, drop_ids: pa.Array | None = None):
+        """One atomic commit of a snapshot: upsert `rows` on id and delete the rows of `drop_ids`."""
         import lance
 
         opts, uri = lance_options(self.url, self.storage_options), self.table_url(version)
         ds = self.open(version)
         if ds is None:
             return lance.write_dataset(rows, uri, mode="create", storage_options=opts,
-                                       transaction_properties={NIGHT: snap})
+                                       transaction_properties={SNAPSHOT_PROPERTY: snapshot})
         builder = ds.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
-        if drop:
-            builder = builder.when_not_matched_by_source_delete(drop)
+        if drop_ids is not None and len(drop_ids):
+            builder = builder.when_not_matched_by_source_delete(_sql_id_in(drop_ids))
         txn, stats = builder.execute_uncommitted(rows)
-        txn.transaction_properties = {NIGHT: snap}
-        log.info("refresh %s/%s: merge_insert %s", version, snap, stats)
+        txn.transaction_properties = {SNAPSHOT_PROPERTY: snapshot}
+        log.info("refresh %s/%s: merge_insert %s", version, snapshot, stats)
         return lance.LanceDataset.commit(uri, txn, read_version=ds.version, storage_options=opts)
 
-    def publish(self, version: str, snap: str, lance_version: int) -> None:
-        """Tag the night's commit with its snapshot id and point _LATEST.json at it."""
+    def publish(self, version: str, snapshot: str, table_version: int) -> None:
+        """Tag a snapshot's commit with its id and point _LATEST.json at it."""
         ds = self.open(version)
-        if snap not in ds.tags.list():
-            ds.tags.create(snap, lance_version)
-        self.set_latest(version, snap)
+        if snapshot not in ds.tags.list():
+            ds.tags.create(snapshot, table_version)
+        self.set_latest(version, snapshot)
 
     def finish_interrupted(self, version: str) -> str | None:
-        """A night killed between its commit and its tag: tag it now. Returns its snapshot id, or None."""
+        """A night killed between its commit and its tag: tag its snapshot now. Returns the snapshot id, or None."""
         ds = self.open(version)
         if ds is None:
             return None
         tagged = max((t["version"] for t in ds.tags.list().values()), default=0)
-        for v in sorted((x["version"] for x in ds.versions() if x["version"] > tagged), reverse=True):
-            txn = ds.read_transaction(v)
-            snap = (txn.transaction_properties or {}).get(NIGHT) if txn else None
-            if snap:
-                log.info("refresh %s: night %s was committed but not tagged; tagging it now", version, snap)
-                self.publish(version, snap, v)
-                return snap
+        for table_version in sorted((x["version"] for x in ds.versions() if x["version"] > tagged), reverse=True):
+            txn = ds.read_transaction(table_version)
+            snapshot = (txn.transaction_properties or {}).get(SNAPSHOT_PROPERTY) if txn else None
+            if snapshot:
+                log.info("refresh %s: snapshot %s was committed but not tagged; tagging it now", version, snapshot)
+                self.publish(version, snapshot, table_version)
+                return snapshot
         return None
 
     def prune(self, version: str, keep: int, compact_fragments: int) -> list[str]:
-        """Keep the newest `keep` nights (0 = all), compact small fragments past a threshold, and let Lance remove
-        every version nobody can reach any more. Returns the nights removed."""
+        """Keep the newest `keep` snapshots (0 = all), compact small fragments past a threshold, and let Lance remove
+        every table version nobody can reach any more. Returns the snapshots removed."""
         ds = self.open(version)
-        nights = list(self.nights(version))
-        old = nights[:-keep] if keep > 0 else []
-        for snap in old:
-            ds.tags.delete(snap)
+        kept = list(self.kept_snapshots(version))
+        old = kept[:-keep] if keep > 0 else []
+        for snapshot in old:
+            ds.tags.delete(snapshot)
         small = [f for f in ds.get_fragments() if f.metadata.physical_rows < FRAGMENT_ROWS]
         if compact_fragments and len(small) >= compact_fragments:
             log.info("refresh %s: compacting %d small fragments", version, len(small))
             ds.optimize.compact_files()
         stats = ds.cleanup_old_versions(older_than=dt.timedelta(0), error_if_tagged_old_versions=False)
-        log.info("refresh %s: kept nights %s; cleanup removed %s bytes", version, nights[len(old):], stats.bytes_removed)
+        log.info("refresh %s: kept snapshots %s; cleanup removed %s bytes", version, kept[len(old):], stats.bytes_removed)
         return old
 
     def read(self, version: str, snapshot: str | None = None, columns: list[str] | None = None,
-             include_deleted: bool = True, filter: str | None = None) -> pa.Table:
+             include_deleted: bool = True, filter: pc.Expression | None = None) -> pa.Table:
         """Rows of the current table (as of `snapshot`), optionally only live ones or those matching `filter`."""
         ds = self.open(version, snapshot)
         if ds is None:
             return pa.table({})
-        where = [f for f in (filter, None if include_deleted else "deleted = false") if f]
-        return ds.to_table(columns=columns, filter=" AND ".join(f"({f})" for f in where) or None)
+        if not include_deleted:
+            filter = LIVE if filter is None else filter & LIVE
+        return ds.to_table(columns=columns, filter=filter)
 
     def verify(self, version: str) -> list[str]:
-        """Problems with a version's table: missing data files, kept nights that cannot be read."""
+        """Problems with a version's table: missing data files, kept snapshots that cannot be read."""
         ds, v, problems = self.open(version), self.folder(version), []
         if ds is None:
             return problems
@@ -239,11 +240,11 @@ class Store:
             for f in frag.data_files():
                 if not v.exists(f"{TABLE}/data/{f.path}"):
                     problems.append(f"{version}: {TABLE}/data/{f.path} is missing (fragment {frag.fragment_id})")
-        for night, lance_version in self.nights(version).items():
+        for snapshot, table_version in self.kept_snapshots(version).items():
             try:
-                ds.checkout_version(lance_version).to_table(columns=["id", "deleted"])
-            except Exception as e:  # noqa: BLE001 - any failure to read a kept night is what --verify reports
-                problems.append(f"{version}: night {night} (Lance version {lance_version}) cannot be read: {e}")
+                ds.checkout_version(table_version).to_table(columns=["id", "deleted"])
+            except Exception as e:  # noqa: BLE001 - any failure to read a kept snapshot is what --verify reports
+                problems.append(f"{version}: night {snapshot} (Lance version {table_version}) cannot be read: {e}")
         return problems
 
     # -- failed rows ---------------------------------------------------------------
@@ -252,8 +253,14 @@ class Store:
         return v.read_table(FAILED).cast(FAILED_SCHEMA) if v.exists(FAILED) else FAILED_SCHEMA.empty_table()
 
     def write_failed(self, version: str, table: pa.Table) -> None:
-        write_parquet(self.folder(version), FAILED, table.cast(FAILED_SCHEMA))
+        self.folder(version).write_table(FAILED, table.cast(FAILED_SCHEMA))
 
     def failed_by_reason(self, version: str) -> Counter:
         t = self.read_failed(version)
         return errors_by_reason(t.rename_columns([{"reason": "error"}.get(c, c) for c in t.column_names]))
+
+
+def _sql_id_in(ids: pa.Array) -> str:
+    """`id IN (...)` as SQL: Lance's merge_insert takes its delete condition only as SQL (pylance 14), so this is the
+    one place that quotes ids (every other filter is an Arrow expression)."""
+    return "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids.to_pylist()) + ")"

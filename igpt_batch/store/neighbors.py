@@ -5,9 +5,12 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from igpt_batch.store.index import has_index
+from igpt_batch.store.layout import LIVE, Store
 
 log = logging.getLogger("igpt_batch")
-LIVE = "deleted = false"
 REFINE = 4  # with an IVF-PQ index, re-rank refine_factor * k candidates by their exact cosine distance
 QUERY_ROWS = 256  # dedup: query vectors per batch nearest-neighbour query
 THUMB = 64  # contact-sheet tile side, px
@@ -16,20 +19,15 @@ GROUPS_SCHEMA = pa.schema([("group", pa.int64()), ("id", pa.string()), ("uri", p
 
 
 def open_table(store_url: str, snapshot: str | None, version: str | None, storage_options: dict | None):
-    """(Store, version, lance dataset as of the night `snapshot`); FileNotFoundError/ValueError for bad input."""
-    from igpt_batch.store.layout import Store
-
+    """(Store, version, lance dataset as of the kept `snapshot`); FileNotFoundError/ValueError for bad input."""
     store = Store(store_url, storage_options)
     version = store.resolve(version)
     if store.open(version) is None:
         raise FileNotFoundError(f"{store_url}/{version} has no current table: no refresh has finished there yet")
-    if snapshot is not None and snapshot not in store.nights(version):
-        raise ValueError(f"snapshot {snapshot!r} is not a kept night of {version} (kept: {', '.join(store.nights(version))})")
+    kept = store.kept_snapshots(version)
+    if snapshot is not None and snapshot not in kept:
+        raise ValueError(f"snapshot {snapshot!r} is not a kept night of {version} (kept: {', '.join(kept)})")
     return store, version, store.open(version, snapshot)
-
-
-def has_index(ds) -> bool:
-    return any("embedding" in ix.field_names for ix in ds.describe_indices())
 
 
 def knn(ds, q: np.ndarray, k: int) -> pa.Table:
@@ -76,7 +74,7 @@ def embed_image(store, version: str, uri: str, device: str = "auto") -> np.ndarr
 
 def row_vector(ds, row_id: str) -> tuple[np.ndarray, str]:
     """(embedding, uri) of the row `row_id` (live or marked deleted); ValueError if the night has no such id."""
-    t = ds.to_table(columns=["embedding", "uri"], filter="id = '" + row_id.replace("'", "''") + "'")
+    t = ds.to_table(columns=["embedding", "uri"], filter=pc.field("id") == row_id)
     if not t.num_rows:
         raise ValueError(f"id {row_id!r} is not in the store's table")
     return np.asarray(t.column("embedding")[0].values.to_numpy(), np.float32), t.column("uri")[0].as_py()
@@ -98,7 +96,7 @@ def neighbors(store_url: str, row_id: str | None = None, image: str | None = Non
     t = knn(ds, q, k)
     hits = [{"rank": i + 1, "id": r["id"], "uri": r["uri"], "score": round(1.0 - r["_distance"], 6)}
             for i, r in enumerate(t.to_pylist())]
-    out = {"version": version, "snapshot": snapshot or max(store.nights(version)), "index": has_index(ds),
+    out = {"version": version, "snapshot": snapshot or max(store.kept_snapshots(version)), "index": has_index(ds),
            "query": {"id": row_id, "uri": uri}, "k": k, "neighbors": hits}
     if contact_sheet:
         out["contact_sheet"] = write_sheet(contact_sheet, [uri] + [h["uri"] for h in hits], storage_options)
@@ -171,7 +169,7 @@ def dedup(store_url: str, threshold: float = 0.95, output: str | None = None, k:
                 groups.union(a, b)
                 best[a], best[b], pairs = max(best[a], score), max(best[b], score), pairs + 1
     table = _group_table(live, groups, best)
-    summary = {"version": version, "snapshot": snapshot or max(store.nights(version)), "index": has_index(ds),
+    summary = {"version": version, "snapshot": snapshot or max(store.kept_snapshots(version)), "index": has_index(ds),
                "threshold": threshold, "k": k, "live_rows": live.num_rows, "pairs": pairs,
                "groups": len(set(table.column("group").to_pylist())),
                "duplicates": table.num_rows - len(set(table.column("group").to_pylist())), "output": output}

@@ -1,4 +1,5 @@
-"""Refresh planning: stat the manifest by listings, join it with the current table per hash bucket of id, decide.
+"""A night's plan (NightPlan): stat the manifest by listings, join it with the current table per hash bucket of id,
+decide every row.
 
 With more than refresh.plan_bucket_rows rows a night is planned in two rounds of n tasks, so no process holds more
 than a bucket: the manifest is split by hash of each row's folder or prefix (so each is listed once in the night),
@@ -6,24 +7,52 @@ and those tasks write their stats grouped by hash bucket of id; the decide tasks
 metadata columns, split by the same hash of id."""
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from igpt_batch import errors
 from igpt_batch.config import JobConfig
-from igpt_batch.inputs import fetch
-from igpt_batch.inputs.stat import STAT_SCHEMA, THREADS, is_web, prefix_of, stat_table
+from igpt_batch.inputs.stat import STAT_SCHEMA, is_web, prefix_of, stat_table
+from igpt_batch.store.decide import Bucket, Counts, as_mask, decide
+from igpt_batch.store.layout import SOURCE, Store, current_schema
 
-BUCKET_ROWS = 250_000  # default refresh.plan_bucket_rows: manifest rows planned by one process
-META = ("id", "uri", "sha256", "size", "mtime", "etag", "deleted")  # the current table's columns planning reads
+META = (*(name for name, _ in SOURCE), "deleted")  # the current table's columns planning reads
 STATED = pa.schema([("id", pa.string()), ("uri", pa.string()), *STAT_SCHEMA, ("bucket", pa.int64())])  # stat files
-TOUCH = ("id", "uri", "size", "mtime", "etag")  # a metadata update: these columns of an unchanged row
+
+
+@dataclass
+class NightPlan:
+    """A night's decision for every manifest row, from its buckets."""
+
+    compute: pa.Table  # id, uri, size, mtime, etag of the rows to embed, in the order they are embedded
+    buckets: list[Bucket]
+    stat: Counter = field(default_factory=Counter)  # lists and heads made by the stat round (inputs.stat)
+
+    @cached_property
+    def counts(self) -> Counts:
+        return sum((b.counts for b in self.buckets), Counts())
+
+    @cached_property
+    def touch(self) -> pa.Table:
+        return pa.concat_tables([b.touch for b in self.buckets])
+
+    @cached_property
+    def gone(self) -> pa.Table:
+        return pa.concat_tables([b.gone for b in self.buckets])
+
+    @cached_property
+    def failed(self) -> pa.Table:
+        return pa.concat_tables([b.failed for b in self.buckets])
+
+    @cached_property
+    def newly_deleted(self) -> int:
+        """Rows gone tonight that were live (not marked deleted on an earlier night)."""
+        return int((~as_mask(self.gone.column("deleted"))).sum())
 
 
 def bucket_of(ids: pa.Array, n: int) -> np.ndarray:
@@ -47,103 +76,30 @@ def bucket_of(ids: pa.Array, n: int) -> np.ndarray:
     return (h % np.uint64(n)).astype(np.int64)
 
 
-def sha_of(uri: str, cfg: JobConfig) -> str | None:
-    try:
-        data = fetch.read_bytes(uri, cfg.storage_options, timeout=cfg.input.read_timeout, max_bytes=cfg.input.max_bytes)
-    except errors.ImageError:
-        return None
-    return hashlib.sha256(data).hexdigest()
-
-
-def _threads(fn, items: list) -> Iterator:
-    with ThreadPoolExecutor(THREADS, thread_name_prefix="igpt-refresh") as pool:
-        yield from pool.map(fn, items)
-
-
-def differs(a: pa.Array, b: pa.Array) -> np.ndarray:
-    """a != b elementwise, where null equals only null (as Python's None)."""
-    ne = pc.fill_null(pc.not_equal(a, b), False)
-    return as_mask(pc.or_(ne, pc.xor(pc.is_null(a), pc.is_null(b))))
-
-
-def as_mask(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """An Arrow boolean column as a numpy mask, null read as False."""
-    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def same_source(uri: pa.Array, st: pa.Table, was: pa.Table, nulls_equal: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(by_etag, by_size_mtime): rows whose metadata says the bytes are those recorded in `was` (when both sides
-    have an ETag, it alone decides). With nulls_equal, a source that could not be stat-ed then or now is the same."""
-    eq = (lambda a, b: ~differs(a, b)) if nulls_equal else (lambda a, b: as_mask(pc.equal(a, b)))
-    same_uri = as_mask(pc.equal(uri, was.column("uri")))
-    both_etag = as_mask(pc.not_equal(was.column("etag"), "")) & as_mask(pc.not_equal(st.column("etag"), ""))
-    by_etag = same_uri & both_etag & eq(was.column("etag"), st.column("etag"))
-    by_size_mtime = same_uri & ~both_etag & eq(was.column("size"), st.column("size")) & eq(was.column("mtime"), st.column("mtime"))
-    return by_etag, by_size_mtime
-
-
-def decide(man: pa.Table, prev: pa.Table, failed: pa.Table, cfg: JobConfig, pending: str | None) -> dict:
-    """One bucket of a night: its manifest rows, already stat-ed (id, uri, size, mtime, etag: before any bytes
-    are read), decided against the previous row of each id. Returns the rows to compute, the metadata updates,
-    the ids gone and the counts."""
-    ids, uris = man.column("id").combine_chunks(), man.column("uri").combine_chunks()
-    st = man.select(STAT_SCHEMA.names)
-    at = pc.index_in(ids, value_set=prev.column("id"))  # row in prev, null for a new id
-    was = prev.select(["uri", *STAT_SCHEMA.names, "deleted"]).take(at)
-    known = as_mask(pc.is_valid(at))
-    by_etag, by_size_mtime = (known & m for m in same_source(uris, st, was))
-    to_hash = np.flatnonzero(known & ~by_etag & ~by_size_mtime)
-    shas = list(_threads(lambda u: sha_of(u, cfg), uris.take(to_hash).to_pylist()))
-    old = prev.column("sha256").take(at.take(to_hash)).to_pylist()
-    same_bytes = np.array([sha is not None and sha == o for sha, o in zip(shas, old)], dtype=bool)
-    unchanged = by_etag | by_size_mtime
-    unchanged[to_hash[same_bytes]] = True
-    changed = np.zeros(len(ids), dtype=bool)
-    changed[to_hash[~same_bytes]] = True  # different bytes, or unreadable now (the extract run records why)
-    # a row that failed before and whose source has not changed since is not retried (unless --retry-errors);
-    # one that failed in the night being resumed is, as that night's first attempt did
-    fat = pc.index_in(ids, value_set=failed.column("id"))
-    fwas = failed.select(["uri", *STAT_SCHEMA.names, "last_night"]).take(fat)
-    f_etag, f_size_mtime = same_source(uris, st, fwas, nulls_equal=True)
-    skip = as_mask(pc.is_valid(fat)) & (f_etag | f_size_mtime) & ~unchanged \
-        & as_mask(pc.not_equal(fwas.column("last_night"), pending or "")) & (not getattr(cfg.refresh, "retry_errors", False))
-    moved = as_mask(was.column("deleted")) | differs(uris, was.column("uri"))
-    for c in STAT_SCHEMA.names:
-        moved |= differs(st.column(c), was.column(c))
-    compute = (~known | changed) & ~skip
-    stat = pa.table({"id": ids, "uri": uris, **{c: st.column(c) for c in STAT_SCHEMA.names}})
-    gone = prev.filter(pc.invert(pc.is_in(prev.column("id"), value_set=ids))).select(["id", "deleted"])
-    pre = {"etag": int(by_etag.sum()), "size_mtime": int(by_size_mtime.sum()), "hashed": len(to_hash),
-           "hash_unchanged": int(same_bytes.sum())}
-    counts = {"manifest_rows": len(ids), "new": int((~known & ~skip).sum()), "changed": int((changed & ~skip).sum()),
-              "unchanged": int(unchanged.sum()), "revived": int((unchanged & as_mask(was.column("deleted"))).sum()),
-              "failed_unchanged": int(skip.sum()), "previous_rows": prev.num_rows,
-              "previous_deleted": int(as_mask(prev.column("deleted")).sum()), **{f"pre_{k}": v for k, v in pre.items()}}
-    return {"compute": stat.filter(pa.array(compute)), "touch": stat.filter(pa.array(unchanged & moved)),
-            "gone": gone, "failed": failed.filter(pc.is_in(failed.column("id"), value_set=ids)), "counts": counts}
-
-
-def plan_night(cfg: JobConfig, store, version: str, failed: pa.Table, pending: str | None) -> dict:
+def plan_night(cfg: JobConfig, store: Store, version: str, failed: pa.Table, pending: str | None) -> NightPlan:
     """Decide every manifest row. Up to refresh.plan_bucket_rows rows are planned here; more in two rounds of
-    bucket tasks (Ray tasks with the ray executor; see the module's docstring)."""
+    bucket tasks (Ray tasks with the ray executor; see the module's docstring), through the planning folder."""
     from igpt_batch.inputs.manifest import iter_manifest, scan_manifest
 
     rows = scan_manifest(cfg.input.manifest, cfg.storage_options).rows  # the checks: empty, duplicate ids
-    per = getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)
-    n = max(1, -(-rows // per))
+    n = max(1, -(-rows // cfg.refresh.plan_bucket_rows))
     if n == 1:
         prev = store.read(version, columns=list(META))
         prev = prev if prev.num_rows or prev.num_columns else _empty_meta()
         man = pa.concat_tables(iter_manifest(cfg.input.manifest, cfg.storage_options))
         st, io = stat_table(man.column("uri").combine_chunks(), cfg.storage_options, cfg.input.read_timeout)
         man = pa.table({"id": man.column("id"), "uri": man.column("uri"), **{c: st.column(c) for c in st.column_names}})
-        return combine([decide(man, prev, failed, cfg, pending)], [io])
-    scratch = store.scratch(version)
-    scratch.remove("")
+        bucket, compute = decide(man, prev, failed, cfg, pending)
+        return NightPlan(compute, [bucket], io)
+    planning = store.planning(version)
+    planning.remove("")
     _split(cfg, store, version, n)
     where = (cfg, store.url, store.storage_options, version, n)
-    io = _run(cfg, stat_bucket, [(*where, b) for b in range(n)])
-    return combine(_run(cfg, decide_bucket, [(*where, b, failed, pending) for b in range(n)]), io)
+    io = sum(_run(cfg, stat_bucket, [(*where, b) for b in range(n)]), Counter())
+    buckets = _run(cfg, decide_bucket, [(*where, b, failed, pending) for b in range(n)])
+    compute = pa.concat_tables([planning.read_table(store.bucket_file("compute", b)) for b in range(n)])
+    planning.remove("")
+    return NightPlan(compute, buckets, io)
 
 
 def _run(cfg: JobConfig, fn, args: list[tuple]) -> list:
@@ -164,8 +120,6 @@ def _run(cfg: JobConfig, fn, args: list[tuple]) -> list:
 
 
 def _empty_meta() -> pa.Table:
-    from igpt_batch.store.layout import current_schema
-
     return current_schema(1).empty_table().select(list(META))
 
 
@@ -190,8 +144,8 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
 
     from igpt_batch.inputs.manifest import iter_manifest
 
-    scratch = store.scratch(version)
-    scratch.fs.makedirs(scratch.path(""), exist_ok=True)
+    planning = store.planning(version)
+    planning.fs.makedirs(planning.path(""), exist_ok=True)
     ds = store.open(version)
     ids = pa.schema([STATED.field("id"), STATED.field("uri")])
     manifest = (t.select(ids.names).cast(ids) for t in iter_manifest(cfg.input.manifest, cfg.storage_options))
@@ -204,7 +158,7 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
         for t in tables:
             for b, part in _by_bucket(t, bucket(t), n):
                 if b not in writers:
-                    sink = scratch.fs.open(scratch.path(store.bucket_file(kind, b)), "wb")
+                    sink = planning.fs.open(planning.path(store.bucket_file(kind, b)), "wb")
                     writers[b] = (sink, pq.ParquetWriter(sink, part.schema))
                 writers[b][1].write_table(part)
             del t, part
@@ -219,15 +173,13 @@ def stat_bucket(cfg, url, storage_options, version, n, b) -> Counter:
     bucket of id (a row group or more per id bucket). Returns the lists and HEADs made."""
     import pyarrow.parquet as pq
 
-    from igpt_batch.store.layout import Store
-
     store = Store(url, storage_options)
-    scratch, io = store.scratch(version), Counter()
-    with scratch.fs.open(scratch.path(store.bucket_file("stat", b)), "wb") as sink, \
-            pq.ParquetWriter(sink, STATED) as writer, scratch.fs.open(scratch.path(store.bucket_file("manifest", b))) as f:
+    planning, io = store.planning(version), Counter()
+    with planning.fs.open(planning.path(store.bucket_file("stat", b)), "wb") as sink, \
+            pq.ParquetWriter(sink, STATED) as writer, planning.fs.open(planning.path(store.bucket_file("manifest", b))) as f:
         # twice a bucket's rows at a time: a stat bucket holds plan_bucket_rows on average, so nearly all are stat-ed
         # in one slice (every folder listed once), and the stat columns are a fraction of a decide bucket's
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=2 * getattr(cfg.refresh, "plan_bucket_rows", BUCKET_ROWS)):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=2 * cfg.refresh.plan_bucket_rows):
             st, c = stat_table(batch.column("uri"), cfg.storage_options, cfg.input.read_timeout)
             io.update(c)
             bucket = bucket_of(batch.column("id"), n)
@@ -239,28 +191,16 @@ def stat_bucket(cfg, url, storage_options, version, n, b) -> Counter:
     return io
 
 
-def decide_bucket(cfg, url, storage_options, version, n, b, failed, pending) -> dict:
-    """decide() for id bucket b, from its rows in every stat file; its rows to compute go to a file beside the
-    bucket's, not back to the driver."""
+def decide_bucket(cfg, url, storage_options, version, n, b, failed, pending) -> Bucket:
+    """decide() for id bucket b, from its rows in every stat file; its rows to compute go to the file
+    compute-b in the planning folder, not back to the driver."""
     import pyarrow.dataset as pads
 
-    from igpt_batch.store.layout import Store, write_parquet
-
     store = Store(url, storage_options)
-    scratch = store.scratch(version)
-    stats = pads.dataset([scratch.path(store.bucket_file("stat", s)) for s in range(n)], schema=STATED,
-                         format="parquet", filesystem=scratch.fs)
+    planning = store.planning(version)
+    stats = pads.dataset([planning.path(store.bucket_file("stat", s)) for s in range(n)], schema=STATED,
+                         format="parquet", filesystem=planning.fs)
     man = stats.to_table(filter=pc.field("bucket") == b).drop_columns(["bucket"])
-    out = decide(man, scratch.read_table(store.bucket_file("current", b)), failed, cfg, pending)
-    write_parquet(scratch, store.bucket_file("compute", b), out.pop("compute"))
-    return out | {"compute": store.bucket_file("compute", b)}
-
-
-def combine(results: list[dict], io: list[Counter]) -> dict:
-    """The night's plan from its buckets: counts summed (with the lists and HEADs made), the small tables
-    concatenated, the compute parts listed."""
-    counts = Counter()
-    for c in [r["counts"] for r in results] + [{f"stat_{k}": v for k, v in i.items()} for i in io]:
-        counts.update(c)
-    cat = {k: pa.concat_tables([r[k] for r in results]) for k in ("touch", "gone", "failed")}
-    return {"counts": dict(counts), "compute": [r["compute"] for r in results], **cat}
+    bucket, compute = decide(man, planning.read_table(store.bucket_file("current", b)), failed, cfg, pending)
+    planning.write_table(store.bucket_file("compute", b), compute)
+    return bucket

@@ -14,11 +14,13 @@ import pyarrow.compute as pc
 
 from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, JobError, LeaseError
+from igpt_batch.inputs.stat import STAT_SCHEMA
 from igpt_batch.model import checkpoint
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import Folder, Lease, OutputFolder, read_output
-from igpt_batch.store.layout import FAILED_SCHEMA, Store, current_schema
-from igpt_batch.store.night_plan import STAT_SCHEMA, TOUCH, plan_night
+from igpt_batch.store.decide import TOUCH
+from igpt_batch.store.layout import FAILED_SCHEMA, LIVE, SNAPSHOT_FORMAT, Store, current_schema
+from igpt_batch.store.night_plan import NightPlan, plan_night
 
 log = logging.getLogger("igpt_batch")
 SMALL = 1000  # computed_ids / failed_ids are returned only up to this many
@@ -27,20 +29,21 @@ TAKE = 4096  # ids per read of old rows (metadata updates, deletion marks)
 
 @dataclass
 class Night:
-    """One night's plan and what it produced, handed from step to step."""
+    """One night: its plan, the snapshot it publishes and what it produced, handed from step to step."""
 
     store: Store
     version: str
     info: checkpoint.CheckpointInfo
     layers: list[int]
+    plan: NightPlan
     summary: dict
-    compute: pa.Table  # id, uri, size, mtime, etag of the rows to embed, in the order they are embedded
-    touch: pa.Table  # TOUCH columns of unchanged rows whose metadata moved (or that come back from deleted)
-    gone: pa.Table  # id, deleted of previous rows that left the manifest
-    failed: pa.Table  # the failed-rows record's entries for ids in the manifest
-    snap: str | None = None
+    snapshot: str | None = None  # the snapshot id this night publishes (None: nothing to do)
     errors: pa.Table = field(default_factory=lambda: pa.table({"id": pa.array([], pa.string())}))
     meta: dict = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> bool:
+        return self.summary["dropped"] > 0
 
 
 def _now() -> dt.datetime:
@@ -56,51 +59,52 @@ def version_of(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> tuple[str, di
 
 
 def _snapshot_id(store: Store, version: str) -> str:
-    """A new snapshot id that sorts by time after the last night and names nothing that exists yet (a clock behind
-    the last night starts one second after it)."""
-    nights = store.nights(version)
-    t, last = _now(), max(nights) if nights else None
+    """A new snapshot id that sorts by time after the last kept snapshot and names nothing that exists yet (a clock
+    behind the last one starts one second after it)."""
+    kept = store.kept_snapshots(version)
+    t, last = _now(), max(kept) if kept else None
     if last:
-        t = max(t, dt.datetime.strptime(last, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=1))
-    while store.taken(version, t.strftime("%Y%m%dT%H%M%SZ")) or (last and t.strftime("%Y%m%dT%H%M%SZ") <= last):
+        t = max(t, dt.datetime.strptime(last, SNAPSHOT_FORMAT).replace(tzinfo=dt.timezone.utc) + dt.timedelta(seconds=1))
+    while store.taken(version, t.strftime(SNAPSHOT_FORMAT)) or (last and t.strftime(SNAPSHOT_FORMAT) <= last):
         t += dt.timedelta(seconds=1)
-    return t.strftime("%Y%m%dT%H%M%SZ")
+    return t.strftime(SNAPSHOT_FORMAT)
 
 
-def plan(cfg: JobConfig, store: Store, version: str, info, layers) -> Night:
-    """Step 1: decide every manifest row against the current table; pick the night's snapshot id."""
+def _summary(cfg: JobConfig, version: str, plan: NightPlan) -> dict:
+    """The night's summary as planned (docs/REFRESH.md); later steps fill in errors, rows and pruned."""
+    c, gone = plan.counts, plan.gone
+    dropped = gone.num_rows if cfg.refresh.deleted == "drop" else 0
+    return {"version": version, "snapshot": None, "manifest_rows": c.manifest_rows, "new": c.new,
+            "changed": c.changed, "unchanged": c.unchanged, "revived": c.revived, "deleted": plan.newly_deleted,
+            "dropped": dropped, "metadata_updates": plan.touch.num_rows, "computed": plan.compute.num_rows, "errors": 0,
+            "failed_unchanged": c.failed_unchanged, "current_rows": c.previous_rows,
+            "live_rows": c.previous_rows - c.previous_deleted, "precheck": c.precheck(),
+            "stat": {"lists": plan.stat["lists"], "heads": plan.stat["heads"]}, "pruned": []}
+
+
+def start_night(cfg: JobConfig, store: Store, version: str, info, layers) -> Night:
+    """Step 1: the night's plan (every manifest row decided against the current table), and its snapshot id."""
     pending = store.pending(version)
-    p = plan_night(cfg, store, version, store.read_failed(version), pending and pending["snapshot"])
-    c = p["counts"]
-    compute = pa.concat_tables([t if isinstance(t, pa.Table) else store.scratch(version).read_table(t) for t in p["compute"]])
-    store.scratch(version).remove("")
-    gone = p["gone"]
-    newly_deleted = int((~np.asarray(gone.column("deleted").to_numpy(zero_copy_only=False), bool)).sum())
-    drop = cfg.refresh.deleted == "drop" and gone.num_rows > 0
-    pre = {k[4:]: v for k, v in c.items() if k.startswith("pre_") and (v or k == "pre_hashed")}
-    summary = {"version": version, "snapshot": None, "manifest_rows": c["manifest_rows"], "new": c["new"],
-               "changed": c["changed"], "unchanged": c["unchanged"], "revived": c["revived"], "deleted": newly_deleted,
-               "dropped": gone.num_rows if drop else 0, "metadata_updates": p["touch"].num_rows,
-               "computed": compute.num_rows, "errors": 0, "failed_unchanged": c["failed_unchanged"],
-               "current_rows": c["previous_rows"], "live_rows": c["previous_rows"] - c["previous_deleted"],
-               "precheck": pre, "stat": {"lists": c.get("stat_lists", 0), "heads": c.get("stat_heads", 0)}, "pruned": []}
-    night = Night(store, version, info, layers, summary, compute, p["touch"], gone, p["failed"])
-    if compute.num_rows or p["touch"].num_rows or newly_deleted or drop:
-        night.snap = pending["snapshot"] if pending and compute.num_rows else _snapshot_id(store, version)
-        summary["snapshot"] = night.snap
+    plan = plan_night(cfg, store, version, store.read_failed(version), pending and pending["snapshot"])
+    night = Night(store, version, info, layers, plan, _summary(cfg, version, plan))
+    if plan.compute.num_rows or plan.touch.num_rows or plan.newly_deleted or night.dropped:
+        night.snapshot = pending["snapshot"] if pending and plan.compute.num_rows else _snapshot_id(store, version)
+        night.summary["snapshot"] = night.snapshot
     return night
 
 
 def run_extract(cfg: JobConfig, night: Night) -> None:
-    """Step 2: embed the rows to compute into snapshots/<snap>/ with the ordinary driver (resuming a killed night)."""
-    if not night.compute.num_rows:
+    """Step 2: embed the rows to compute into snapshots/<snapshot>/ with the ordinary driver (resuming a killed
+    night)."""
+    compute = night.plan.compute
+    if not compute.num_rows:
         return
     from igpt_batch.run.tasks.extract import Extract
 
-    store, version, snap = night.store, night.version, night.snap
+    store, version, snapshot = night.store, night.version, night.snapshot
     sub = copy.deepcopy(cfg)
-    sub.input.manifest = store.write_night_manifest(version, snap, night.compute)
-    sub.output.path, sub.output.overwrite = store.snapshot_url(version, snap), False
+    sub.input.manifest = store.write_snapshot_manifest(version, snapshot, compute)
+    sub.output.path, sub.output.overwrite = store.snapshot_url(version, snapshot), False
     sub.run.max_error_fraction = 1.0  # the night's fraction counts against the whole manifest, below
     result = run_job(sub, Extract(), info=night.info, on_mismatch="overwrite")
     night.summary[Extract.name] = {k: result[k] for k in ("shards", "shards_skipped", "shards_run", "wall_s")}
@@ -109,48 +113,45 @@ def run_extract(cfg: JobConfig, night: Night) -> None:
     rows = night.summary["manifest_rows"]
     if night.errors.num_rows / rows > cfg.run.max_error_fraction:
         raise JobError(f"{night.errors.num_rows} of {rows} manifest rows failed tonight, over run.max_error_fraction="
-                       f"{cfg.run.max_error_fraction}; nothing published, the next run resumes snapshot {snap}")
+                       f"{cfg.run.max_error_fraction}; nothing published, the next run resumes snapshot {snapshot}")
 
 
-def merge(cfg: JobConfig, night: Night) -> tuple[pa.RecordBatchReader, str | None]:
+def merge(cfg: JobConfig, night: Night) -> tuple[pa.RecordBatchReader, pa.Array | None]:
     """Step 3: the night's changes as rows to upsert on id (tonight's embeddings, metadata updates, deletion marks),
-    streamed, and the predicate of the rows to delete (--deleted drop)."""
-    out = OutputFolder(night.store.snapshot_url(night.version, night.snap), cfg.storage_options)
-    parts = out.committed_files("embeddings") if night.compute.num_rows else []
+    streamed, and the ids to delete (--deleted drop; else None)."""
+    plan = night.plan
+    out = OutputFolder(night.store.snapshot_url(night.version, night.snapshot), cfg.storage_options)
+    parts = out.committed_files("embeddings") if plan.compute.num_rows else []
     first = out.read_table(parts[0]).schema.metadata if parts else None
     night.meta = {k.decode(): v.decode() for k, v in (first or {}).items()} | {
         "version": night.version, "layers": ",".join(map(str, night.layers))}
     schema = current_schema(len(night.layers) * night.info.n_embd, night.meta)
-    gone, drop = night.gone, night.summary["dropped"] > 0
-    marks = gone.filter(pc.invert(gone.column("deleted"))).column("id") if not drop else pa.array([], pa.string())
+    gone = plan.gone
+    marks = pa.array([], pa.string()) if night.dropped else gone.filter(pc.invert(gone.column("deleted"))).column("id")
 
     def batches():
         for rel in parts:
             emb = out.read_table(rel)
-            st = night.compute.take(pc.index_in(emb.column("id"), value_set=night.compute.column("id")))
+            st = plan.compute.take(pc.index_in(emb.column("id"), value_set=plan.compute.column("id")))
             yield pa.table({"id": emb.column("id"), "uri": emb.column("uri"), "sha256": emb.column("sha256"),
                             **{c: st.column(c) for c in STAT_SCHEMA.names}, "embedding": emb.column("embedding"),
                             "width": emb.column("width"), "height": emb.column("height"),
-                            "snapshot": pa.array([night.snap] * emb.num_rows, pa.string()),
+                            "snapshot": pa.array([night.snapshot] * emb.num_rows, pa.string()),
                             "deleted": pa.array(np.zeros(emb.num_rows, bool))}).cast(schema).to_batches()
-        touch = night.touch.append_column("deleted", pa.array(np.zeros(night.touch.num_rows, bool)))
+        touch = plan.touch.append_column("deleted", pa.array(np.zeros(plan.touch.num_rows, bool)))
         updates = pa.concat_tables([touch, pa.table({"id": marks, "deleted": pa.array(np.ones(len(marks), bool))})],
                                    promote_options="default")
         for s in range(0, updates.num_rows, TAKE):
             yield _updated(night, updates.slice(s, TAKE), schema).to_batches()
 
     reader = pa.RecordBatchReader.from_batches(schema, (b for bs in batches() for b in bs))
-    return reader, (_id_in(gone.column("id")) if drop else None)
-
-
-def _id_in(ids: pa.Array) -> str:
-    return "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids.to_pylist()) + ")"
+    return reader, (gone.column("id") if night.dropped else None)
 
 
 def _updated(night: Night, updates: pa.Table, schema: pa.Schema) -> pa.Table:
     """The previous rows of `updates`' ids with their new uri/size/mtime/etag (a deletion mark, with a null uri,
     keeps them) and deleted flag."""
-    old = night.store.read(night.version, filter=_id_in(updates.column("id")))
+    old = night.store.read(night.version, filter=pc.field("id").isin(updates.column("id")))
     new = updates.take(pc.index_in(old.column("id"), value_set=updates.column("id")))
     touched = pc.is_valid(new.column("uri"))
     for c in (*TOUCH[1:], "deleted"):
@@ -159,43 +160,43 @@ def _updated(night: Night, updates: pa.Table, schema: pa.Schema) -> pa.Table:
     return old.select(schema.names).cast(schema)
 
 
-def publish(cfg: JobConfig, night: Night, rows: pa.RecordBatchReader, drop: str | None) -> None:
-    """Step 4: the failed-rows record, then the night's one Lance commit, then its tag and the latest pointer."""
-    store, version, snap = night.store, night.version, night.snap
+def publish(cfg: JobConfig, night: Night, rows: pa.RecordBatchReader, drop_ids: pa.Array | None) -> None:
+    """Step 4: the failed-rows record, then the night's one Lance commit, then its snapshot's tag and the latest
+    pointer."""
+    store, version, snapshot = night.store, night.version, night.snapshot
     store.write_failed(version, failed_record(night))
-    ds = store.commit(version, snap, rows, drop)
-    store.publish(version, snap, ds.version)
-    live = ds.count_rows("deleted = false")
+    ds = store.commit(version, snapshot, rows, drop_ids)
+    store.publish(version, snapshot, ds.version)
+    live = ds.count_rows(LIVE)
     night.summary |= {"errors": night.errors.num_rows, "current_rows": ds.count_rows(), "live_rows": live}
 
 
 def failed_record(night: Night) -> pa.Table:
     """Entries kept (not retried tonight) plus tonight's failures, which keep the night they first failed."""
-    computed = night.compute.column("id")
-    kept = night.failed.filter(pc.invert(pc.is_in(night.failed.column("id"), value_set=computed)))
-    err = night.errors
+    plan, err, snapshot = night.plan, night.errors, night.snapshot
+    computed = plan.compute.column("id")
+    kept = plan.failed.filter(pc.invert(pc.is_in(plan.failed.column("id"), value_set=computed)))
     if not err.num_rows:
         return kept
-    st = night.compute.take(pc.index_in(err.column("id"), value_set=computed))
-    first = night.failed.column("first_night").take(pc.index_in(err.column("id"), value_set=night.failed.column("id")))
+    st = plan.compute.take(pc.index_in(err.column("id"), value_set=computed))
+    first = plan.failed.column("first_night").take(pc.index_in(err.column("id"), value_set=plan.failed.column("id")))
     tonight = pa.table({"id": err.column("id"), "uri": st.column("uri"), "sha256": pa.nulls(err.num_rows, pa.string()),
                         **{c: st.column(c) for c in STAT_SCHEMA.names}, "stage": err.column("stage"),
-                        "reason": err.column("error"), "first_night": pc.fill_null(first, night.snap),
-                        "last_night": pa.array([night.snap] * err.num_rows, pa.string())})
+                        "reason": err.column("error"), "first_night": pc.fill_null(first, snapshot),
+                        "last_night": pa.array([snapshot] * err.num_rows, pa.string())})
     return pa.concat_tables([kept.cast(FAILED_SCHEMA), tonight.cast(FAILED_SCHEMA)])
 
 
 def prune(cfg: JobConfig, night: Night) -> None:
-    """Step 5: keep the newest refresh.keep_current nights, compact past the threshold, update the vector index."""
-    from igpt_batch.store.search import update_index
+    """Step 5: keep the newest refresh.keep_current snapshots, compact past the threshold, update the vector index."""
+    from igpt_batch.store.index import update_index
 
-    night.summary["pruned"] = night.store.prune(night.version, cfg.refresh.keep_current,
-                                                getattr(cfg.refresh, "compact_fragments", 32))
-    update_index(night.store, night.version, getattr(cfg.refresh, "index_min_rows", 100_000))
+    night.summary["pruned"] = night.store.prune(night.version, cfg.refresh.keep_current, cfg.refresh.compact_fragments)
+    update_index(night.store, night.version, cfg.refresh.index_min_rows)
 
 
 def refresh(cfg: JobConfig) -> dict:
-    """One night: plan against the current table, embed new and changed rows, merge, publish, prune."""
+    """One night: plan against the current table, embed new and changed rows, merge, publish its snapshot, prune."""
     if not cfg.refresh.store:
         raise ConfigError("refresh.store is required (--store)")
     if not cfg.input.manifest:
@@ -213,16 +214,16 @@ def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
     version, keys = version_of(cfg, info)
     store = Store(cfg.refresh.store, cfg.storage_options)
     store.finish_interrupted(version)
-    night = plan(cfg, store, version, info, layers)
+    night = start_night(cfg, store, version, info, layers)
     s = night.summary
-    if night.snap is None:
+    if night.snapshot is None:
         s["message"] = f"nothing to embed: {s['unchanged']} rows unchanged"
         log.info("refresh %s: %s", version, s["message"])
-        nights = store.nights(version)
-        if nights and store.latest().get("version") != version:
-            store.set_latest(version, max(nights))
+        kept = store.kept_snapshots(version)
+        if kept and store.latest().get("version") != version:
+            store.set_latest(version, max(kept))
         return s
-    log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, night.snap,
+    log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, night.snapshot,
              s["new"], s["changed"], s["unchanged"], s["deleted"], s["computed"])
     store.create_version(version, {**keys, "model": cfg.model.name, "n_embd": info.n_embd, "n_px": info.n_px,
                                    "created_at": _now().isoformat()})
@@ -230,15 +231,15 @@ def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
     publish(cfg, night, *merge(cfg, night))
     prune(cfg, night)
     log.info("refresh done: %s", s)
-    if night.compute.num_rows <= SMALL:
-        s["computed_ids"] = night.compute.column("id").to_pylist()
+    if night.plan.compute.num_rows <= SMALL:
+        s["computed_ids"] = night.plan.compute.column("id").to_pylist()
         s["failed_ids"] = night.errors.column("id").to_pylist()
     return s
 
 
 def read_current(store: str, storage_options: dict | None = None, version: str | None = None,
                  snapshot: str | None = None, include_deleted: bool = False) -> pa.Table:
-    """The current table of a store: the latest version's latest night, or the night `snapshot` (time travel)."""
+    """The current table of a store: the latest version's latest snapshot, or the kept `snapshot` (time travel)."""
     st = Store(store, storage_options)
     version = st.resolve(version)
     if st.open(version) is None:
