@@ -323,13 +323,13 @@ def test_snapshot_ids_sort_after_the_previous_night_even_with_a_clock_behind(tmp
 
     import igpt_batch.store.refresh as R
 
-    class Nights(Store):
+    class Kept(Store):
         last = {}
 
-        def nights(self, version):
+        def kept_snapshots(self, version):
             return self.last
 
-    store = Nights(str(tmp_path))
+    store = Kept(str(tmp_path))
     monkeypatch.setattr(R, "_now", lambda: dt.datetime(2026, 11, 27, 3, 15, tzinfo=dt.timezone.utc))
     assert R._snapshot_id(store, "v-x") == "20261127T031500Z"
     store.last = {"20261127T031459Z": 1}
@@ -342,19 +342,32 @@ def test_snapshot_ids_sort_after_the_previous_night_even_with_a_clock_behind(tmp
 
 
 # -- the five steps, one by one -------------------------------------------------------------------------------------
-@pytest.fixture
-def one_night(tiny_ckpt, tmp_path):
-    """A store after one night over 8 real photos, and the pieces a step needs."""
+@pytest.fixture(scope="module")
+def first_night(tiny_ckpt, tmp_path_factory):
+    """One night over 8 real photos, run once per module: img/ (restored from pristine/ for each test) and store/."""
     from igpt_batch.model import checkpoint
     from igpt_batch.store.refresh import version_of
 
-    d = tmp_path / "img"
-    names = photos(d)
-    store = tmp_path / "store"
-    refresh(cfg_for(tiny_ckpt, store, manifest(tmp_path / "m1.parquet", d, names)))
+    base = tmp_path_factory.mktemp("one-night")
+    names = photos(base / "pristine")
+    shutil.copytree(base / "pristine", base / "img")  # copy2: the same mtimes, to the nanosecond
+    refresh(cfg_for(tiny_ckpt, base / "store", manifest(base / "m1.parquet", base / "img", names)))
     info = checkpoint.read_info(tiny_ckpt)
-    version, _ = version_of(cfg_for(tiny_ckpt, store, "m"), info)
-    return {"d": d, "names": names, "store": store, "info": info, "version": version, "ckpt": tiny_ckpt, "tmp": tmp_path}
+    version, _ = version_of(cfg_for(tiny_ckpt, base / "store", "m"), info)
+    return {"base": base, "names": names, "info": info, "version": version, "ckpt": tiny_ckpt}
+
+
+@pytest.fixture
+def one_night(first_night, tmp_path):
+    """A copy of the store after the first night, its photos as that night saw them, and the pieces a step needs.
+    The table records the photos' paths, so they are restored in place (a test may change them); the store is
+    copied (its paths are relative)."""
+    o = dict(first_night)
+    d = o["base"] / "img"
+    shutil.rmtree(d)
+    shutil.copytree(o["base"] / "pristine", d)
+    shutil.copytree(o["base"] / "store", tmp_path / "store")
+    return o | {"d": d, "store": tmp_path / "store", "tmp": tmp_path}
 
 
 def _night3(o):
@@ -370,59 +383,15 @@ def _night3(o):
     return manifest(o["tmp"] / "m3.parquet", d, names)
 
 
-def test_step_plan_in_buckets_counts_as_in_one(one_night, ray_local):
-    from igpt_batch.store.refresh import plan
-
-    o = one_night
-    cfg = cfg_for(o["ckpt"], o["store"], _night3(o))
-    nights = []
-    for buckets, executor in ((None, "local"), (3, "local"), (3, "ray")):
-        cfg.run.executor = executor
-        if buckets:
-            cfg.refresh.plan_bucket_rows = buckets  # 8 rows in 3 buckets of id
-        nights.append(plan(cfg, Store(str(o["store"])), o["version"], o["info"], [2]))
-    for n in nights:
-        s = n.summary
-        assert (s["new"], s["changed"], s["unchanged"], s["deleted"], s["metadata_updates"]) == (1, 1, 6, 1, 1)
-        assert sorted(n.compute.column("id").to_pylist()) == ["coffee-small.png", "rocket-wide.png"]
-        assert n.touch.column("id").to_pylist() == ["chelsea.jpg"] and n.gone.column("id").to_pylist() == ["rocket.jpg"]
-    counts = [{k: v for k, v in n.summary.items() if k not in ("snapshot", "stat")} for n in nights]
-    assert counts[0] == counts[1] == counts[2]  # the summary's counts do not depend on the buckets
-    assert not (o["store"] / o["version"] / "_planning").exists()  # the bucket files are removed
-
-
-def test_step_plan_in_buckets_lists_each_folder_once(one_night):
-    """Buckets of id would split a folder's rows between tasks (each listing it, or stat-ing rows one by one): the
-    night's stat round is split by folder, so each folder is listed once, whatever the id buckets."""
-    import pyarrow as pa
-
-    from igpt_batch.store.night_plan import bucket_of
-    from igpt_batch.store.refresh import plan
-
-    o = one_night
-    base = o["tmp"] / "folders"
-    folders = [next(f for f in (f"f{k}" for k in range(50)) if bucket_of(pa.array([str(base / f)]), 2)[0] == b)
-               for b in (0, 1)]  # one folder in each of the 2 stat buckets
-    names = []
-    for f in folders:
-        (base / f).mkdir(parents=True)
-        for i in range(5):
-            (base / f / f"{i}.jpg").write_bytes(b"x" * (i + 1))
-            names.append(f"{f}/{i}.jpg")
-    cfg = cfg_for(o["ckpt"], o["store"], manifest(o["tmp"] / "mf.parquet", base, names), **{"refresh.plan_bucket_rows": 8})
-    s = plan(cfg, Store(str(o["store"])), o["version"], o["info"], [2]).summary
-    assert (s["new"], s["deleted"], s["stat"]) == (10, 8, {"lists": 2, "heads": 0})
-
-
 def test_step_run_extract_counts_errors_against_the_whole_manifest(one_night):
     from igpt_batch.errors import JobError
-    from igpt_batch.store.refresh import plan, run_extract
+    from igpt_batch.store.refresh import run_extract, start_night
 
     o = one_night
     (o["d"] / "broken.jpg").write_text("not an image")
     m = manifest(o["tmp"] / "m2.parquet", o["d"], o["names"] + ["broken.jpg"])
     store = Store(str(o["store"]))
-    night = plan(cfg_for(o["ckpt"], o["store"], m), store, o["version"], o["info"], [2])
+    night = start_night(cfg_for(o["ckpt"], o["store"], m), store, o["version"], o["info"], [2])
     run_extract(cfg_for(o["ckpt"], o["store"], m, **{"run.max_error_fraction": 0.2}), night)  # 1 of 9 rows: fine
     assert night.errors.column("id").to_pylist() == ["broken.jpg"]
     with pytest.raises(JobError, match="1 of 9 manifest rows failed"):
@@ -430,22 +399,22 @@ def test_step_run_extract_counts_errors_against_the_whole_manifest(one_night):
 
 
 def test_steps_merge_publish_prune(one_night):
-    from igpt_batch.store.refresh import merge, plan, prune, publish, run_extract
+    from igpt_batch.store.refresh import merge, prune, publish, run_extract, start_night
 
     o = one_night
     cfg = cfg_for(o["ckpt"], o["store"], _night3(o), **{"refresh.keep_current": 1})
     store = Store(str(o["store"]))
     before = by_id(read_current(str(o["store"])))
-    night = plan(cfg, store, o["version"], o["info"], [2])
+    night = start_night(cfg, store, o["version"], o["info"], [2])
     run_extract(cfg, night)
-    reader, drop = merge(cfg, night)
+    reader, drop_ids = merge(cfg, night)
     rows = by_id(reader.read_all())
-    assert drop is None and sorted(rows) == ["chelsea.jpg", "coffee-small.png", "rocket-wide.png", "rocket.jpg"]
+    assert drop_ids is None and sorted(rows) == ["chelsea.jpg", "coffee-small.png", "rocket-wide.png", "rocket.jpg"]
     assert rows["rocket.jpg"]["deleted"] and rows["rocket.jpg"]["embedding"] == before["rocket.jpg"]["embedding"]
     assert rows["chelsea.jpg"]["mtime"] != before["chelsea.jpg"]["mtime"] and rows["chelsea.jpg"]["sha256"] == before["chelsea.jpg"]["sha256"]
-    assert rows["rocket-wide.png"]["snapshot"] == night.snap
-    first = list(store.nights(o["version"]))
+    assert rows["rocket-wide.png"]["snapshot"] == night.snapshot
+    first = list(store.kept_snapshots(o["version"]))
     publish(cfg, night, *merge(cfg, night))
-    assert list(store.nights(o["version"])) == first + [night.snap] and night.summary["live_rows"] == 8
+    assert list(store.kept_snapshots(o["version"])) == first + [night.snapshot] and night.summary["live_rows"] == 8
     prune(cfg, night)
-    assert night.summary["pruned"] == first and list(store.nights(o["version"])) == [night.snap]
+    assert night.summary["pruned"] == first and list(store.kept_snapshots(o["version"])) == [night.snapshot]

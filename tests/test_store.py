@@ -18,8 +18,8 @@ def rows(ids, snap, value=0.0, deleted=False):
                      "snapshot": [snap] * n, "deleted": [deleted] * n}).cast(current_schema(4, {"version": V}))
 
 
-def night(store, snap, table, drop=None):
-    ds = store.commit(V, snap, pa.RecordBatchReader.from_batches(table.schema, table.to_batches()), drop)
+def night(store, snap, table, drop_ids=None):
+    ds = store.commit(V, snap, pa.RecordBatchReader.from_batches(table.schema, table.to_batches()), drop_ids)
     store.publish(V, snap, ds.version)
     return ds
 
@@ -27,22 +27,22 @@ def night(store, snap, table, drop=None):
 def test_write_publish_read_and_time_travel(tmp_path):
     store = Store(str(tmp_path / "store"))
     store.create_version(V, {"model": "m", "created_at": "2026-01-01"})
-    assert store.versions() == [V] and store.open(V) is None and store.nights(V) == {}
-    night(store, "20260101T000000Z", rows(["a", "b", "c"], "20260101T000000Z"))
-    night(store, "20260102T000000Z", rows(["b", "d"], "20260102T000000Z", 1.0), drop="id IN ('c')")
+    assert store.versions() == [V] and store.open(V) is None and store.kept_snapshots(V) == {}
+    night(store, "20260101T000000Z", rows(["a", "b", "c", "it's"], "20260101T000000Z"))
+    night(store, "20260102T000000Z", rows(["b", "d"], "20260102T000000Z", 1.0), drop_ids=pa.array(["c", "it's"]))
     assert store.latest()["snapshot"] == "20260102T000000Z" and store.resolve(None) == V
     now = {r["id"]: r for r in store.read(V).to_pylist()}
     assert sorted(now) == ["a", "b", "d"] and now["b"]["embedding"] == [1.0] * 4 and now["a"]["embedding"] == [0.0] * 4
     then = store.read(V, "20260101T000000Z")
-    assert sorted(then.column("id").to_pylist()) == ["a", "b", "c"]  # the first night, by its tag
-    assert list(store.nights(V)) == ["20260101T000000Z", "20260102T000000Z"] and store.verify(V) == []
+    assert sorted(then.column("id").to_pylist()) == ["a", "b", "c", "it's"]  # the first snapshot, by its tag
+    assert list(store.kept_snapshots(V)) == ["20260101T000000Z", "20260102T000000Z"] and store.verify(V) == []
 
 
 def test_a_reader_never_sees_a_night_in_flight(tmp_path):
     store = Store(str(tmp_path / "store"))
     store.create_version(V, {})
     night(store, "20260101T000000Z", rows(["a", "b"], "20260101T000000Z"))
-    store.write_night_manifest(V, "20260102T000000Z", pa.table({"id": ["c"], "uri": ["/img/c.jpg"]}))
+    store.write_snapshot_manifest(V, "20260102T000000Z", pa.table({"id": ["c"], "uri": ["/img/c.jpg"]}))
     assert store.pending(V) == {"snapshot": "20260102T000000Z", "rows": 1}
     ds = store.open(V)
     builder = ds.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
@@ -58,9 +58,9 @@ def test_a_night_killed_between_commit_and_tag_is_tagged_by_the_next_run(tmp_pat
     night(store, "20260101T000000Z", rows(["a"], "20260101T000000Z"))
     t = rows(["b"], "20260102T000000Z")
     ds = store.commit(V, "20260102T000000Z", pa.RecordBatchReader.from_batches(t.schema, t.to_batches()))
-    assert list(store.nights(V)) == ["20260101T000000Z"]
+    assert list(store.kept_snapshots(V)) == ["20260101T000000Z"]
     assert store.finish_interrupted(V) == "20260102T000000Z"
-    assert store.nights(V)["20260102T000000Z"] == ds.version and store.finish_interrupted(V) is None
+    assert store.kept_snapshots(V)["20260102T000000Z"] == ds.version and store.finish_interrupted(V) is None
 
 
 def test_retention_keeps_the_newest_nights_and_compacts(tmp_path):
@@ -71,7 +71,7 @@ def test_retention_keeps_the_newest_nights_and_compacts(tmp_path):
         night(store, s, rows([f"id{i}"], s))
     assert len(store.open(V).get_fragments()) == 6
     assert store.prune(V, keep=2, compact_fragments=4) == snaps[:4]
-    assert list(store.nights(V)) == snaps[4:] and len(store.open(V).get_fragments()) == 1
+    assert list(store.kept_snapshots(V)) == snaps[4:] and len(store.open(V).get_fragments()) == 1
     assert store.read(V).num_rows == 6 and store.read(V, snaps[4]).num_rows == 5
     with pytest.raises(Exception):
         store.read(V, snaps[0])
@@ -84,7 +84,7 @@ def test_listing_failed_record_and_verify(tmp_path):
         store.create_version(v, {"created_at": v})
     assert store.versions() == [V, "v-ffffffffffff"] and store.resolve(None) == "v-ffffffffffff"
     (tmp_path / "store" / V / "snapshots" / "20260101T000000Z").mkdir(parents=True)
-    assert store.snapshots(V) == ["20260101T000000Z"] and store.taken(V, "20260101T000000Z")
+    assert store.snapshot_outputs(V) == ["20260101T000000Z"] and store.taken(V, "20260101T000000Z")
     failed = pa.table({"id": ["x", "y"], "uri": ["/x", "/y"], "sha256": [None, None], "size": [1, None],
                        "mtime": ["5", None], "etag": [None, None], "stage": ["decode", "read"],
                        "reason": ["cannot identify image file /x", "file not found: /y"],
@@ -114,25 +114,6 @@ def test_store_on_s3(s3_server: S3Server):
     assert sorted(store.read(V).column("id").to_pylist()) == ["a", "b", "c"]
     assert store.read(V, "20260101T000000Z").num_rows == 2 and store.prune(V, 1, 0) == ["20260101T000000Z"]
     assert store.verify(V) == [] and store.versions() == [V]
-
-
-def test_export_writes_a_night_as_parquet(tmp_path):
-    import pyarrow.parquet as pq
-
-    from igpt_batch.store.search import add_arguments, export, run
-
-    store = Store(str(tmp_path / "store"))
-    store.create_version(V, {})
-    night(store, "20260101T000000Z", rows(["a", "b"], "20260101T000000Z"))
-    night(store, "20260102T000000Z", rows(["b"], "20260102T000000Z", deleted=True))
-    assert export(str(tmp_path / "store"), str(tmp_path / "out"))["rows"] == 1
-    assert pq.read_table(tmp_path / "out").column("id").to_pylist() == ["a"]
-    import argparse
-
-    p = argparse.ArgumentParser()
-    add_arguments(p.add_subparsers())
-    assert run(p.parse_args(["export", str(tmp_path / "store"), str(tmp_path / "old"), "--snapshot", "20260101T000000Z"])) == 0
-    assert sorted(pq.read_table(tmp_path / "old").column("id").to_pylist()) == ["a", "b"]
 
 
 def test_the_documented_readers_see_the_live_rows(tmp_path, ray_local):
