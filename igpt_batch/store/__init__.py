@@ -1,1 +1,1 @@
-"""The refresh store: its layout, a night (plan -> run -> merge -> publish -> prune), the index, export, neighbours."""
+"""The refresh store: its layout, a night (night plan, extract, merge, publish a snapshot, prune), index, export, neighbours."""

@@ -73,7 +73,7 @@ def embed_image(store, version: str, uri: str, device: str = "auto") -> np.ndarr
 
 
 def row_vector(ds, row_id: str) -> tuple[np.ndarray, str]:
-    """(embedding, uri) of the row `row_id` (live or marked deleted); ValueError if the night has no such id."""
+    """(embedding, uri) of the row `row_id` (live or marked deleted); ValueError if the snapshot has no such id."""
     t = ds.to_table(columns=["embedding", "uri"], filter=pc.field("id") == row_id)
     if not t.num_rows:
         raise ValueError(f"id {row_id!r} is not in the store's table")
