@@ -117,12 +117,21 @@ def measure(spec: dict) -> None:
         "model.name": "demo", "extract.layers": [2], "input.manifest": spec["manifest"],
         "input.bytes_column": IMAGE_COLUMN, "output.path": spec["output"], "storage_options": spec["so"],
         "run.shard_size": spec["rows_per_shard"], "run.workers": spec["actors"], "run.torch_threads": 1,
-        "run.cpus_per_worker": min(1.0, (os.cpu_count() or 2) / spec["actors"]), "output.preview": 0})
-    marks, workers, execute = {}, set(), executors.execute
+        "run.cpus_per_worker": min(1.0, (os.cpu_count() or 2) / spec["actors"]), "output.preview": 0,
+        "run.address": spec["ray_address"]})
+    marks, workers, execute, init_ray = {}, set(), executors.execute, executors.init_ray
+
+    def timed_init(address):
+        t = time.perf_counter()
+        try:
+            return init_ray(address)
+        finally:
+            marks["ray_init_s"] = time.perf_counter() - t
 
     def timed(cfg, task, resolved, shards, done):
         def seen(rec: dict) -> None:
             workers.add(rec["worker_pid"])
+            marks.setdefault("first_commit", time.perf_counter())
             done(rec)
 
         marks["execute_start"], marks["stats_planned"] = time.perf_counter(), fetch_stats(spec["proxy"])
@@ -131,12 +140,14 @@ def measure(spec: dict) -> None:
         finally:
             marks["execute_end"], marks["stats_ran"] = time.perf_counter(), fetch_stats(spec["proxy"])
 
-    executors.execute = timed
+    executors.execute, executors.init_ray = timed, timed_init
     t0 = time.perf_counter()
     summary = driver.run_job(cfg, StandIn(spec["rate"], spec["batch"]))
     t1 = time.perf_counter()
     print(json.dumps({"pid": os.getpid(), "wall_s": t1 - t0, "planning_s": marks["execute_start"] - t0,
                       "running_s": marks["execute_end"] - marks["execute_start"], "summary_s": t1 - marks["execute_end"],
+                      "ray_init_s": marks.get("ray_init_s", 0.0),
+                      "first_commit_s": marks.get("first_commit", marks["execute_end"]) - marks["execute_start"],
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "workers": sorted(workers), "summary": summary,
                       "stats_planned": marks["stats_planned"], "stats_ran": marks["stats_ran"]}))
@@ -165,7 +176,7 @@ def run(args, endpoint: str, key: str, secret: str) -> dict:
     try:
         spec = {"manifest": manifest, "output": f"s3://{BUCKET}/out-{time.time_ns()}", "proxy": url,
                 "so": direct | {"client_kwargs": {"endpoint_url": url}}, "rows_per_shard": args.rows_per_shard,
-                "actors": args.actors, "rate": args.rate, "batch": args.batch}
+                "actors": args.actors, "rate": args.rate, "batch": args.batch, "ray_address": args.ray_address}
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, never a shared one
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         proc = subprocess.run([sys.executable, __file__, "--measure"], input=json.dumps(spec), capture_output=True,
@@ -196,6 +207,7 @@ def report(args, r: dict) -> bool:
     for name, value in [("shards", s["shards"]), ("rows", s["input_rows"]), ("error_rows", s["errors"]),
                         ("actors", args.actors), ("latency_ms", args.latency_ms), ("rate_per_actor", args.rate),
                         ("wall_s", r["wall_s"]), ("planning_s", r["planning_s"]), ("running_s", r["running_s"]),
+                        ("ray_init_s", r["ray_init_s"]), ("first_commit_s", r["first_commit_s"]),
                         ("summary_s", r["summary_s"]), ("driver_peak_rss_mib", r["peak_rss_mib"]),
                         ("standin_busy_s", busy), ("busy_fraction", busy / r["wall_s"]),
                         ("running_busy_fraction", busy / r["running_s"]), ("worker_processes", len(r["workers"]))]:
@@ -223,6 +235,7 @@ def main(argv=None) -> None:
     p.add_argument("--bad-per-shard", type=int, default=1, help="rows per shard that are not images (error rows)")
     p.add_argument("--endpoint", help="an S3 endpoint already running (keys from $S3_KEY, $S3_SECRET); "
                                       "default: start SeaweedFS (weed mini) for the run")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: the driver starts its own local Ray)")
     p.add_argument("--check", action="store_true", help="exit 1 when the driver's request target is missed")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

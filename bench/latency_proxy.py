@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import threading
 import urllib.request
 from collections import Counter
@@ -43,11 +44,15 @@ def key_kind(key: str) -> str:
     return "other"
 
 
-def classify(method: str, path: str, query) -> str:
-    """'PUT _plan/', 'HEAD _commits/', 'LIST errors/', 'GET other': path-style /bucket/key."""
+def classify(method: str, path: str, query, body: bytes = b"") -> str:
+    """'PUT _plan/', 'HEAD _commits/', 'LIST errors/', 'DELETE_MANY _plan/' (by its first key), 'GET other':
+    path-style /bucket/key."""
     bucket, _, key = unquote(path).lstrip("/").partition("/")
     if method == "GET" and not key and ("list-type" in query or "prefix" in query or "delimiter" in query):
         return f"LIST {key_kind(query.get('prefix', ''))}"
+    if method == "POST" and not key and "delete" in query:
+        first = re.search(rb"<Key>([^<]*)</Key>", body)
+        return f"DELETE_MANY {key_kind(first.group(1).decode() if first else '')}"
     return f"{method} {key_kind(key)}"
 
 
@@ -145,7 +150,7 @@ class LatencyProxy:
             return web.json_response(self.stats())
         body = await request.read()
         pid = await self._owner(request)
-        self.requests[(pid, classify(request.method, request.path, request.query))] += 1
+        self.requests[(pid, classify(request.method, request.path, request.query, body))] += 1
         await asyncio.sleep(self.latency_s)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
         try:
