@@ -109,9 +109,10 @@ def setup(fs, shards: int, rows_per_shard: int, bad_per_shard: int) -> str:
 
 def measure(spec: dict) -> None:
     """The driver process: one run_job, the executor timed from outside (no hook in the package)."""
+    from latency_proxy import fetch_stats
+
     from igpt_batch import config
     from igpt_batch.run import driver, executors
-    from latency_proxy import fetch_stats
 
     cfg = config.load(None, {
         "model.name": "demo", "extract.layers": [2], "input.manifest": spec["manifest"],
@@ -166,7 +167,6 @@ def start_proxy(upstream: str, latency_ms: float) -> tuple[subprocess.Popen, str
 def run(args, endpoint: str, key: str, secret: str) -> dict:
     """Set up the manifest (straight to SeaweedFS), then run the driver process against the proxy; its figures."""
     import s3fs
-
     from latency_proxy import by_kind, fetch_stats
 
     direct = {"key": key, "secret": secret, "client_kwargs": {"endpoint_url": endpoint}}
