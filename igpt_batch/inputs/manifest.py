@@ -177,10 +177,11 @@ class Inputs:
     def __init__(self, spec: str, storage_options: dict | None = None, columns: Columns = Columns()):
         listing = list_inputs(spec, storage_options or {})
         self.folder = tempfile.mkdtemp(prefix="igpt-inputs-")
-        self.path, self._writer = os.path.join(self.folder, "rows.arrow"), None
+        self.path, self._writer, self._schema = os.path.join(self.folder, "rows.arrow"), None, None
         try:
             self.scan = _scan(spec, listing, columns, self._keep, lambda: self.tables(read_all=False))
-            self.head = next(self.tables(), None).select(["id", "uri"])
+            first = next(self.tables())  # copied: it outlives the kept rows
+            self.head = first.select(["id", "uri"]).take(pa.array(range(first.num_rows), pa.int64()))
         except BaseException:
             self.close()
             raise
@@ -189,8 +190,9 @@ class Inputs:
         try:
             if self._writer is None:
                 options = pa.ipc.IpcWriteOptions(compression="zstd")
+                self._schema = t.schema
                 self._writer = pa.ipc.new_file(self.path, t.schema, options=options)
-            self._writer.write_table(t.cast(self._writer.schema), max_chunksize=BATCH_ROWS)
+            self._writer.write_table(t.cast(self._schema), max_chunksize=BATCH_ROWS)
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
             raise JobError(f"cannot keep the manifest's rows in {self.folder} ({why}): point TMPDIR at a folder "
