@@ -83,7 +83,8 @@ def test_plans_cut_the_scan_or_the_seeds_into_shards(tiny_ckpt):
     assert [(s.start, s.stop) for s in seeds.shards] == [(100, 104), (104, 108), (108, 110)]
     assert Complete().outputs_per_row(cfg_for(tiny_ckpt, **{"generate.samples_per_image": 3})) == 3
     with pytest.raises(ConfigError, match="passes the largest seed"):
-        Complete().plan(cfg_for(tiny_ckpt, **{"generate.seed": 2**63 - 5, "generate.samples_per_image": 2}), SCAN)
+        Complete().plan(cfg_for(tiny_ckpt, **{"generate.seed": 2**63 - 5, "generate.num_samples": 1,
+                                              "generate.samples_per_image": 2}), SCAN)  # 10 rows x 2 seeds
 
 
 def test_complete_checks_the_prompt_rows_against_the_model(tiny_ckpt, info):
