@@ -171,6 +171,8 @@ def test_progress_is_logged_off_a_tty_and_stats_are_recorded(tiny_ckpt, tmp_path
     assert summary["stage_seconds"]["model_s"] > 0
     commit = OutputFolder(str(tmp_path / "g")).committed()["part-00000"]
     assert commit["rows"] == {"samples": 2} and commit["stats"]["model_s"] > 0
+    assert summary["http_retries"] == 0 and commit["http_retries"] == 0  # a count, kept apart from the seconds
+    assert summary["stage_seconds"]["total_s"] >= summary["stage_seconds"]["model_s"]
     # the periodic line carries rate and ETA
     p = Progress(total=10, done=2, unit="images", every_s=0)
     p.update(3)
