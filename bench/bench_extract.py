@@ -178,8 +178,9 @@ class ProductionShard:
 
     def __init__(self, model: IGPT, jpegs: list[bytes], batch: int, layers: list[int], workdir: Path):
         from igpt_batch import config
-        from igpt_batch.inputs.manifest import Shard
+        from igpt_batch.inputs.manifest import ManifestScan, Shard
         from igpt_batch.model import checkpoint
+        from igpt_batch.run.job import Job
         from igpt_batch.run.storage import OutputFolder
         from igpt_batch.run.tasks.extract import Extract
         from igpt_batch.run.worker import ShardWorker
@@ -197,7 +198,9 @@ class ProductionShard:
         self.shard, self.rows = Shard(0, 0, len(uris)), len(uris)
         OutputFolder(cfg.output.path).write_plan(self.shard.name, pa.table({
             "id": [f"img-{i:06d}" for i in range(len(uris))], "uri": uris}))
-        self.worker = ShardWorker(cfg, task, task.resolve(cfg, checkpoint.read_info(ckpt)))
+        scan = ManifestScan(len(uris), "", kind="uri")  # the plan rows name files to read
+        self.worker = ShardWorker(Job(cfg, task, task.resolve(cfg, checkpoint.read_info(ckpt)),
+                                      task.plan(cfg, scan)))
         self.worker.load()
 
     def run(self) -> None:

@@ -76,18 +76,10 @@ def _with_default(help_: str, key: str, defaults: config_mod.JobConfig) -> str:
 
 
 def versions() -> str:
-    """`igpt-batch --version`: the package and the libraries that decide its results."""
-    from importlib.metadata import PackageNotFoundError, version
+    """`igpt-batch --version`: the package and the libraries that decide its results (one list: run/versions.py)."""
+    from igpt_batch.run.versions import versions_line
 
-    from igpt_batch import __version__
-
-    parts = [f"igpt-batch {__version__}"]
-    for pkg in ("torch", "transformers", "ray", "pyarrow", "pylance"):
-        try:
-            parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            parts.append(f"{pkg} (not installed)")
-    return ", ".join(parts)
+    return versions_line()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,7 +6,9 @@ import pyarrow as pa
 
 from igpt_batch.config import JobConfig
 from igpt_batch.model.checkpoint import CheckpointInfo, resolve_layers
-from igpt_batch.run.tasks.base import NIGHTLY, Plan, Resolved, Task, error_row, error_table, picture_inputs
+from igpt_batch.run.context import Resolved, ShardContext, Stats
+from igpt_batch.run.storage import OutputFolder
+from igpt_batch.run.tasks.base import NIGHTLY, Plan, Task, error_row, error_table
 
 POOLING = "mean(ln_1(h[l]))"
 
@@ -30,28 +32,31 @@ class Extract(Task):
         keys = self.compat_keys(cfg, self.resolve(cfg, info), Plan(0, []))
         return {k: v for k, v in keys.items() if k not in NIGHTLY}
 
-    def runner(self, ctx, resolved: Resolved) -> "ExtractRunner":
-        return ExtractRunner(ctx, resolved)
+    def runner(self, ctx: ShardContext) -> "ExtractRunner":
+        return ExtractRunner(ctx)
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
         if cfg.output.preview:
+            from igpt_batch.model.checkpoint import read_clusters
             from igpt_batch.run import pictures
 
-            pictures.write_preview(out, cfg, *picture_inputs(cfg, resolved.info), resolved.info.n_px, cfg.output.preview)
+            pictures.write_preview(out, cfg, read_clusters(resolved.info.path), head, resolved.info.n_px,
+                                   cfg.output.preview)
 
 
 class ExtractRunner:
     """Per shard: read and decode ahead -> Extractor (tokenise -> features) -> embeddings and errors tables."""
 
-    def __init__(self, ctx, resolved: Resolved):
+    def __init__(self, ctx: ShardContext):
         from igpt_batch.model import batching
         from igpt_batch.model.extractor import Extractor
 
-        self.ctx, self.meta = ctx, resolved.meta
-        bs = batching.extract_batch_size(ctx.model, list(resolved.layers), ctx.cfg.extract.batch_size)
-        self.extractor = Extractor(ctx.model, resolved.layers, bs, lock=ctx.model_lock)
+        layers = ctx.resolved.layers
+        self.ctx, self.meta = ctx, ctx.resolved.meta
+        bs = batching.extract_batch_size(ctx.model, list(layers), ctx.cfg.extract.batch_size)
+        self.extractor = Extractor(ctx.model, layers, bs, lock=ctx.model_lock)
 
-    def __call__(self, shard, rows: pa.Table, stats: dict) -> dict[str, pa.Table]:
+    def __call__(self, shard, rows: pa.Table, stats: Stats) -> dict[str, pa.Table]:
         from igpt_batch.errors import ImageError
         from igpt_batch.model.extractor import embedding_array
         from igpt_batch.redact import redact_uri
@@ -63,13 +68,15 @@ class ExtractRunner:
         batch: list = []
 
         def flush() -> None:
-            embs.append(self.extractor(np.stack([got.rgb for got in batch]), stats))
+            seconds: dict[str, float] = {}  # the extractor's preprocess_s and model_s
+            embs.append(self.extractor(np.stack([got.rgb for got in batch]), seconds))
+            stats.add_seconds(seconds)
             for got in batch:
                 for key in ("width", "height", "sha256"):
                     ok[key].append(getattr(got, key))
             batch.clear()
 
-        for id_, uri, res in self.ctx.loaded(rows, stats, window=4 * bs):
+        for id_, uri, res in self.ctx.read(rows, stats, 4 * bs):
             if isinstance(res, ImageError):
                 errors.append(error_row(id_, uri, res))
                 continue
