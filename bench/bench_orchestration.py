@@ -44,16 +44,17 @@ class StandIn(Extract):
     def __init__(self, rate: float, batch: int):
         self.rate, self.batch = rate, batch
 
-    def runner(self, ctx, resolved):
-        return StandInRunner(ctx, resolved, self.rate, self.batch)
+    def runner(self, ctx):
+        return StandInRunner(ctx, self.rate, self.batch)
 
 
 class StandInRunner:
-    def __init__(self, ctx, resolved, rate: float, batch: int):
+    def __init__(self, ctx, rate: float, batch: int):
+        resolved = ctx.resolved
         self.lock, self.meta, self.rate, self.batch = ctx.model_lock, resolved.meta, rate, batch
         self.dim = len(resolved.layers) * resolved.info.n_embd
 
-    def __call__(self, shard, rows, stats: dict) -> dict:
+    def __call__(self, shard, rows, stats) -> dict:
         import hashlib
 
         import numpy as np
@@ -69,7 +70,7 @@ class StandInRunner:
             with self.lock:  # one "GPU" per actor: two shards in flight take turns
                 t0 = time.perf_counter()
                 time.sleep(len(good[lo:lo + self.batch]) / self.rate)
-                stats["model_s"] += time.perf_counter() - t0
+                stats.model_s += time.perf_counter() - t0
         bad = sorted(set(range(len(ids))) - set(good))
         errors = [error_row(ids[j], uris[j], ImageError("decode", "not an image")) for j in bad]
         table = pa.table({
@@ -129,7 +130,7 @@ def measure(spec: dict) -> None:
         finally:
             marks["ray_init_s"] = time.perf_counter() - t
 
-    def timed(cfg, task, resolved, shards, done):
+    def timed(job, shards, done):
         def seen(rec: dict) -> None:
             workers.add(rec["worker_pid"])
             marks.setdefault("first_commit", time.perf_counter())
@@ -137,7 +138,7 @@ def measure(spec: dict) -> None:
 
         marks["execute_start"], marks["stats_planned"] = time.perf_counter(), fetch_stats(spec["proxy"])
         try:
-            return execute(cfg, task, resolved, shards, seen)
+            return execute(job, shards, seen)
         finally:
             marks["execute_end"], marks["stats_ran"] = time.perf_counter(), fetch_stats(spec["proxy"])
 
