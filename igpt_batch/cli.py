@@ -1,4 +1,5 @@
-"""Command line: igpt-batch extract | generate | complete | refresh | export | neighbors | dedup | inspect | probe | demo."""
+"""Command line: igpt-batch extract | generate | complete | refresh | export | neighbors | dedup | inspect | probe | demo
+| outliers | report."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ FLAGS = {
     "--write-png-files": ("output.write_png_files", "also write pngs/seed-<seed>.png", CONST),
     "--contact-sheet": ("output.contact_sheet", "grid picture of the first N samples (0 = none)", {"metavar": "N"}),
     "--preview": ("output.preview", "extract: the first N inputs beside their quantised versions", {"metavar": "N"}),
+    "--score": ("extract.score", "extract: add nll_bits, the image's mean -log2 p(token) (full depth, same pass)", CONST),
     "--layer": ("extract.layers", "feature layer, repeatable, concatenated in order (none given: n_layer // 2)",
                 {"action": "append", "metavar": "L"}),
     "--num-samples": ("generate.num_samples", "generate seeds seed .. seed+N-1", {}),
@@ -56,7 +58,7 @@ FLAGS = {
     "--retry-errors": ("refresh.retry_errors", "refresh: retry failed rows even if their source is unchanged", CONST),
 }
 TASK_FLAGS = {
-    "extract": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
+    "extract": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview", "--score"],
     "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
     "complete": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
                  "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from igpt_batch.store.search import add_arguments as search_arguments
 
     search_arguments(sub)  # export, neighbors, dedup
+    from igpt_batch.outliers import add_arguments as outliers_arguments
+
+    outliers_arguments(sub)
     return p
 
 
@@ -187,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
                            as_json=args.json)
+        if args.command == "outliers":
+            from igpt_batch.outliers import run as outliers
+
+            return outliers(args, _storage_options(args.storage_options))
         if args.command in ("export", "neighbors", "dedup"):
             from igpt_batch.store.search import run
 

@@ -44,12 +44,14 @@ class OutputConfig:
     write_png_files: bool = False  # generate/complete: also write each sample as pngs/<name>.png
     contact_sheet: int = 64  # generate/complete: put the first N samples in contact_sheet.png (0 = none)
     preview: int = 0  # extract: write preview.png with the first N inputs beside their quantised versions
+    report: bool = True  # write report.html (summary, throughput, errors, embedding map, pictures) beside _SUCCESS
 
 
 @dataclass
 class ExtractConfig:
     layers: list[int] = field(default_factory=list)  # empty = n_layer // 2 (the paper's best probes are mid-network)
     batch_size: int | str = 32  # or "auto": the largest that fits on the GPU
+    score: bool = False  # add nll_bits (mean -log2 p(token) over the image, full depth) from the same pass
 
 
 @dataclass
