@@ -15,7 +15,7 @@ from igpt_batch.errors import ConfigError
 CONST = {"action": "store_const", "const": True}
 FLAGS = {
     "--model": ("model.name", "demo, a local checkpoint folder, or a hub id", {}),
-    "--dtype": ("model.dtype", "fp32, bf16 or fp16", {}),
+    "--dtype": ("model.dtype", "fp32, bf16, fp16, or auto (bf16 where the hardware computes it natively)", {}),
     "--device": ("model.device", "auto (CUDA when present), cpu, cuda or cuda:N", {}),
     "--manifest": ("input.manifest", "manifest file, folder or glob (Parquet, CSV, JSONL), or a folder or glob of images", {}),
     "--read-timeout": ("input.read_timeout", "seconds per image fetch", {}),
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run(args)
         cfg = config_from_args(args, args.command)
+        if args.command == "refresh" and cfg.model.dtype == "auto":  # a store keeps one dtype across nights
+            raise ConfigError("refresh does not take --dtype auto: a store keeps one dtype, name it (fp32 or bf16)")
         if args.command == "refresh":
             from igpt_batch.store.refresh import refresh
 

@@ -17,7 +17,8 @@ MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
 @dataclass
 class ModelConfig:
     name: str = "demo"  # "demo", a local checkpoint folder, or a hub id such as openai/imagegpt-medium
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the hardware computes it natively, else fp32)
+    dtype_auto_from: str = ""  # set by the driver when dtype was auto: the hardware it resolved from (workers check)
     device: str = "auto"  # auto picks CUDA when present, else cpu; or cpu / cuda / cuda:N
     compile: bool = True  # CUDA only: torch.compile the decode step (falls back to eager on failure)
     decode_buckets: int = 8  # compiled decode attends over the position rounded up to n_positions/N (1 = whole cache)
@@ -241,7 +242,8 @@ def validate(cfg: JobConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} {msg}")
 
-    need(cfg.model.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}")
+    need(cfg.model.dtype in ("fp32", "bf16", "fp16", "auto"), "model.dtype",
+         f"must be fp32, bf16, fp16 or auto, got {cfg.model.dtype!r}")
     d = cfg.model.device
     need(d in ("auto", "cpu", "cuda") or d.startswith("cuda:"), "model.device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
     need(all(l >= 0 for l in cfg.extract.layers), "extract.layers", f"must be >= 0, got {cfg.extract.layers}")

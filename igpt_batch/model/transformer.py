@@ -42,7 +42,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def load_model(name: str, dtype: str = "fp32", device: str = "auto") -> "IGPT":
-    """Load a checkpoint ('demo', local folder or hub id) from safetensors only; never remote code."""
+    """Load a checkpoint ('demo', local folder or hub id) from safetensors only; never remote code.
+    dtype 'auto' resolves on this process's hardware (model/dtypes.py)."""
+    if dtype == "auto":
+        from igpt_batch.model import dtypes
+
+        dtype = dtypes.resolve("auto", dtypes.hardware(device))
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     from transformers import ImageGPTForCausalImageModeling

@@ -13,7 +13,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, iter_manifest, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import guards, tasks
+from igpt_batch.run import dtype_auto, guards, tasks
 from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason, read_output
 from igpt_batch.run.tasks import Plan, Resolved, Task
 
@@ -105,6 +105,7 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
     """Run one job end to end; returns the _SUCCESS summary. Raises JobError if shards fail or too many rows are bad."""
     t0 = time.time()
     task = tasks.get(task)
+    cfg = dtype_auto.resolve_job(cfg)  # --dtype auto: resolved once, recorded and compared as resolved
     resolved, plan, keys = prepare(cfg, task, info)
     info = resolved.info
     job = {"task": task.name, "config": cfg.to_dict(redact=True), "compat": keys, "model": cfg.model.name,

@@ -60,12 +60,14 @@ class ShardWorker:
         import torch
         from transformers.utils import logging as hf_logging
 
+        from igpt_batch.model import dtypes
         from igpt_batch.model.transformer import load_model
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in actors
         hf_logging.disable_progress_bar()  # one line below says the model loaded, not a bar per actor
         if self.cfg.run.torch_threads:
             torch.set_num_threads(self.cfg.run.torch_threads)
+        dtypes.check_worker(self.cfg.model)  # --dtype auto: this worker's hardware must resolve as the job's did
         t0 = time.perf_counter()
         self.model = load_model(self.resolved.info.path, self.cfg.model.dtype, self.cfg.model.device)
         log.info("model %s (%s) loaded on %s in %.1f s", self.cfg.model.name, self.cfg.model.dtype, self.model.device,
@@ -159,7 +161,7 @@ class ShardWorker:
     def run(self, shard: Shard) -> dict:
         """Process one shard and commit it; returns the commit record plus timings."""
         self.load()
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         stats = dict.fromkeys(STAGES, 0.0)
         rows = self.out.read_plan(shard.name) if self.task.reads_manifest else None  # written by the driver
         tables = self.runner(shard, rows, stats)
@@ -168,10 +170,11 @@ class ShardWorker:
         record = {
             "shard": shard.name, "start": shard.start, "stop": shard.stop, "files": files,
             "rows": {kind: t.num_rows for kind, t in tables.items()},
-            "fingerprint": self.fingerprint, "worker_pid": os.getpid(),
+            "fingerprint": self.fingerprint, "worker_pid": os.getpid(), "started_at": round(started_at, 3),
         }
         stats["write_s"] = time.perf_counter() - tw
         record["stats"] = {k: round(v, 4) for k, v in stats.items()} | {"total_s": round(time.perf_counter() - t0, 4)}
+        record["committed_at"] = round(time.time(), 3)  # wall clock (unix s), like started_at: the report's timeline
         self.out.commit(shard.name, record)
         metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray
         return record
