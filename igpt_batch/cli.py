@@ -30,6 +30,7 @@ FLAGS = {
     "--overwrite": ("output.overwrite", "replace an existing output, also one written with another config", CONST),
     "--write-png-files": ("output.write_png_files", "also write pngs/seed-<seed>.png", CONST),
     "--contact-sheet": ("output.contact_sheet", "grid picture of the first N samples (0 = none)", {"metavar": "N"}),
+    "--no-report": ("output.report", "do not write report.html beside _SUCCESS", {"action": "store_const", "const": False}),
     "--preview": ("output.preview", "extract: the first N inputs beside their quantised versions", {"metavar": "N"}),
     "--score": ("extract.score", "extract: add nll_bits, the image's mean -log2 p(token) (full depth, same pass)", CONST),
     "--layer": ("extract.layers", "feature layer, repeatable, concatenated in order (none given: n_layer // 2)",
@@ -66,7 +67,8 @@ TASK_FLAGS = {
                 "--retry-errors"],
 }
 COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--workers", "--shard-size", "--address",
-          "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]
+          "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction",
+          "--no-report"]
 
 
 def _with_default(help_: str, key: str, defaults: config_mod.JobConfig) -> str:
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call, or auto; "
                         f"default {defaults.extract.batch_size} / {defaults.generate.batch_size}")
         for flag in COMMON + TASK_FLAGS[task]:
-            if task == "refresh" and flag in ("--output", "--overwrite"):  # the store decides where output goes
+            if task == "refresh" and flag in ("--output", "--overwrite", "--no-report"):  # the store decides where output goes
                 continue
             key, help_, extra = FLAGS[flag]
             sp.add_argument(flag, dest=flag[2:].replace("-", "_"), help=_with_default(help_, key, defaults), **extra)
@@ -137,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     from igpt_batch.outliers import add_arguments as outliers_arguments
 
     outliers_arguments(sub)
+    r = sub.add_parser("report", help="write an output's report.html: summary, throughput, errors, embedding map")
+    r.add_argument("output", help="an output folder or fsspec URL")
+    r.add_argument("-o", "--out", help="where to write the page (default OUTPUT/report.html)")
+    r.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     return p
 
 
@@ -192,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
                            as_json=args.json)
+        if args.command == "report":
+            from igpt_batch.run.report import write
+
+            print(write(args.output, args.out, _storage_options(args.storage_options)))
+            return 0
         if args.command == "outliers":
             from igpt_batch.outliers import run as outliers
 

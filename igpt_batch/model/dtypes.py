@@ -40,9 +40,10 @@ def cuda_bf16() -> bool:
 def hardware(device: str) -> dict:
     """What `auto` is resolved from in this process: {"device": "cuda"|"cpu", "bf16": bool, "cpu_flags": [...]}
     (the bf16-relevant CPU flags only, so it stays short in logs and _job.json)."""
-    from igpt_batch.model.transformer import resolve_device
+    import torch
 
-    kind = resolve_device(device).type
+    spec = str(device).strip().lower()
+    kind = "cuda" if spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available()) else "cpu"
     flags = cpu_flags()
     bf16 = cuda_bf16() if kind == "cuda" else bool(flags & BF16_CPU_FLAGS)
     return {"device": kind, "bf16": bf16, "cpu_flags": sorted(flags & BF16_CPU_FLAGS)}

@@ -13,7 +13,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, iter_manifest, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import dtype_auto, guards, tasks
+from igpt_batch.run import dtype_auto, guards, report, tasks
 from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason, read_output
 from igpt_batch.run.tasks import Plan, Resolved, Task
 
@@ -164,6 +164,7 @@ def _run(cfg: JobConfig, task: Task, resolved: Resolved, plan: Plan, keys: dict,
         task.pictures(cfg, resolved, out)
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
         log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
+    report.maybe_write(cfg, out, summary)  # report.html beside _SUCCESS (output.report); never raises
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
         out.finish(summary, ok=False)
