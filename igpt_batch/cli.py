@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from igpt_batch.store.search import add_arguments as search_arguments
 
     search_arguments(sub)  # export, neighbors, dedup
+    from igpt_batch.store.changes import add_arguments as changes_arguments
+
+    changes_arguments(sub)
     from igpt_batch.outliers import add_arguments as outliers_arguments
 
     outliers_arguments(sub)
@@ -198,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
                            as_json=args.json)
+        if args.command == "changes":
+            from igpt_batch.store.changes import run as changes
+
+            return changes(args, _storage_options(args.storage_options))
         if args.command == "report":
             from igpt_batch.run.report import write
 
