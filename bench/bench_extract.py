@@ -16,6 +16,8 @@ Sections (each prints `name: value` lines; ratios are plain numbers):
               images already resized to n_px (tokenisation alone; the headline figure) and on the full
               decoded photos (our resize + tokenize vs the processor's own resize + quantise).
   scaling     2 Ray CPU actors vs 1 (torch threads 1 per actor, tiny model) -> scaling_ratio.
+  dtype       the CPU flags seen (/proc/cpuinfo: avx2, avx512f, avx512_bf16, amx_bf16), what --dtype auto resolves to
+              here, and bare-model images/s in fp32 and in bf16 (same shape, layer, batch) -> bf16_over_fp32.
   gpu         (--preset medium-gpu, or reduced on CPU with --smoke) imagegpt-medium shape, random weights,
               bf16: images/s and MFU at layer 20 and at full depth, against a bf16 matmul peak measured
               in this process.
@@ -52,12 +54,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from igpt_batch.inputs import images
-from igpt_batch.model import palette  # noqa: E402
+from igpt_batch.model import dtypes, palette  # noqa: E402
 from igpt_batch.model.checkpoint import DEMO_MODEL_DIR  # noqa: E402
 from igpt_batch.model.extractor import Extractor  # noqa: E402
 from igpt_batch.model.transformer import DTYPES, IGPT, load_model, resolve_device  # noqa: E402
 
-SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "gpu")
+SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "dtype", "gpu")
+SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the CPU flags the dtype section prints
 SHAPES = {  # name -> (n_px, n_embd, n_layer, n_head, vocab_size incl. SOS)
     "small": (32, 512, 24, 8, 513),   # openai/imagegpt-small
     "medium": (32, 1024, 36, 8, 513),  # openai/imagegpt-medium
@@ -225,6 +228,24 @@ def section_extract(model: IGPT, label: str, batch: int, n_images: int, reps: in
     note(f"{label}: {describe(model)}, layer {layer}, batch {batch}, {n_images} images")
     say(f"extract_{label}_images_per_s", rate)
     return rate
+
+
+def section_dtype(make_model, label: str, batch: int, n_images: int, reps: int, rng) -> float:
+    """fp32 and bf16 bare-model images/s of one model (make_model(dtype) builds it), and the CPU flags seen."""
+    flags = dtypes.cpu_flags()
+    report = dtypes.hardware("cpu")
+    say("cpu_flags", " ".join(f for f in SHOWN_FLAGS if f in flags) or "none")
+    say("dtype_auto_cpu", dtypes.resolve("auto", report))
+    rates = {}
+    for dtype in ("fp32", "bf16"):
+        model = make_model(dtype)
+        tokens = rng.integers(0, model.vocab_size - 1, (n_images, model.n_positions))
+        features_np(model, tokens[:batch], [1])  # warm-up
+        rates[dtype] = bare_images_per_s(model, tokens, batch, [model.n_layer // 2], reps)
+        note(f"dtype {dtype}: {describe(model)}, layer {model.n_layer // 2}, batch {batch}")
+        say(f"dtype_{label}_{dtype}_images_per_s", rates[dtype])
+    say("bf16_over_fp32", rates["bf16"] / rates["fp32"])
+    return rates["bf16"] / rates["fp32"]
 
 
 def section_pipeline(model: IGPT, jpegs: list[bytes], batch: int, n_images: int, reps: int) -> float:
@@ -429,9 +450,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions; the best is kept")
     p.add_argument("--tokenize-images", dest="tokenize_images", type=int, default=64)
     p.add_argument("--device", default="cpu", help="device for the main model (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES) + ["auto"],
+                   help="the main model's dtype; auto: bf16 where this hardware computes it natively")
     p.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = dtypes.resolve("auto", dtypes.hardware(args.device))
     if args.batch is None:
         args.batch = 64 if args.preset == "medium-gpu" else 8
     return args
@@ -483,6 +507,11 @@ def main(argv=None) -> None:
             section_scaling((8, 32, 2, 4, 17), batch=4, calls=4, reps=1)
         else:
             section_scaling(SHAPES["scaling"], batch=16, calls=16, reps=reps)
+    if "dtype" not in skip:
+        if args.smoke:
+            section_dtype(lambda dt: random_model(SHAPES["tiny"], dt), "tiny_random", batch, n_images, reps, rng)
+        else:
+            section_dtype(lambda dt: load_named_model(args.model, dt, args.device)[0], label, batch, n_images, reps, rng)
     if "gpu" not in skip and args.smoke:
         # the GPU section's code path, reduced: tiny model, fp32 on CPU, small matmul
         section_gpu(SHAPES["tiny"], "fp32", torch.device("cpu"), 4, [2, SHAPES["tiny"][2]], 1,

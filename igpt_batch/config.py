@@ -18,7 +18,8 @@ MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
 @dataclass
 class ModelConfig:
     name: str = "demo"  # "demo", a local checkpoint folder, or a hub id such as openai/imagegpt-medium
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the hardware computes it natively, else fp32)
+    dtype_auto_from: str = ""  # set by the driver when dtype was auto: the hardware it resolved from (workers check)
     device: str = "auto"  # auto picks CUDA when present, else cpu; or cpu / cuda / cuda:N
     compile: bool = True  # CUDA only: torch.compile the decode step (falls back to eager on failure)
     decode_buckets: int = 8  # compiled decode attends over the position rounded up to n_positions/N (1 = whole cache)
@@ -45,12 +46,14 @@ class OutputConfig:
     write_png_files: bool = False  # generate/complete: also write each sample as pngs/<name>.png
     contact_sheet: int = 64  # generate/complete: put the first N samples in contact_sheet.png (0 = none)
     preview: int = 0  # extract: write preview.png with the first N inputs beside their quantised versions
+    report: bool = True  # write report.html (summary, throughput, errors, embedding map, pictures) beside _SUCCESS
 
 
 @dataclass
 class ExtractConfig:
     layers: list[int] = field(default_factory=list)  # empty = n_layer // 2 (the paper's best probes are mid-network)
     batch_size: int | str = 32  # or "auto": the largest that fits on the GPU
+    score: bool = False  # add nll_bits (mean -log2 p(token) over the image, full depth) from the same pass
 
 
 @dataclass
@@ -240,7 +243,8 @@ def validate(cfg: JobConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} {msg}")
 
-    need(cfg.model.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}")
+    need(cfg.model.dtype in ("fp32", "bf16", "fp16", "auto"), "model.dtype",
+         f"must be fp32, bf16, fp16 or auto, got {cfg.model.dtype!r}")
     d = cfg.model.device
     need(d in ("auto", "cpu", "cuda") or d.startswith("cuda:"), "model.device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
     need(all(l >= 0 for l in cfg.extract.layers), "extract.layers", f"must be >= 0, got {cfg.extract.layers}")

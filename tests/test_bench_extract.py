@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_extract.py"
-RATIOS = ("pipeline_efficiency", "truncation_ratio", "tokenize_speedup", "preprocess_full_speedup", "scaling_ratio",
+RATIOS = ("pipeline_efficiency", "bf16_over_fp32", "truncation_ratio", "tokenize_speedup", "preprocess_full_speedup", "scaling_ratio",
           "gpu_smoke_cpu_layer2_mfu", "gpu_smoke_cpu_layer4_mfu")
 
 
@@ -21,3 +21,5 @@ def test_bench_extract_smoke_prints_positive_ratios():
                  "ray_2_actors_images_per_s", "gpu_smoke_cpu_layer4_images_per_s"):
         assert float(values[name]) > 0, (name, proc.stdout)
     assert values["tokens_equal"] == "equal", proc.stdout
+    assert values["dtype_auto_cpu"] in ("fp32", "bf16") and values["cpu_flags"], proc.stdout
+    assert float(values["dtype_tiny_random_fp32_images_per_s"]) > 0 and float(values["dtype_tiny_random_bf16_images_per_s"]) > 0

@@ -12,7 +12,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, Inputs, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import guards, tasks
+from igpt_batch.run import dtype_auto, guards, report, tasks
 from igpt_batch.run.context import Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason, read_output
@@ -98,6 +98,7 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
             on_mismatch: str = "refuse") -> dict:
     """Run one job end to end; returns the _SUCCESS summary. Raises JobError if shards fail or too many rows are bad."""
     t0 = time.time()
+    cfg = dtype_auto.resolve_job(cfg)  # --dtype auto: resolved once, recorded and compared as resolved
     with prepare(cfg, tasks.get(task), info) as job:
         lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout,
                       force=cfg.output.overwrite)
@@ -129,6 +130,7 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
         task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None)
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
         log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
+    report.maybe_write(cfg, out, summary)  # report.html beside _SUCCESS (output.report); never raises
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
         out.finish(summary, ok=False)
