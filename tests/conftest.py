@@ -49,6 +49,18 @@ def tiny_hf(seed: int = 0, vocab_size: int = 17, n_positions: int = 64, n_embd: 
     return hf
 
 
+def job_cfg(model, *values, keys=("output.path",), **over):
+    """The tests' one config factory: a job of `model` (a checkpoint path or "demo") that draws no contact sheet.
+    `values` (paths or URIs) fill the dotted `keys` in order; `over` holds dotted keys (**{"run.shard_size": 2}) and
+    storage_options. A test module binds its own defaults once: functools.partial(job_cfg, **{...})."""
+    from igpt_batch import config
+
+    if len(values) > len(keys):
+        raise TypeError(f"job_cfg: {len(values)} paths for the keys {keys}")
+    named = {key: str(v) for key, v in zip(keys, values)}
+    return config.load(None, {"model.name": str(model), "output.contact_sheet": 0, **named, **over})
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: intra-op threads only add sync overhead (badly so on a shared, busy machine)."""

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import job_cfg
 
 from igpt_batch import __version__, config, errors
 from igpt_batch.errors import ManifestError
@@ -20,11 +21,8 @@ from igpt_batch.inputs.manifest import Columns, iter_manifest, scan_manifest
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import read_output
 
-
-def cfg_for(ckpt, out, **over):
-    base = {"model.name": ckpt, "output.path": str(out), "run.shard_size": 3, "extract.batch_size": 4,
-            "output.contact_sheet": 0, "run.executor": "local", "extract.layers": [1]}
-    return config.load(None, {**base, **over})
+cfg_for = functools.partial(job_cfg, **{"run.shard_size": 3, "extract.batch_size": 4, "run.executor": "local",
+                                        "extract.layers": [1]})  # (ckpt, out, **over)
 
 
 @pytest.fixture
