@@ -1,12 +1,16 @@
-"""Shared fixtures: tiny random ImageGPT checkpoints, real image files, a local Ray, a real S3 server."""
+"""Shared fixtures: the one config factory, tiny random ImageGPT checkpoints, real image files, the session's Ray head,
+a real S3 server."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -107,14 +111,85 @@ def write_manifest(path: Path, uris: list[str], ids: list[str] | None = None) ->
     return path
 
 
+class RayHead:
+    """`ray start --head --block` with a dashboard (for `ray job submit`) and a metrics export port, every port its
+    own (other Rays run on this machine), in its own process group: stopped by PID (killpg), never by name."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: keep that path short
+        self.ray_tmp = tempfile.mkdtemp(prefix="igpt-ray-", dir="/tmp")
+        port, dash, mport, *own = free_ports(9)  # distinct: each held until all are chosen
+        self.address = f"127.0.0.1:{port}"  # the GCS, for ray.init and --address
+        self.dashboard = f"http://127.0.0.1:{dash}"  # for `ray job submit --address`
+        self.metrics_url = f"http://127.0.0.1:{mport}/metrics"  # Prometheus text
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.env.pop("RAY_ADDRESS", None)
+        flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "node-manager-port", "object-manager-port", "ray-client-server-port")
+        self.cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--metrics-export-port={mport}",
+                    "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={self.ray_tmp}",
+                    '--system-config={"metrics_report_interval_ms": 1000}',  # export every second, not every 10
+                    *(f"--{flag}={p}" for flag, p in zip(flags, own))]
+
+    def start(self) -> None:
+        log = self.root / "head.log"
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 180
+        while not (http_get(f"{self.dashboard}/api/version") and http_get(self.metrics_url)):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError("ray head did not come up: " + log.read_text()[-3000:])
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)  # the head can take ~20 s to honour SIGTERM; its process group is ours to kill
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def http_get(url: str) -> str | None:
+    """The body of a GET, or None while nothing answers."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One isolated local Ray for the whole session (starting Ray costs seconds)."""
+def ray_head(tmp_path_factory):
+    """The session's one Ray head, shared by every single-node test that needs one (drivers, `ray job submit`,
+    metrics). Multi-node and node-loss tests start their own."""
+    head = RayHead(tmp_path_factory.mktemp("rayhead"))
+    head.start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head):
+    """This process joined to the session's Ray head (2 CPUs): drivers run in-process against it."""
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head was started
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address=ray_head.address, configure_logging=False)
     yield ray
     ray.shutdown()
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
 
 
 def free_port() -> int:
@@ -208,6 +283,86 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported into this process, as the script sees itself (bench/ on sys.path): its smoke runs
+    in-process, without a fresh Python importing torch."""
+    import importlib
+
+    bench = str(REPO / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def torch_threads_kept():
+    """A bench's main() may set torch's thread count; the rest of the session keeps its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+class Gate:
+    """A real HTTP server with one real photo (any path) that is served only once the test opens the gate: a job
+    that reads it cannot finish before then, so a test acts mid-job on a condition, not on timing."""
+
+    def __init__(self):
+        import http.server
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(real_photos()["coffee"]).save(buf, format="PNG")
+        body, gate = buf.getvalue(), self
+        self.requested, self.opened = threading.Event(), threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                gate.requested.set()
+                gate.opened.wait(300)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}/gate.png"
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def close(self) -> None:
+        self.opened.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gate():
+    g = Gate()
+    yield g
+    g.close()
+
+
+def wait_for(fn, timeout: float = 120, while_running: subprocess.Popen | None = None):
+    """fn()'s first truthy value, polled until `timeout` (or until `while_running` has exited); None if none came."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (while_running is None or while_running.poll() is None):
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.1)
+    return None
 
 
 def full_logits(model, ids):
