@@ -293,9 +293,8 @@ class ScaleActor:
 
 
 def section_scaling(shape: tuple, batch: int, calls: int, reps: int) -> float:
-    import ray
-
     import common
+    import ray
 
     ray.cloudpickle.register_pickle_by_value(common)  # the actors need not find bench/ on their path
     if __name__ != "__main__":  # imported (not run as a script): ship this module's code to the actors
@@ -365,7 +364,8 @@ def section_gpu(shape: tuple, dtype: str, device: torch.device, batch: int, laye
     say(f"{label}_matmul_peak_tflops", peak / 1e12)
     with torch.inference_mode():
         model.features(tokens, [max(layers)])  # warm-up at full size (kernels, allocator)
-        t = best_interleaved({layer: (lambda l=layer: model.features(tokens, [l])) for layer in layers}, reps, device)
+        t = best_interleaved({layer: (lambda l=layer, m=model, x=tokens: m.features(x, [l])) for layer in layers}, reps,
+                             device)
     for layer in layers:
         flops = model_flops_per_image(model.n_positions, model.n_embd, layer) * batch
         say(f"{label}_layer{layer}_images_per_s", batch / t[layer])
