@@ -156,7 +156,7 @@ def test_actor_sigkill_mid_job_retries_the_shard(ray_local, tiny_ckpt, image_dir
     assert sorted(read_output(str(out), "embeddings").column("id").to_pylist()) == sorted(ids)  # each row once
     pids = {name: r["worker_pid"] for name, r in OutputFolder(str(out)).committed().items()}
     assert killed[0] in pids.values() and pids["part-00001"] != killed[0]  # a fresh actor did the gate's shard
-    assert s["shards_run"] == len(ids) and s["rows"] == {"embeddings": len(ids)}
+    assert s["shards_run"] == len(ids) and s["rows"] == {"embeddings": len(ids), "errors": 0}
 
 
 def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt, image_dir, tmp_path, gate):
@@ -240,6 +240,6 @@ def test_s3_outage_mid_job_is_survived(flaky_s3, tiny_ckpt, image_dir, tmp_path,
     t.join()
     assert back, "the job never reached the gate with 2 commits"
     assert finished > back[0]  # its last writes came after the gate opened, into the outage: it waited it out
-    assert s["rows"] == {"embeddings": len(ids)} and s["shards_run"] == len(ids)
+    assert s["rows"] == {"embeddings": len(ids), "errors": 0} and s["shards_run"] == len(ids)
     got = read_output(f"s3://{bucket}/o", "embeddings", so).column("id").to_pylist()
     assert sorted(got) == sorted(ids)
