@@ -51,9 +51,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+from common import note, random_clusters, random_hf, say, timed  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from igpt_batch.inputs import images
+from igpt_batch.inputs import images  # noqa: E402
 from igpt_batch.model import dtypes, palette  # noqa: E402
 from igpt_batch.model.checkpoint import DEMO_MODEL_DIR  # noqa: E402
 from igpt_batch.model.extractor import Extractor  # noqa: E402
@@ -75,30 +76,6 @@ JPEG_SIZES = (64, 256, 512, 1024)  # longest side of the re-encoded JPEGs
 # ----------------------------------------------------------------------------- helpers
 
 
-def say(name: str, value) -> None:
-    """One result line: `name: value` (floats with 4 significant digits)."""
-    if isinstance(value, float):
-        value = f"{value:.4g}"
-    print(f"{name}: {value}", flush=True)
-
-
-def note(text: str) -> None:
-    print(f"# {text}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
 def best_interleaved(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
     """Run every fn once per repetition, alternating, and keep each one's fastest time.
 
@@ -114,17 +91,10 @@ def best_interleaved(fns: dict, reps: int, device: torch.device) -> dict[str, fl
 
 def random_model(shape: tuple, dtype: str = "fp32", device: str | torch.device = "cpu", seed: int = 0) -> IGPT:
     """An IGPT over a randomly initialised HF ImageGPT of the given shape, with a random palette."""
-    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
-
     n_px, n_embd, n_layer, n_head, vocab = shape
-    torch.manual_seed(seed)
-    cfg = ImageGPTConfig(vocab_size=vocab, n_positions=n_px * n_px, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.device(device):
-        hf = ImageGPTForCausalImageModeling(cfg)
-    hf = hf.to(DTYPES[dtype])
-    clusters = np.random.default_rng(seed).uniform(-1, 1, (vocab - 1, 3)).astype(np.float32)
-    return IGPT(hf, clusters)
+    hf = random_hf(dict(vocab_size=vocab, n_positions=n_px * n_px, n_embd=n_embd, n_layer=n_layer, n_head=n_head),
+                   DTYPES[dtype], device, seed)
+    return IGPT(hf, random_clusters(vocab, seed))
 
 
 def describe(model: IGPT) -> str:
@@ -347,8 +317,10 @@ class ScaleActor:
 
 
 def section_scaling(shape: tuple, batch: int, calls: int, reps: int) -> float:
+    import common
     import ray
 
+    ray.cloudpickle.register_pickle_by_value(common)  # the actors need not find bench/ on their path
     if __name__ != "__main__":  # imported (not run as a script): ship this module's code to the actors
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     started = not ray.is_initialized()
@@ -416,7 +388,8 @@ def section_gpu(shape: tuple, dtype: str, device: torch.device, batch: int, laye
     say(f"{label}_matmul_peak_tflops", peak / 1e12)
     with torch.inference_mode():
         model.features(tokens, [max(layers)])  # warm-up at full size (kernels, allocator)
-        t = best_interleaved({layer: (lambda l=layer: model.features(tokens, [l])) for layer in layers}, reps, device)
+        t = best_interleaved({layer: (lambda l=layer, m=model, x=tokens: m.features(x, [l])) for layer in layers}, reps,
+                             device)
     for layer in layers:
         flops = model_flops_per_image(model.n_positions, model.n_embd, layer) * batch
         say(f"{label}_layer{layer}_images_per_s", batch / t[layer])

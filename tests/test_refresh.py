@@ -1,4 +1,5 @@
 """Nightly refresh, for real: three nights over real photos, a version change, a SIGKILLed night, and a night on S3."""
+import functools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, S3Server, real_photos, write_manifest
+from conftest import REPO, S3Server, job_cfg, real_photos, write_manifest
 
 from igpt_batch import config
 from igpt_batch.cli import build_parser, config_from_args, main
@@ -42,9 +43,8 @@ def manifest(path: Path, d: Path, names: list[str]) -> str:
     return str(write_manifest(path, [str(d / n) for n in names], names))
 
 
-def cfg_for(tiny_ckpt, store, m, **extra):
-    return config.load(None, {"model.name": tiny_ckpt, "input.manifest": str(m), "refresh.store": str(store),
-                              "run.executor": "local", "run.shard_size": 3, "extract.layers": [2], **extra})
+cfg_for = functools.partial(job_cfg, keys=("refresh.store", "input.manifest"),  # (ckpt, store, manifest, **over)
+                            **{"run.executor": "local", "run.shard_size": 3, "extract.layers": [2]})
 
 
 def by_id(t) -> dict:
