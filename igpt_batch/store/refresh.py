@@ -237,6 +237,7 @@ def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
         kept = store.kept_snapshots(version)
         if kept and store.latest().get("version") != version:
             store.set_latest(version, max(kept))
+        find_duplicates(cfg, night)  # nothing new: searches nothing
         return s
     log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, night.snapshot,
              s["new"], s["changed"], s["unchanged"], s["deleted"], s["computed"])
