@@ -59,15 +59,10 @@ def test_dedup_groups_pairs_across_fragments_and_cleans_its_scratch(tmp_path, mo
     assert not list((tmp_path / "store").glob("*/_scratch/*"))  # the pair files are removed
 
 
-def test_dedup_on_ray_gives_the_same_groups(tmp_path, monkeypatch):
+def test_dedup_on_ray_gives_the_same_groups(tmp_path, monkeypatch, ray_local):
     st, _ = planted_store(tmp_path)
     local, t_local = run(st, "local", tmp_path, monkeypatch)
-    import ray
-
-    try:
-        on_ray, t_ray = run(st, "ray", tmp_path, monkeypatch)
-    finally:
-        ray.shutdown()
+    on_ray, t_ray = run(st, "ray", tmp_path, monkeypatch)
     assert on_ray == local | {"output": on_ray["output"]} and t_ray.equals(t_local)
 
 
