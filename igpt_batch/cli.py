@@ -163,6 +163,8 @@ def _store_commands(sub) -> None:
     d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity a pair needs; default 0.95")
     d.add_argument("--output", help="Parquet file for the groups (path or fsspec URL); default none, summary only")
     d.add_argument("-k", type=int, default=10, help="neighbours queried per row; default 10")
+    d.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where the k-NN tasks over the table's fragments run; default local (this process)")
     _store_options(d)
     c = sub.add_parser("changes", help="the ids whose embedding changed between two nights of a refresh store")
     c.add_argument("store", help="the refresh store (folder or fsspec URL)")
@@ -186,7 +188,7 @@ def _run_store_command(args: argparse.Namespace) -> int:
         out = nn.neighbors(args.store, args.row_id, args.image, args.k, args.snapshot, args.version, so,
                            args.contact_sheet, args.device)
     else:
-        out = nn.dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so)
+        out = nn.dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so, args.executor)
     print(json.dumps(out), flush=True)
     return 0
 

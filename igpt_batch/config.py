@@ -92,6 +92,7 @@ class RefreshConfig:
     index_min_rows: int = 100_000  # build the IVF-PQ vector index once the table has this many rows
     compact_fragments: int = 32  # compact when this many fragments are smaller than a full one (0 = never)
     plan_bucket_rows: int = 250_000  # manifest rows per planning bucket (hash of id)
+    dup_threshold: float | None = None  # cosine: search each night's new and updated rows for near-duplicates
 
 
 @dataclass
@@ -287,5 +288,7 @@ def validate(cfg: JobConfig) -> None:
     need(cfg.refresh.index_min_rows >= 1, "refresh.index_min_rows", "must be >= 1")
     need(cfg.refresh.compact_fragments >= 0, "refresh.compact_fragments", "must be >= 0 (0 = never)")
     need(cfg.refresh.plan_bucket_rows >= 1, "refresh.plan_bucket_rows", "must be >= 1")
+    need(cfg.refresh.dup_threshold is None or -1 <= cfg.refresh.dup_threshold <= 1, "refresh.dup_threshold",
+         "must be a cosine similarity in [-1, 1]")
     need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")
