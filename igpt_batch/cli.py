@@ -188,7 +188,9 @@ def _run_store_command(args: argparse.Namespace) -> int:
         out = nn.neighbors(args.store, args.row_id, args.image, args.k, args.snapshot, args.version, so,
                            args.contact_sheet, args.device)
     else:
-        out = nn.dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so, args.executor)
+        from igpt_batch.store.dedup import dedup
+
+        out = dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so, args.executor)
     print(json.dumps(out), flush=True)
     return 0
 

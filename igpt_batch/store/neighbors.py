@@ -6,7 +6,6 @@ import logging
 import numpy as np
 import pyarrow.compute as pc
 
-from igpt_batch.store.dedup import dedup  # noqa: F401 - `dedup` is read through this module too (cli)
 from igpt_batch.store.index import has_index, knn, open_table
 
 log = logging.getLogger("igpt_batch")
