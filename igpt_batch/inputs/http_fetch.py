@@ -80,7 +80,9 @@ def read_http(url: str, opts: dict, timeout: float, max_bytes: int, where: str, 
     except (u3.HTTPError, OSError) as e:
         raise ImageError("read", f"HTTP read failed ({type(e).__name__}): {where}") from None
     finally:
-        resp.release_conn() if done else resp.close()  # only a fully read body goes back to the pool
+        if not done:  # an error, or a body not read to its end: this connection is not reused...
+            resp.close()
+        resp.release_conn()  # ...but its slot goes back to the blocking pool, or the host dies after a few errors
     if not done:
         raise too_large(len(data), max_bytes, where)
     return data
