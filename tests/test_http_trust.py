@@ -47,8 +47,10 @@ def hostile(monkeypatch, image_dir):
         def log_message(self, *args):
             pass
 
-        def _send(self, code, body=b"", length=None, close=False):
+        def _send(self, code, body=b"", length=None, close=False, typed=False):
             self.send_response(code)
+            if typed:
+                self.send_header("Content-Type", "text/csv")
             if length is not None:
                 self.send_header("Content-Length", str(length))
             if close:
@@ -64,7 +66,7 @@ def hostile(monkeypatch, image_dir):
                 if body is None:
                     return self._send(404, b"no", 2)
                 if path[3:] in state["drop"]:  # promise the whole file, send a third, reset
-                    self._send(200, body[:len(body) // 3], len(body))
+                    self._send(200, body[:len(body) // 3], len(body), typed=state.get("typed"))
                     return _rst(self)
                 return self._send(200, body, len(body))
             if not path.startswith("/bad/"):
@@ -138,3 +140,77 @@ def test_error_responses_return_their_connection(hostile, image_dir):
                 fetch.read_bytes(f"{base}/bad/{kind}/{n}", timeout=2, retries=0, max_bytes=MAX_BYTES,
                                  host_connections=2)
     assert fetch.read_bytes(f"{base}/coffee.jpg", timeout=2, host_connections=2) == (image_dir / "coffee.jpg").read_bytes()
+
+
+# ----------------------------------------------------------------------------- manifest URLs
+
+SECRETS = ("s3cretpw", "SIGSECRET", "CREDSECRET")
+
+
+def secret_url(base: str, name: str) -> str:
+    host = base.partition("://")[2]
+    return (f"http://alice:s3cretpw@{host}/m/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=CREDSECRET"
+            "&X-Amz-Signature=SIGSECRET")
+
+
+def assert_no_secret(text: str) -> None:
+    assert not [s for s in SECRETS if s in text], text
+
+
+@pytest.mark.parametrize("name, body, why", [
+    ("dup.csv", b"id,uri\na,x.jpg\na,y.jpg\n", "1 duplicate ids"),
+    ("empty.csv", b"id,uri\n", "is empty"),
+    ("broken.parquet", b"PAR1 this is not parquet at all PAR1", "cannot read manifest"),
+    ("noid.jsonl", b'{"uri": "a.jpg"}\n{"id": "b", "uri": "b.jpg"}\n', "has an 'id' but earlier rows"),
+    ("nouri.csv", b"id,url\na,x.jpg\n", "has no 'uri' column"),
+])
+def test_manifest_url_credentials_never_in_messages(hostile, name, body, why):
+    state, base = hostile
+    state["files"][name] = body
+    with pytest.raises(ManifestError, match=why) as e:
+        scan_manifest(secret_url(base, name))
+    assert_no_secret(str(e.value))
+    assert "/m/" + name in str(e.value) or why == "1 duplicate ids"
+
+
+def test_manifest_url_with_a_query_and_basic_auth_images(hostile, tiny_ckpt, image_dir, tmp_path, capfd):
+    """m.csv?X-Amz-Signature=... is a CSV by its path; user:pass@ in an image URL is sent as Basic auth; no secret
+    reaches stderr, stdout or any file of the output."""
+    import base64
+    import subprocess
+    import sys
+
+    state, base = hostile
+    host = base.partition("://")[2]
+    names = ["coffee", "rocket"]
+    state["files"]["m.csv"] = ("id,uri\n" + "".join(f"{n},http://bob:s3cretpw@{host}/{n}.jpg\n" for n in names)).encode()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "igpt_batch.cli", "extract", "--manifest", secret_url(base, "m.csv"),
+                        "--output", str(out), "--executor", "local", "--model", tiny_ckpt, "--layer", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert_no_secret(r.stdout + r.stderr)
+    t = read_output(str(out), "embeddings").sort_by("id")
+    assert t.column("id").to_pylist() == names
+    assert t.column("uri").to_pylist() == [f"http://{host}/{n}.jpg" for n in names]
+    basic = "Basic " + base64.b64encode(b"bob:s3cretpw").decode()
+    assert state["auth"].count(basic) == len(names)  # the images, and only them: the manifest's own read is aiohttp's
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert_no_secret(f.read_bytes().decode("latin-1"))
+
+
+@pytest.mark.parametrize("typed", [True, False])  # untyped, fsspec reads it while listing; typed, while reading
+def test_dropped_manifest_connection_is_a_message(hostile, tiny_ckpt, tmp_path, typed):
+    import subprocess
+    import sys
+
+    state, base = hostile
+    state["typed"] = typed
+    state["files"]["m.csv"] = b"id,uri\n" + b"".join(b"r%d,x%d.jpg\n" % (i, i) for i in range(200_000))
+    state["drop"].add("m.csv")
+    r = subprocess.run([sys.executable, "-m", "igpt_batch.cli", "extract", "--manifest", secret_url(base, "m.csv"),
+                        "--output", str(tmp_path / "out"), "--executor", "local", "--model", tiny_ckpt],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot read manifest" in r.stderr and "/m/m.csv" in r.stderr
+    assert_no_secret(r.stderr)

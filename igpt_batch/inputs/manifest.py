@@ -10,9 +10,10 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from igpt_batch.errors import ManifestError
+from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs import tars
-from igpt_batch.inputs.manifest_files import ColumnHash, Columns, file_uri, read_batches, relative_id, resolve_uris
+from igpt_batch.inputs.manifest_files import (ColumnHash, Columns, file_uri, name_of, read_batches, redact_text,
+                                              relative_id, resolve_uris)
 from igpt_batch.redact import redact_uri, scrub_secrets
 
 MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -64,6 +65,10 @@ def _expand(spec: str, storage_options: dict) -> _Inputs:
         why = scrub_secrets(f"{type(e).__name__}: {e}", storage_options)
         raise ManifestError(f"cannot open manifest {redact_uri(spec)} ({why}): check the URL and the storage options "
                             "(their names and types)") from None
+    except Exception as e:  # a dropped connection while listing (aiohttp's errors are not OSErrors): not the input
+        why = redact_text(scrub_secrets(f"{type(e).__name__}: {e}", storage_options))
+        raise JobError(f"cannot read manifest {redact_uri(spec)} ({why}): the connection or the storage failed; "
+                       "run again") from None
 
 
 def _hidden(name: str) -> bool:
@@ -80,7 +85,7 @@ def _list(spec: str, storage_options: dict) -> _Inputs:
             raise ManifestError(f"{len(missing)} of {len(urls)} tars not found (e.g. {redact_uri(missing[0])})")
         return _classify(fs, spec, posixpath.dirname(first), paths, paths)
     fs, path = fsspec.core.url_to_fs(spec, **storage_options)
-    if any(c in path for c in "*?["):
+    if any(c in (path if "://" not in path else path.partition("?")[0]) for c in "*?["):  # a URL's ?query: no glob
         base = path[:min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
         outputs: dict[str, bool] = {}
         found = [f for f in sorted(fs.glob(path)) if not _excluded(fs, f, base, outputs)]
@@ -130,8 +135,8 @@ def _walk(fs: fsspec.AbstractFileSystem, root: str, spec: str) -> tuple[list[str
 
 def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> _Inputs:
     """Manifest files when the top level holds them and no images; else images (at any depth); else tars."""
-    is_manifest = lambda f: f.lower().endswith(MANIFEST_EXTS)  # noqa: E731
-    is_image = lambda f: f.lower().endswith(IMAGE_EXTS)  # noqa: E731
+    is_manifest = lambda f: name_of(f).endswith(MANIFEST_EXTS)  # noqa: E731
+    is_image = lambda f: name_of(f).endswith(IMAGE_EXTS)  # noqa: E731
     top_manifests, top_images = [f for f in top if is_manifest(f)], [f for f in top if is_image(f)]
     if top_manifests and top_images:
         names = lambda fs_: ", ".join(posixpath.basename(f) for f in fs_[:3]) + (", ..." if len(fs_) > 3 else "")  # noqa: E731
@@ -145,7 +150,7 @@ def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> _In
         return _Inputs(fs, "manifests", manifests, base)
     if images:
         return _Inputs(fs, "images", images, base)
-    tar_files = [f for f in found if f.lower().endswith(tars.TAR_EXTS)]
+    tar_files = [f for f in found if name_of(f).endswith(tars.TAR_EXTS)]
     if tar_files:
         return _Inputs(fs, "tars", tar_files, base)  # in the order named (brace ranges) or listed
     raise ManifestError(f"no manifest or image files found at {redact_uri(spec)}")
@@ -181,7 +186,7 @@ def _tables(inputs: _Inputs, columns: Columns, digest: bool) -> Iterator[pa.Tabl
                 uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
             ids = t.column("id") if "id" in t.column_names else uris
             if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
-                raise ManifestError(f"manifest {path} has empty '{columns.uri}' or '{columns.id}' values")
+                raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
             row += t.num_rows
             yield pa.table({"id": ids, "uri": uris, **({"bytes": t.column("bytes")} if columns.bytes else {})})
 
@@ -236,7 +241,7 @@ def scan_manifest(spec: str, storage_options: dict | None = None, columns: Colum
                 h_content.update(t.column(content))
         hashes.append(np.fromiter((hash(i) for i in t.column("id").to_pylist()), dtype=np.int64, count=t.num_rows))
     if rows == 0:
-        raise ManifestError(f"manifest {spec} is empty: no rows to process")
+        raise ManifestError(f"manifest {redact_uri(spec)} is empty: no rows to process")
     hashes = np.concatenate(hashes)
     _check_duplicates(spec, hashes, lambda: _tables(inputs, Columns(columns.id, columns.uri), False))
     content = h_content.digest() if columns.bytes or inputs.kind == "tars" else b""
@@ -257,7 +262,7 @@ def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterat
                     seen.add(i)
         if dups:
             names = ", ".join(repr(v) for v in list(dups)[:5])
-            raise ManifestError(f"manifest {spec} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
+            raise ManifestError(f"manifest {redact_uri(spec)} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
 
 
 def read_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> pa.Table:
