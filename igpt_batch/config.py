@@ -12,6 +12,7 @@ from igpt_batch.errors import ConfigError
 from igpt_batch.redact import redact_secrets, redact_uri
 
 MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
+YAML_MAX_BYTES, YAML_MAX_NODES = 1 << 20, 100_000  # a config file's size, and its values with aliases expanded
 
 
 @dataclass
@@ -225,11 +226,43 @@ def _read_yaml(p: Path) -> Any:
     if p.is_dir():
         raise ConfigError(f"config file {p} is a folder: pass a YAML file (see configs/)")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if p.stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"config file {p} is over {YAML_MAX_BYTES} bytes: not a config file")
+        loader = yaml.SafeLoader(p.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded(node, {}, set()) > YAML_MAX_NODES:  # before any object is built
+                raise ConfigError(f"config file {p} expands to over {YAML_MAX_NODES} values through its aliases "
+                                  "(an alias bomb?): write the values out")
+            return (loader.construct_document(node) if node is not None else None) or {}
+        finally:
+            loader.dispose()
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or type(e).__name__}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply: not a config file") from None
+
+
+def _expanded(node, sizes: dict, open_: set) -> int:
+    """How many values the YAML node stands for once every alias is copied out; an alias is a shared node, so each
+    is counted once (sizes) however often it is used, and a node inside itself counts as too many."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        return YAML_MAX_NODES + 1
+    open_.add(id(node))
+    items = node.value if isinstance(node.value, list) else []
+    children = [c for item in items for c in (item if isinstance(item, tuple) else (item,))]
+    total = 1
+    for child in children:
+        total += _expanded(child, sizes, open_)
+        if total > YAML_MAX_NODES:
+            break
+    open_.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 def validate(cfg: JobConfig) -> None:

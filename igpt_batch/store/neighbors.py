@@ -9,6 +9,7 @@ import pyarrow as pa
 log = logging.getLogger("igpt_batch")
 LIVE = "deleted = false"
 REFINE = 4  # with an IVF-PQ index, re-rank refine_factor * k candidates by their exact cosine distance
+MAX_K = 10_000  # -k above this is refused (README: neighbors and dedup)
 QUERY_ROWS = 256  # dedup: query vectors per batch nearest-neighbour query
 THUMB = 64  # contact-sheet tile side, px
 GROUPS_SCHEMA = pa.schema([("group", pa.int64()), ("id", pa.string()), ("uri", pa.string()),
@@ -26,6 +27,13 @@ def open_table(store_url: str, snapshot: str | None, version: str | None, storag
     if snapshot is not None and snapshot not in store.nights(version):
         raise ValueError(f"snapshot {snapshot!r} is not a kept night of {version} (kept: {', '.join(store.nights(version))})")
     return store, version, store.open(version, snapshot)
+
+
+def check_k(k: int, least: int, why: str = "") -> None:
+    """-k is bounded before any work: Lance allocates room for k results per query up front (k = 10**11 asks
+    for terabytes; a 20-digit k overflows)."""
+    if not least <= k <= MAX_K:
+        raise ValueError(f"-k must be in [{least}, {MAX_K}]{why}, got {k}")
 
 
 def has_index(ds) -> bool:
@@ -88,8 +96,7 @@ def neighbors(store_url: str, row_id: str | None = None, image: str | None = Non
     """The k nearest live rows to a row of the table (`row_id`) or to an image embedded with the store's model."""
     if (row_id is None) == (image is None):
         raise ValueError("give exactly one of --id and --image")
-    if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
+    check_k(k, 1)
     store, version, ds = open_table(store_url, snapshot, version, storage_options)
     if row_id is not None:
         q, uri = row_vector(ds, row_id)
@@ -152,8 +159,7 @@ def dedup(store_url: str, threshold: float = 0.95, output: str | None = None, k:
     the table has one), pairs above the threshold joined by union-find. Writes them as Parquet to `output`."""
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
-    if k < 2:
-        raise ValueError(f"-k must be >= 2 (a row's nearest neighbour is itself), got {k}")
+    check_k(k, 2, " (a row's nearest neighbour is itself)")
     store, version, ds = open_table(store_url, snapshot, version, storage_options)
     live = ds.to_table(columns=["id", "uri"], filter=LIVE)
     pos = {i: n for n, i in enumerate(live.column("id").to_pylist())}
