@@ -7,7 +7,6 @@ import re
 import threading
 
 import pyarrow as pa
-import pytest
 
 from igpt_batch.inputs.stat import LIST_MIN, stat_one, stat_table, timestamp
 

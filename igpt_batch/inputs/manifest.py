@@ -12,8 +12,16 @@ import pyarrow as pa
 
 from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs import tars
-from igpt_batch.inputs.manifest_files import (ColumnHash, Columns, file_uri, name_of, read_batches, redact_text,
-                                              relative_id, resolve_uris)
+from igpt_batch.inputs.manifest_files import (
+    ColumnHash,
+    Columns,
+    file_uri,
+    name_of,
+    read_batches,
+    redact_text,
+    relative_id,
+    resolve_uris,
+)
 from igpt_batch.redact import redact_uri, scrub_secrets
 
 MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -67,8 +75,7 @@ def _expand(spec: str, storage_options: dict) -> _Inputs:
                             "(their names and types)") from None
     except Exception as e:  # a dropped connection while listing (aiohttp's errors are not OSErrors): not the input
         why = redact_text(scrub_secrets(f"{type(e).__name__}: {e}", storage_options))
-        raise JobError(f"cannot read manifest {redact_uri(spec)} ({why}): the connection or the storage failed; "
-                       "run again") from None
+        raise JobError(f"cannot read manifest {redact_uri(spec)} ({why})") from None
 
 
 def _hidden(name: str) -> bool:

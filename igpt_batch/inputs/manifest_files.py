@@ -67,9 +67,8 @@ def read_batches(fs: fsspec.AbstractFileSystem, path: str, batch_rows: int = BAT
         raise ManifestError(f"cannot read manifest {where}: permission denied") from None
     except (pa.ArrowInvalid, FileNotFoundError, IsADirectoryError) as e:  # the file itself
         raise ManifestError(f"cannot read manifest {where}: {redact_text(str(e))}") from None
-    except Exception as e:  # the connection or the store failed mid-read (a dropped HTTP read, a reset): not the input
-        raise JobError(f"cannot read manifest {where} ({type(e).__name__}: {redact_text(str(e)) or 'no detail'}): "
-                       "the connection or the storage failed while reading it; run again") from None
+    except Exception as e:  # the connection or the store failed mid-read (a dropped HTTP read, a reset): exit 1
+        raise JobError(f"cannot read manifest {where} ({type(e).__name__}: {redact_text(str(e)) or 'no detail'})") from None
 
 
 def redact_text(text: str) -> str:
