@@ -50,9 +50,9 @@ def read_batches(fs: fsspec.AbstractFileSystem, path: str, batch_rows: int = BAT
     """Stream one manifest file as tables with a string `uri` column and, when the file has one, a string `id`;
     with columns.bytes (Parquet only) a binary `bytes` column too, and `uri` only when the file has one."""
     ext = name_of(path).rpartition(".")[2]
-    if columns.bytes and ext != "parquet":
-        raise ManifestError(f"manifest {path}: input.bytes_column needs a Parquet manifest")
     where = redact_uri(path)  # every message names the manifest without its credentials
+    if columns.bytes and ext != "parquet":
+        raise ManifestError(f"manifest {where}: input.bytes_column needs a Parquet manifest")
     try:
         with fs.open(path, "rb") as f:
             if ext == "parquet":

@@ -60,6 +60,8 @@ def _from_info(info: dict) -> dict:
     """{size, mtime, etag} from an fsspec info or listing entry (the same values either way)."""
     mtime = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "Last-Modified")
                   if info.get(k) is not None), None)
+    if isinstance(mtime, (int, float)) and not isinstance(mtime, bool):  # a listing's number is epoch seconds
+        mtime = float(mtime)
     etag = info.get("ETag") or info.get("etag")
     return {"size": info.get("size"), "mtime": timestamp(mtime), "etag": None if etag is None else str(etag).strip('"')}
 
