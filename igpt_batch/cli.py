@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
         sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call, or auto; "
                         f"default {defaults.extract.batch_size} / {defaults.generate.batch_size}")
+        _dry_run_options(sp)
         for flag in COMMON + TASK_FLAGS[task]:
             if task == "refresh" and flag in ("--output", "--overwrite", "--no-report"):  # the store decides where output goes
                 continue
@@ -134,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--out", help="where to write the page (default OUTPUT/report.html)")
     r.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     return p
+
+
+def _dry_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="scan and plan, print what would run and, with --gpu, its "
+                   "estimated time and cost; writes nothing and starts no model worker")
+    p.add_argument("--gpu", metavar="NAME", help="--dry-run: price the run on run.workers GPUs of this kind "
+                   "(A10G, L40S, A100, H100; docs/CAPACITY.md)")
+    p.add_argument("--gpu-price", type=float, metavar="USD", help="--dry-run: $ per GPU-hour (default: the capacity "
+                   "model's assumed on-demand price)")
 
 
 def _store_options(p: argparse.ArgumentParser) -> None:
@@ -261,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, args.command)
         if args.command == "refresh" and cfg.model.dtype == "auto":  # a store keeps one dtype across nights
             raise ConfigError("refresh does not take --dtype auto: a store keeps one dtype, name it (fp32 or bf16)")
+        if (args.gpu or args.gpu_price) and not args.dry_run:
+            raise ConfigError("--gpu and --gpu-price price a --dry-run; add --dry-run")
+        if args.dry_run:
+            from igpt_batch.store.dry_run import run as dry_run
+
+            return dry_run(cfg, args.command, args.gpu, args.gpu_price)
         if args.command == "refresh":
             from igpt_batch.store.refresh import refresh
 

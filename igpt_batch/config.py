@@ -92,6 +92,7 @@ class RefreshConfig:
     index_min_rows: int = 100_000  # build the IVF-PQ vector index once the table has this many rows
     compact_fragments: int = 32  # compact when this many fragments are smaller than a full one (0 = never)
     plan_bucket_rows: int = 250_000  # manifest rows per planning bucket (hash of id)
+    planning_folder: str = ""  # where planning's _planning/ goes (local to every planning task); empty: in the store
 
 
 @dataclass
