@@ -15,8 +15,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from igpt_batch.run.capacity import (  # noqa: E402,F401 - the model's one owner; re-exported for tests and users
-    GPU, GPUS, MODELS, Shape, ceilings, dollars_per_million, extract_flops, generate_batch, generate_flops,
-    kv_cache_bytes, kv_read_bytes)
+    GPU,
+    GPUS,
+    MODELS,
+    Shape,
+    ceilings,
+    dollars_per_million,
+    extract_flops,
+    generate_batch,
+    generate_flops,
+    kv_cache_bytes,
+    kv_read_bytes,
+)
 
 
 def report(gpus: list[GPU], images: float, n_gpus: int) -> str:
