@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     from igpt_batch.outliers import add_arguments as outliers_arguments
 
     outliers_arguments(sub)
-    r = sub.add_parser("report", help="write an output's report.html: summary, throughput, errors, embedding map")
-    r.add_argument("output", help="an output folder or fsspec URL")
+    r = sub.add_parser("report", help="write report.html of an output (summary, throughput, errors, embedding map) "
+                       "or of a refresh store (each night's rows, duration, recall, duplicates; versions, snapshots)")
+    r.add_argument("output", help="an output folder or a refresh store (folder or fsspec URL)")
     r.add_argument("-o", "--out", help="where to write the page (default OUTPUT/report.html)")
     r.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     return p
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return changes(args, _storage_options(args.storage_options))
         if args.command == "report":
-            from igpt_batch.run.report import write
+            from igpt_batch.store.report import write  # a store's page, or a job output's (run/report.py)
 
             print(write(args.output, args.out, _storage_options(args.storage_options)))
             return 0
