@@ -126,25 +126,26 @@ def nights_table(version: str, records: list[dict]) -> str:
     return f"<table><tr><th>night</th><th>status</th>{head}</tr>{body}</table>"
 
 
-def nights_chart(records: list[dict], w: int = 640, h: int = 220) -> str:
-    """Bars of each night's inserted, updated, deleted and failed rows, side by side."""
+def nights_chart(records: list[dict], w: int = 640, h: int = 240) -> str:
+    """Bars of each night's inserted, updated, deleted and failed rows, side by side, under a legend."""
     rows = [(((r.get("summary") or {}).get("snapshot") or "-"), _row(r)) for r in records]
     top = max([v or 0 for _, f in rows for v in (f[k] for k in COLOURS)] + [1])
     slot = (w - 60) / max(1, len(rows))
-    bar = slot / (len(COLOURS) + 1)
+    bar, span = slot / (len(COLOURS) + 1), h - 64  # bars between y = 34 and the axis at h - 30
     parts = []
     for i, (night, f) in enumerate(rows):
         for j, k in enumerate(COLOURS):
             v = f[k] or 0
-            y = (h - 40) * v / top
+            y = span * v / top
             parts.append(f'<rect x="{50 + i * slot + j * bar:.1f}" y="{h - 30 - y:.1f}" width="{bar * 0.9:.1f}" '
                          f'height="{max(y, 0.5):.1f}" fill="{COLOURS[k]}"><title>{night} {k}: {v}</title></rect>')
-        parts.append(f'<text x="{50 + i * slot:.1f}" y="{h - 14}">{html.escape(night[-9:])}</text>')
-    legend = "".join(f'<text x="{60 + 90 * j}" y="14" fill="{c}">&#9632; {k}</text>' for j, (k, c) in
+        parts.append(f'<text x="{50 + i * slot:.1f}" y="{h - 14}">{html.escape(night)}</text>')
+    legend = "".join(f'<rect x="{50 + 90 * j}" y="4" width="10" height="10" fill="{c}"/>'
+                     f'<text x="{64 + 90 * j}" y="13">{k}</text>' for j, (k, c) in
                      enumerate(zip(("inserted", "updated", "deleted", "failed"), COLOURS.values())))
     return (f'<svg width="{w}" height="{h}" role="img" aria-label="rows per night">'
             f'<line x1="50" y1="{h - 30}" x2="{w - 10}" y2="{h - 30}" stroke="#999"/>'
-            f'<text x="46" y="30" text-anchor="end">{_fmt(top)}</text>{legend}{"".join(parts)}</svg>')
+            f'<text x="46" y="38" text-anchor="end">{_fmt(top)}</text>{legend}{"".join(parts)}</svg>')
 
 
 def snapshots_table(store, version: str) -> str:
