@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
         sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call, or auto; "
                         f"default {defaults.extract.batch_size} / {defaults.generate.batch_size}")
+        _dry_run_options(sp)
         for flag in COMMON + TASK_FLAGS[task]:
             if task == "refresh" and flag in ("--output", "--overwrite", "--no-report"):  # the store decides where output goes
                 continue
@@ -130,13 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     from igpt_batch.outliers import add_arguments as outliers_arguments
 
     outliers_arguments(sub)
-    r = sub.add_parser("report", help="write an output's report.html: summary, throughput, errors, embedding map")
-    r.add_argument("output", help="an output folder or fsspec URL")
+    r = sub.add_parser("report", help="write report.html of an output (summary, throughput, errors, embedding map) "
+                       "or of a refresh store (each night's rows, duration, recall, duplicates; versions, snapshots)")
+    r.add_argument("output", help="an output folder or a refresh store (folder or fsspec URL)")
     r.add_argument("-o", "--out", help="where to write the page (default OUTPUT/report.html)")
     r.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     for choice in sub._choices_actions:  # `igpt-batch X --help` opens with the line the command list shows for X
         sub.choices[choice.dest].description = sub.choices[choice.dest].description or choice.help
     return p
+
+
+def _dry_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="scan and plan, print what would run and, with --gpu, its "
+                   "estimated time and cost; writes nothing and starts no model worker")
+    p.add_argument("--gpu", metavar="NAME", help="--dry-run: price the run on run.workers GPUs of this kind "
+                   "(A10G, L40S, A100, H100; docs/CAPACITY.md)")
+    p.add_argument("--gpu-price", type=float, metavar="USD", help="--dry-run: $ per GPU-hour (default: the capacity "
+                   "model's assumed on-demand price)")
 
 
 def _store_options(p: argparse.ArgumentParser) -> None:
@@ -255,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return changes(args, _storage_options(args.storage_options))
         if args.command == "report":
-            from igpt_batch.run.report import write
+            from igpt_batch.store.report import write  # a store's page, or a job output's (run/report.py)
 
             print(write(args.output, args.out, _storage_options(args.storage_options)))
             return 0
@@ -268,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, args.command)
         if args.command == "refresh" and cfg.model.dtype == "auto":  # a store keeps one dtype across nights
             raise ConfigError("refresh does not take --dtype auto: a store keeps one dtype, name it (fp32 or bf16)")
+        if (args.gpu or args.gpu_price) and not args.dry_run:
+            raise ConfigError("--gpu and --gpu-price price a --dry-run; add --dry-run")
+        if args.dry_run:
+            from igpt_batch.store.dry_run import run as dry_run
+
+            return dry_run(cfg, args.command, args.gpu, args.gpu_price)
         if args.command == "refresh":
             from igpt_batch.store.refresh import refresh
 

@@ -96,6 +96,7 @@ class RefreshConfig:
     compact_fragments: int = 32  # compact when this many fragments are smaller than a full one (0 = never)
     plan_bucket_rows: int = 250_000  # manifest rows per planning bucket (hash of id)
     dup_threshold: float | None = None  # cosine: search each night's new and updated rows for near-duplicates
+    planning_folder: str = ""  # where planning's _planning/ goes (local to every planning task); empty: in the store
 
 
 @dataclass

@@ -103,3 +103,69 @@ def test_report_in_headless_chromium(done):
     shot = np.asarray(Image.open(io.BytesIO(got["png"])).convert("RGB")).astype(float)
     assert shot.shape == (1600, 1100, 3)
     assert shot.std() > 20 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 50  # not blank: text, charts, pictures
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_ckpt):
+    """Three real nights: 6 photos; then 2 new (one not an image), 1 re-encoded, 1 gone; then nothing new."""
+    from PIL import Image
+    from test_refresh import cfg_for, manifest, photos
+
+    from igpt_batch.store.refresh import refresh
+
+    root = tmp_path_factory.mktemp("store_report")
+    d = root / "img"
+    names = photos(d)
+    (d / "notes.jpg").write_text("not an image")
+    s = root / "store"
+    nights = [refresh(cfg_for(tiny_ckpt, s, manifest(root / "m1.parquet", d, names[:6])))]
+    Image.open(d / names[0]).save(d / names[0], quality=40)
+    m2 = manifest(root / "m2.parquet", d, [names[0], *names[2:7], "notes.jpg"])
+    nights.append(refresh(cfg_for(tiny_ckpt, s, m2)))
+    Image.open(d / names[2]).save(d / names[2], quality=30)  # another jpg re-encoded
+    nights.append(refresh(cfg_for(tiny_ckpt, s, m2)))
+    return s, nights
+
+
+def test_store_report_shows_each_night(store, tmp_path):
+    from igpt_batch.store.layout import Store
+    from igpt_batch.store.report import night_records
+
+    s, nights = store
+    assert main(["report", str(s)]) == 0
+    page = (s / "report.html").read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    st = Store(str(s))
+    (version,) = st.versions()
+    records = night_records(st, version)
+    got = [{k: r["summary"].get(k) for k in ("snapshot", "new", "changed", "deleted", "errors")} for r in records]
+    assert got == [{k: n[k] for k in ("snapshot", "new", "changed", "deleted", "errors")} for n in nights]
+    assert [(n["new"], n["changed"], n["deleted"], n["errors"]) for n in nights] == [(6, 0, 0, 0), (2, 1, 1, 1),
+                                                                                     (0, 1, 0, 0)]
+    assert main(["report", str(s), "-o", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text() == page
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed")
+def test_store_report_in_headless_chromium(store):
+    from PIL import Image
+
+    from igpt_batch.store.layout import Store
+
+    s, nights = store
+    page = s / "report.html"
+    from igpt_batch.store.report import write
+
+    write(str(s))
+    got = open_page(page)
+    assert got["errors"] == [] and got["external"] == [] and got["broken"] == 0 and got["svgBroken"] == 0
+    assert got["svgs"] == 2  # the nights' bars, failed rows by reason
+    st = Store(str(s))
+    (version,) = st.versions()
+    want = {}
+    for n in nights:
+        want |= {f"{version}/{n['snapshot']}/{k}": n[k] for k in ("new", "changed", "deleted", "errors", "live_rows")}
+    want |= {f"{version}/{snap}/table_version": v for snap, v in st.kept_snapshots(version).items()}
+    assert {k: v for k, v in shown(got["figures"]).items() if not k.endswith(("/duration_s", "/recall", "/duplicates"))} == want
+    shot = np.asarray(Image.open(io.BytesIO(got["png"])).convert("RGB")).astype(float)
+    assert shot.std() > 10 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 20  # not blank: tables and bars

@@ -21,15 +21,16 @@ from igpt_batch.run.tasks import Plan, Task
 log = logging.getLogger("igpt_batch")
 
 
-def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None) -> Job:
+def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None, dry_run: bool = False) -> Job:
     """The job, with everything that can fail fast checked before a model is loaded: output, checkpoint files,
     inputs (listed and read once), plan, and an output that overlaps the inputs. `info` is a checkpoint already read
-    by the caller (refresh reads, and so hashes, the weights once a night). Close the job (`with`) when done."""
+    by the caller (refresh reads, and so hashes, the weights once a night). Close the job (`with`) when done.
+    `dry_run` (run/dry_run.py): the output is checked without writing into it."""
     if not cfg.output.path:
         raise ConfigError("output.path is required (--output)")
     if task.reads_manifest and not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
-    guards.check_output_usable(cfg.output.path)
+    guards.check_output_usable(cfg.output.path, write_probe=not dry_run)
     info = info or checkpoint.read_info(cfg.model.name)
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)

@@ -78,9 +78,10 @@ class Store:
     def manifest_url(self, version: str, snapshot: str) -> str:
         return f"{self.url}/{version}/manifests/{snapshot}.parquet"
 
-    def planning(self, version: str) -> OutputFolder:
-        """The night plan's bucket files (removed when the night is planned)."""
-        return OutputFolder(f"{self.url}/{version}/_planning", self.storage_options)
+    def planning(self, version: str, folder: str = "") -> OutputFolder:
+        """The night plan's bucket files (removed when the night is planned): under the version, or under `folder`
+        (refresh.planning_folder: a dry run's temporary folder)."""
+        return OutputFolder(f"{folder.rstrip('/') if folder else f'{self.url}/{version}'}/_planning", self.storage_options)
 
     @staticmethod
     def bucket_file(kind: str, bucket: int) -> str:

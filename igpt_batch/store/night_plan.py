@@ -91,7 +91,7 @@ def plan_night(cfg: JobConfig, store: Store, version: str, failed: pa.Table, pen
         man = pa.table({"id": man.column("id"), "uri": man.column("uri"), **{c: st.column(c) for c in st.column_names}})
         bucket, compute = decide(man, prev, failed, cfg, pending)
         return NightPlan(compute, [bucket], io)
-    planning = store.planning(version)
+    planning = store.planning(version, cfg.refresh.planning_folder)
     planning.remove("")
     _split(cfg, store, version, n)
     where = (cfg, store.url, store.storage_options, version, n)
@@ -144,7 +144,7 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
 
     from igpt_batch.inputs.manifest import iter_manifest
 
-    planning = store.planning(version)
+    planning = store.planning(version, cfg.refresh.planning_folder)
     planning.fs.makedirs(planning.path(""), exist_ok=True)
     ds = store.open(version)
     ids = pa.schema([STATED.field("id"), STATED.field("uri")])
@@ -174,7 +174,7 @@ def stat_bucket(cfg, url, storage_options, version, n, b) -> Counter:
     import pyarrow.parquet as pq
 
     store = Store(url, storage_options)
-    planning, io = store.planning(version), Counter()
+    planning, io = store.planning(version, cfg.refresh.planning_folder), Counter()
     with planning.fs.open(planning.path(store.bucket_file("stat", b)), "wb") as sink, \
             pq.ParquetWriter(sink, STATED) as writer, planning.fs.open(planning.path(store.bucket_file("manifest", b))) as f:
         # twice a bucket's rows at a time: a stat bucket holds plan_bucket_rows on average, so nearly all are stat-ed
@@ -197,7 +197,7 @@ def decide_bucket(cfg, url, storage_options, version, n, b, failed, pending) -> 
     import pyarrow.dataset as pads
 
     store = Store(url, storage_options)
-    planning = store.planning(version)
+    planning = store.planning(version, cfg.refresh.planning_folder)
     stats = pads.dataset([planning.path(store.bucket_file("stat", s)) for s in range(n)], schema=STATED,
                          format="parquet", filesystem=planning.fs)
     man = stats.to_table(filter=pc.field("bucket") == b).drop_columns(["bucket"])
