@@ -151,7 +151,8 @@ def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> _In
     raise ManifestError(f"no manifest or image files found at {redact_uri(spec)}")
 
 
-def iter_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> Iterator[pa.Table]:
+def iter_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns(),
+                  digest: bool = False) -> Iterator[pa.Table]:
     """Yield the manifest as tables of string columns `id` and `uri`, a batch at a time, never all at once.
 
     `spec` is a manifest file, a folder or glob of manifest files, a folder or glob of image files, or WebDataset
@@ -159,9 +160,9 @@ def iter_manifest(spec: str, storage_options: dict | None = None, columns: Colum
     `member` column). `columns` names the id, uri and image-bytes columns (then a binary `bytes` column comes too, and a
     missing uri is `<manifest>#<row>`). A missing `id` is the uri itself; an image's id is its path relative to the
     folder (or the glob's fixed part), so moving the mount does not change ids. Relative local uris are resolved
-    against the manifest's folder.
+    against the manifest's folder. With `digest`, a tar's tables carry each image's `sha256` too.
     """
-    yield from _tables(_expand(spec, storage_options or {}), columns, digest=False)
+    yield from _tables(_expand(spec, storage_options or {}), columns, digest=digest)
 
 
 def _tables(inputs: _Inputs, columns: Columns, digest: bool) -> Iterator[pa.Table]:
@@ -183,7 +184,8 @@ def _tables(inputs: _Inputs, columns: Columns, digest: bool) -> Iterator[pa.Tabl
             if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
                 raise ManifestError(f"manifest {path} has empty '{columns.uri}' or '{columns.id}' values")
             row += t.num_rows
-            yield pa.table({"id": ids, "uri": uris, **({"bytes": t.column("bytes")} if columns.bytes else {})})
+            extra = {c: t.column(c) for c in ("bytes", "member") if c in t.column_names}
+            yield pa.table({"id": ids, "uri": uris, **extra})
 
 
 def _has_empty(column: pa.ChunkedArray) -> bool:
