@@ -46,7 +46,7 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     plan = task.plan(cfg)
     if task.reads_manifest:  # after the scan: the manifest is known to be readable
         # images inside the manifest (a bytes column, tar shards) live where the manifest is: its check is enough
-        inside = cfg.input.bytes_column or cfg.input.manifest.rstrip("/").endswith((".tar", "}"))
+        inside = cfg.input.bytes_column or cfg.input.member_column or cfg.input.manifest.rstrip("/").endswith((".tar", "}"))
         guards.check_not_inputs(cfg.output.path, cfg.input.manifest, [] if inside else iter_manifest(
             cfg.input.manifest, cfg.storage_options, Columns(cfg.input.id_column, cfg.input.uri_column)))
     return resolved, plan, task.compat_keys(cfg, resolved, plan)
