@@ -153,3 +153,12 @@ def leaks(root: Path, secrets: list[str]) -> list[str]:
             data = f.read_bytes()
             found += [f"{f}: {s}" for s in secrets if s.encode() in data]
     return found
+
+
+def test_dedup_needs_a_threshold(capsys):
+    """The docs support no one default (0.95 merges unrelated photos on the demo model): the flag is required."""
+    from igpt_batch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["dedup", "some-store"])
+    assert e.value.code == 2 and "--threshold" in capsys.readouterr().err
