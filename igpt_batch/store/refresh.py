@@ -201,7 +201,8 @@ def failed_record(night: Night) -> pa.Table:
         return kept
     st = plan.compute.take(pc.index_in(err.column("id"), value_set=computed))
     first = plan.failed.column("first_night").take(pc.index_in(err.column("id"), value_set=plan.failed.column("id")))
-    tonight = pa.table({"id": err.column("id"), "uri": st.column("uri"), "sha256": pa.nulls(err.num_rows, pa.string()),
+    # sha256: the content of an image inside the manifest (so an unchanged one is not retried), else unknown
+    tonight = pa.table({"id": err.column("id"), "uri": st.column("uri"), "sha256": st.column("sha256"),
                         **{c: st.column(c) for c in STAT_SCHEMA.names}, "stage": err.column("stage"),
                         "reason": err.column("error"), "first_night": pc.fill_null(first, snapshot),
                         "last_night": pa.array([snapshot] * err.num_rows, pa.string())})
