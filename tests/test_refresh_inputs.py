@@ -118,3 +118,17 @@ def test_refresh_honours_id_and_uri_columns(tiny_ckpt, tmp_path, capsys):
                          "--id-column", "kye", *(["--uri-column", "url"] if manifest == m2 else [])])
             assert code == 2 and "has no 'kye' column" in capsys.readouterr().err, (manifest, cmd)
     assert not (tmp_path / "store3").exists() or not list((tmp_path / "store3").glob("v-*/current.lance"))
+
+
+def test_a_bad_image_in_a_bytes_column_is_not_retried_while_unchanged(tiny_ckpt, tmp_path):
+    images = pngs(3)
+    m = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({"id": [*images, "bad"], "jpg": pa.array([*images.values(), b"not an image"], pa.binary())}), m)
+    cfg = {"input.bytes_column": "jpg", "run.max_error_fraction": 0.5}
+    s1 = refresh(cfg_for(tiny_ckpt, tmp_path / "store", m, **cfg))
+    assert (s1["computed"], s1["errors"], s1["failed_ids"], s1["live_rows"]) == (4, 1, ["bad"], 3)
+    s2 = refresh(cfg_for(tiny_ckpt, tmp_path / "store", m, **cfg))
+    assert (s2["computed"], s2["failed_unchanged"], s2["snapshot"]) == (0, 1, None)
+    pq.write_table(pa.table({"id": [*images, "bad"], "jpg": pa.array([*images.values(), images["k0"]], pa.binary())}), m)
+    s3 = refresh(cfg_for(tiny_ckpt, tmp_path / "store", m, **cfg))  # its bytes changed: tried again, and it works
+    assert (s3["computed_ids"], s3["errors"], s3["live_rows"]) == (["bad"], 0, 4)
