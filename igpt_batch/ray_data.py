@@ -22,12 +22,15 @@ No torch import at module import time: the model is loaded in Embedder.__init__,
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from igpt_batch import errors
 from igpt_batch.inputs import fetch, images
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BYTES_TYPES = (bytes, bytearray, memoryview, np.bytes_)
 AUTO_COLUMNS = ("bytes", "path", "uri")

@@ -245,13 +245,19 @@ def test_killed_night_resumes_the_same_snapshot(tiny_ckpt, tmp_path, capsys):
     assert sorted(read_current(str(crashed), include_deleted=True).column("id").to_pylist()) == sorted(names[:7])
 
 
-def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_path):
+def photos_on_s3(s3_server: S3Server, d: Path, folder: str) -> tuple[object, list[str]]:
+    """Four of the photos, uploaded to s3://<folder>/<name> (the bucket made first): (the filesystem, names)."""
     fs = s3_server.fs()
-    fs.mkdir("igpt-refresh")
-    d = tmp_path / "img"
+    fs.mkdir(folder.split("/")[0])
     names = photos(d)[:4]
     for n in names:
-        fs.put_file(str(d / n), f"igpt-refresh/images/{n}")
+        fs.put_file(str(d / n), f"{folder}/{n}")
+    return fs, names
+
+
+def test_s3_second_night_is_decided_by_etag(s3_server: S3Server, tiny_ckpt, tmp_path):
+    d = tmp_path / "img"
+    fs, names = photos_on_s3(s3_server, d, "igpt-refresh/images")
     fs.pipe_file("igpt-refresh/manifest.csv", ("id,uri\n" + "".join(f"{n},images/{n}\n" for n in names)).encode())
     so = s3_server.storage_options()
     cfg = cfg_for(tiny_ckpt, "s3://igpt-refresh/store", "s3://igpt-refresh/manifest.csv", storage_options=so)

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import numpy as np
 import pytest
 from conftest import REPO, S3Server
-from test_refresh import cfg_for, manifest, one_version, photos, table_of
+from test_refresh import cfg_for, manifest, one_version, photos, photos_on_s3
 
 from igpt_batch.errors import JobError
 from igpt_batch.store.export import export
@@ -95,12 +95,7 @@ def test_no_credential_is_kept_in_a_store(s3_server: S3Server, tiny_ckpt, tmp_pa
     their secrets; a re-signed URL is the same image (nothing read again); a stored row's picture is a grey tile."""
     from PIL import Image
 
-    fs = s3_server.fs()
-    fs.mkdir("igpt-cred")
-    d = tmp_path / "img"
-    names = photos(d)[:4]
-    for n in names:
-        fs.put(str(d / n), f"igpt-cred/{n}")
+    fs, names = photos_on_s3(s3_server, tmp_path / "img", "igpt-cred")
     host = s3_server.endpoint.split("://", 1)[1]
 
     def night(expires: int) -> tuple[dict, list[str]]:
