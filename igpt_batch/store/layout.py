@@ -162,11 +162,11 @@ class Store:
         """A snapshot in flight: an extract output newer than the last kept snapshot. {"snapshot", "rows"}."""
         kept = self.kept_snapshots(version)
         last = max(kept) if kept else ""
-        newer = [s for s in self.snapshot_outputs(version) if s > last]
-        if not newer:
-            return None
-        job = self.folder(version).read_json(f"snapshots/{newer[-1]}/_job.json") or {}
-        return {"snapshot": newer[-1], "rows": (job.get("compat") or {}).get("rows")}
+        for snapshot in reversed([s for s in self.snapshot_outputs(version) if s > last]):
+            job = self.folder(version).read_json(f"snapshots/{snapshot}/_job.json")  # none: killed before any work
+            if job:
+                return {"snapshot": snapshot, "rows": (job.get("compat") or {}).get("rows")}
+        return None
 
     # -- night records -------------------------------------------------------------
     def save_night(self, version: str, record: dict) -> None:
