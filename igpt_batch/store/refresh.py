@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, JobError, LeaseError
 from igpt_batch.inputs.stat import STAT_SCHEMA
 from igpt_batch.model import checkpoint
+from igpt_batch.redact import redact_uri, scrub_secrets
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import Folder, Lease, OutputFolder, read_output
 from igpt_batch.store.decide import TOUCH
@@ -236,7 +238,7 @@ def _recorded_night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
     it succeeded or failed; first the repairs a killed night needs."""
     version, keys = version_of(cfg, info)
     store = Store(cfg.refresh.store, cfg.storage_options)
-    record = {"started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"), "status": "failed", "version": version}
+    record = {"started_at": _iso_now(), "status": "failed", "version": version}
     try:
         store.sweep(version)  # working files of a killed night; a table never committed
         store.finish_interrupted(version)
@@ -245,15 +247,24 @@ def _recorded_night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
         record |= {"status": "ok", "summary": {k: v for k, v in s.items() if k not in ("computed_ids", "failed_ids")}}
         return s
     except BaseException as e:
-        record["error"] = f"{type(e).__name__}: {e}"
+        record["error"] = _safe(f"{type(e).__name__}: {e}", cfg.storage_options)
         raise
     finally:
-        store.end_night(version)
-        record["ended_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
         try:
-            store.save_night(version, record)
-        except Exception as e:  # noqa: BLE001 - the night's outcome is what the user needs; the record is a report
-            log.warning("refresh %s: could not save the night's record: %s", version, e)
+            store.end_night(version)
+            store.save_night(version, record | {"ended_at": _iso_now()})
+        except Exception as e:  # noqa: BLE001 - the night's own outcome (or error) is what the user must see
+            log.warning("refresh %s: could not remove the night's working files or save its record: %s", version,
+                        _safe(str(e), cfg.storage_options))
+
+
+def _iso_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _safe(text: str, storage_options: dict) -> str:
+    """A message as safe to keep in the store: every URL in it redacted, every storage option value '***'."""
+    return scrub_secrets(re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_uri(m.group()), text), storage_options)
 
 
 def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo, store: Store, version: str, keys: dict) -> dict:
