@@ -186,10 +186,15 @@ class Store:
         """The current table (a lance.LanceDataset) as of `snapshot` (a tag), or its latest; None if absent."""
         import lance
 
-        if not self.committed(version):
+        if not self.folder(version).exists(TABLE):
             return None
         opts = lance_options(self.url, self.storage_options)
-        return lance.dataset(self.table_url(version), version=snapshot, storage_options=opts)
+        try:
+            return lance.dataset(self.table_url(version), version=snapshot, storage_options=opts)
+        except ValueError:  # Lance's "not found": a table never committed is no table yet
+            if not self.committed(version):
+                return None
+            raise
 
     def committed(self, version: str) -> bool:
         """Whether the current table exists with a committed version: a first night killed inside Lance's create
