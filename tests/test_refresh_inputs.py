@@ -132,3 +132,20 @@ def test_a_bad_image_in_a_bytes_column_is_not_retried_while_unchanged(tiny_ckpt,
     pq.write_table(pa.table({"id": [*images, "bad"], "jpg": pa.array([*images.values(), images["k0"]], pa.binary())}), m)
     s3 = refresh(cfg_for(tiny_ckpt, tmp_path / "store", m, **cfg))  # its bytes changed: tried again, and it works
     assert (s3["computed_ids"], s3["errors"], s3["live_rows"]) == (["bad"], 0, 4)
+
+
+def test_a_misspelt_id_column_is_refused_in_every_manifest_format(tmp_path):
+    import pytest
+
+    from igpt_batch.errors import ManifestError
+    from igpt_batch.inputs.manifest import read_manifest
+    from igpt_batch.inputs.manifest_files import Columns
+
+    (tmp_path / "m.jsonl").write_text('{"key": "a", "uri": "/x/a.png"}\n{"key": "b", "uri": "/x/b.png"}\n')
+    pcsv.write_csv(pa.table({"key": ["a"], "uri": ["/x/a.png"]}), tmp_path / "m.csv")
+    pq.write_table(pa.table({"key": ["a"], "uri": ["/x/a.png"]}), tmp_path / "m.parquet")
+    for name in ("m.jsonl", "m.csv", "m.parquet"):
+        assert read_manifest(str(tmp_path / name), columns=Columns(id="key")).column("id").to_pylist()[0] == "a"
+        with pytest.raises(ManifestError, match="no 'kye'"):
+            read_manifest(str(tmp_path / name), columns=Columns(id="kye"))
+        assert read_manifest(str(tmp_path / name)).column("id").to_pylist()[0] == "/x/a.png"  # default id: the uri
