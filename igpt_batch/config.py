@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
 @dataclass
 class ModelConfig:
     name: str = "demo"  # "demo", a local checkpoint folder, or a hub id such as openai/imagegpt-medium
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the hardware computes it natively, else fp32)
+    dtype_auto_from: str = ""  # set by the driver when dtype was auto: the hardware it resolved from (workers check)
     device: str = "auto"  # auto picks CUDA when present, else cpu; or cpu / cuda / cuda:N
     compile: bool = True  # CUDA only: torch.compile the decode step (falls back to eager on failure)
     decode_buckets: int = 8  # compiled decode attends over the position rounded up to n_positions/N (1 = whole cache)
@@ -45,12 +47,14 @@ class OutputConfig:
     write_png_files: bool = False  # generate/complete: also write each sample as pngs/<name>.png
     contact_sheet: int = 64  # generate/complete: put the first N samples in contact_sheet.png (0 = none)
     preview: int = 0  # extract: write preview.png with the first N inputs beside their quantised versions
+    report: bool = True  # write report.html (summary, throughput, errors, embedding map, pictures) beside _SUCCESS
 
 
 @dataclass
 class ExtractConfig:
     layers: list[int] = field(default_factory=list)  # empty = n_layer // 2 (the paper's best probes are mid-network)
     batch_size: int | str = 32  # or "auto": the largest that fits on the GPU
+    score: bool = False  # add nll_bits (mean -log2 p(token) over the image, full depth) from the same pass
 
 
 @dataclass
@@ -89,6 +93,7 @@ class RefreshConfig:
     index_min_rows: int = 100_000  # build the IVF-PQ vector index once the table has this many rows
     compact_fragments: int = 32  # compact when this many fragments are smaller than a full one (0 = never)
     plan_bucket_rows: int = 250_000  # manifest rows per planning bucket (hash of id)
+    dup_threshold: float | None = None  # cosine: search each night's new and updated rows for near-duplicates
 
 
 @dataclass
@@ -116,7 +121,7 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Coerce/validate one value against a field type; raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
@@ -240,7 +245,8 @@ def validate(cfg: JobConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} {msg}")
 
-    need(cfg.model.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}")
+    need(cfg.model.dtype in ("fp32", "bf16", "fp16", "auto"), "model.dtype",
+         f"must be fp32, bf16, fp16 or auto, got {cfg.model.dtype!r}")
     d = cfg.model.device
     need(d in ("auto", "cpu", "cuda") or d.startswith("cuda:"), "model.device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
     need(all(l >= 0 for l in cfg.extract.layers), "extract.layers", f"must be >= 0, got {cfg.extract.layers}")
@@ -283,5 +289,7 @@ def validate(cfg: JobConfig) -> None:
     need(cfg.refresh.index_min_rows >= 1, "refresh.index_min_rows", "must be >= 1")
     need(cfg.refresh.compact_fragments >= 0, "refresh.compact_fragments", "must be >= 0 (0 = never)")
     need(cfg.refresh.plan_bucket_rows >= 1, "refresh.plan_bucket_rows", "must be >= 1")
+    need(cfg.refresh.dup_threshold is None or -1 <= cfg.refresh.dup_threshold <= 1, "refresh.dup_threshold",
+         "must be a cosine similarity in [-1, 1]")
     need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

@@ -1,12 +1,13 @@
 """End-to-end jobs through the driver: in-process and on a real local Ray, resume, and config refusal."""
+import functools
+
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_manifest
+from conftest import job_cfg, write_manifest
 
-from igpt_batch import config
 from igpt_batch.errors import JobError
 from igpt_batch.inputs import images
 from igpt_batch.model import palette
@@ -14,11 +15,7 @@ from igpt_batch.model.transformer import load_model
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import OutputFolder, read_output
 
-
-def cfg_for(ckpt, out, **over):
-    base = {"model.name": ckpt, "output.path": str(out), "run.shard_size": 4, "extract.batch_size": 3,
-            "output.contact_sheet": 0}
-    return config.load(None, {**base, **over})
+cfg_for = functools.partial(job_cfg, **{"run.shard_size": 4, "extract.batch_size": 3})  # (ckpt, out, **over)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +168,99 @@ def test_progress_is_logged_off_a_tty_and_stats_are_recorded(tiny_ckpt, tmp_path
     assert summary["stage_seconds"]["model_s"] > 0
     commit = OutputFolder(str(tmp_path / "g")).committed()["part-00000"]
     assert commit["rows"] == {"samples": 2} and commit["stats"]["model_s"] > 0
+    assert summary["http_retries"] == 0 and commit["http_retries"] == 0  # a count, kept apart from the seconds
+    assert summary["stage_seconds"]["total_s"] >= summary["stage_seconds"]["model_s"]
     # the periodic line carries rate and ETA
     p = Progress(total=10, done=2, unit="images", every_s=0)
     p.update(3)
     assert any("progress: 5/10 images" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
+
+
+def test_prepare_builds_one_job_with_its_inputs_scan_and_plan(tiny_ckpt, manifest, tmp_path):
+    import os
+    from importlib.metadata import version
+
+    from igpt_batch.inputs.manifest import scan_manifest
+    from igpt_batch.run.driver import prepare
+    from igpt_batch.run.tasks import get
+
+    cfg = cfg_for(tiny_ckpt, tmp_path / "o", **{"input.manifest": manifest, "extract.layers": [1]})
+    with prepare(cfg, get("extract")) as job:
+        assert job.kind == "uri" and job.plan.rows == 10 and [len(s) for s in job.plan.shards] == [4, 4, 2]
+        assert job.plan.scan == scan_manifest(manifest)  # the scan travels with the plan
+        assert job.keys["manifest_fingerprint"] == job.plan.scan.fingerprint and job.keys["layers"] == [1]
+        assert job.inputs.head.column("id").to_pylist() == [f"img{i}" for i in range(10)]
+        assert [t.num_rows for t in job.inputs.tables()] == [10]  # the kept rows, read back without the source
+        record = job.record()
+        assert record["compat"] == job.keys and record["shards"] == 3 and record["layers"] == [1]
+        assert record["versions"]["pylance"] == version("pylance") and record["versions"]["ray"] == version("ray")
+        workers = job.for_workers()
+        assert workers.inputs is None and workers.plan == job.plan and workers.kind == "uri"
+        folder = job.inputs.folder
+        assert os.path.isdir(folder)
+    assert not os.path.exists(folder)  # the kept rows go with the job
+    assert not (tmp_path / "o").exists()  # preparing writes nothing to the output
+
+
+def test_one_job_lists_and_reads_its_inputs_once(tiny_ckpt, image_dir, tmp_path, monkeypatch):
+    """A folder of two manifest files is listed once and each file read once, although the scan, the overlap guard,
+    the plan files and the preview all use its rows; the kept rows are gone after the job."""
+    import glob
+    import tempfile
+    from collections import Counter
+
+    from igpt_batch.inputs import manifest as manifest_mod
+
+    calls = Counter()
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(manifest_mod, "list_inputs", counted("list", manifest_mod.list_inputs))
+    monkeypatch.setattr(manifest_mod, "read_batches", counted("read", manifest_mod.read_batches))
+    uris = [str(image_dir / n) for n in ("coffee.jpg", "astronaut.jpg", "text.jpg", "rocket.jpg")]
+    (tmp_path / "m").mkdir()
+    write_manifest(tmp_path / "m" / "a.parquet", uris[:2], ["a0", "a1"])
+    write_manifest(tmp_path / "m" / "b.parquet", uris[2:], ["b0", "b1"])
+    before = set(glob.glob(f"{tempfile.gettempdir()}/igpt-inputs-*"))
+    s = run_job(cfg_for(tiny_ckpt, tmp_path / "o", **{"input.manifest": str(tmp_path / "m"), "run.executor": "local",
+                                                      "run.shard_size": 3, "output.preview": 2}), "extract")
+    assert calls == {"list": 1, "read": 2}
+    assert s["rows"] == {"embeddings": 3, "errors": 1} and s["input_rows"] == 4 and s["http_retries"] == 0
+    assert (tmp_path / "o" / "preview.png").exists()
+    assert set(glob.glob(f"{tempfile.gettempdir()}/igpt-inputs-*")) <= before
+
+
+def test_tars_are_streamed_once_by_the_driver_and_read_as_tars(tiny_ckpt, image_dir, tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from igpt_batch.inputs import tars
+
+    def make_tar(path, samples):
+        with tarfile.open(path, "w") as tf:
+            for name, data in samples.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    jpg = {n: (image_dir / n).read_bytes() for n in ("coffee.jpg", "astronaut.jpg", "rocket.jpg")}
+    (tmp_path / "shards").mkdir()
+    make_tar(tmp_path / "shards" / "0.tar", {"k/coffee.jpg": jpg["coffee.jpg"], "k/astro.jpg": jpg["astronaut.jpg"]})
+    make_tar(tmp_path / "shards" / "1.tar", {"k/rocket.jpg": jpg["rocket.jpg"]})
+    streamed = []
+    index_table = tars.index_table
+    monkeypatch.setattr(tars, "index_table", lambda fs, path, digest=True: streamed.append(path) or
+                        index_table(fs, path, digest))
+    s = run_job(cfg_for(tiny_ckpt, tmp_path / "o", **{"input.manifest": str(tmp_path / "shards"),
+                                                      "run.executor": "local", "run.shard_size": 2}), "extract")
+    assert sorted(p.rsplit("/", 1)[-1] for p in streamed) == ["0.tar", "1.tar"]  # once each, by the scan
+    assert s["shards"] == 2 and s["rows"] == {"embeddings": 3, "errors": 0}
+    emb = read_output(str(tmp_path / "o"), "embeddings").sort_by("id")
+    assert emb.column("id").to_pylist() == ["k/astro", "k/coffee", "k/rocket"]
+    assert emb.column("uri").to_pylist()[0].endswith("0.tar#k/astro.jpg")
+    plan = OutputFolder(str(tmp_path / "o")).read_job()
+    assert plan["compat"]["manifest_fingerprint"] and plan["versions"]["pylance"]

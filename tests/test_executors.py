@@ -14,7 +14,7 @@ import pytest
 from igpt_batch import config
 from igpt_batch.errors import JobError
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.executors import check_resources
+from igpt_batch.run.executors import ActorState, check_resources
 from igpt_batch.run.storage import OutputFolder, read_output
 
 IGPT = str(Path(sys.executable).parent / "igpt-batch")
@@ -29,6 +29,34 @@ def test_check_resources_names_what_is_missing():
     msg = check_resources({"CPU": 2, "GPU": 1}, nodes)  # each exists, but on no single node together
     assert msg.startswith("the cluster cannot place a worker")
     assert "GPU: 1 per worker, at most 0 on any node" in check_resources({"CPU": 1, "GPU": 1}, {"a": {"CPU": 4.0}})
+
+
+def test_actor_state_is_placed_once_its_probe_answers():
+    state = ActorState(ready="probe-ref", since=5.0)
+    assert not state.placed and state.shards == {} and state.node is None
+    state.node, state.ready = "node-1", None
+    assert state.placed and ActorState("other", 6.0).shards is not state.shards  # no shared default
+
+
+def test_the_ray_pool_runs_a_job_and_hands_back_each_commit_record(ray_local, tiny_ckpt, tmp_path):
+    from igpt_batch.run.driver import prepare
+    from igpt_batch.run.executors import execute
+    from igpt_batch.run.tasks import get
+
+    cfg = config.load(None, {"model.name": tiny_ckpt, "output.path": str(tmp_path / "o"), "generate.num_samples": 5,
+                             "run.shard_size": 2, "run.workers": 2, "run.cpus_per_worker": 0.5,
+                             "run.torch_threads": 1})
+    records = []
+    with prepare(cfg, get("generate")) as job:
+        assert job.kind is None and job.inputs is None  # generate reads no manifest
+        failed = execute(job, job.plan.shards, records.append)
+    assert failed == {}
+    assert sorted((r["shard"], r["start"], r["stop"]) for r in records) == [
+        ("part-00000", 0, 2), ("part-00001", 2, 4), ("part-00002", 4, 5)]
+    for r in records:
+        assert r["rows"] == {"samples": r["stop"] - r["start"]} and r["http_retries"] == 0
+        assert r["stats"]["model_s"] > 0 and r["stats"]["total_s"] >= r["stats"]["model_s"]
+    assert sorted(read_output(str(tmp_path / "o"), "samples").column("seed").to_pylist()) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("flags,missing", [({"run.gpus_per_worker": 1}, "GPU: 1 per worker, at most 0"),

@@ -85,7 +85,7 @@ def test_scan_and_plan_stream_in_batches(tmp_path, monkeypatch):
     pq.write_table(pa.table({"id": ids, "uri": [f"/img/{i}.jpg" for i in range(50)]}), tmp_path / "other.parquet")
     assert scan_manifest(str(tmp_path / "other.parquet")).fingerprint != one.fingerprint
     got = {}
-    write_plan(str(tmp_path / "split"), None, 12, [s for s in plan_shards(50, 12) if s.shard_id != 1],
+    write_plan(manifest_mod.iter_manifest(str(tmp_path / "split")), [s for s in plan_shards(50, 12) if s.shard_id != 1],
                lambda s, t: got.__setitem__(s.shard_id, t.column("id").to_pylist()))
     assert sorted(got) == [0, 2, 3, 4] and got[0] == ids[:12] and got[3] == ids[36:48] and got[4] == ids[48:]
 

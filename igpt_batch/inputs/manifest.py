@@ -1,25 +1,30 @@
-"""Read image manifests (Parquet/CSV/JSONL, folders, globs, image folders, WebDataset tars) and plan shards."""
+"""Read image manifests (Parquet/CSV/JSONL, folders, globs, image folders, WebDataset tars), scan them and plan shards.
+
+A job reads its inputs once (`Inputs`): one listing and one streaming pass count, fingerprint and check the rows,
+decide the input kind, and keep the rows in a local Arrow file for the overlap guard, the plan files and the pictures.
+"""
 from __future__ import annotations
 
+import errno
 import hashlib
-import posixpath
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
-from igpt_batch.errors import ManifestError
+from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs import tars
+from igpt_batch.inputs.listing import Listing, list_inputs
 from igpt_batch.inputs.manifest_files import ColumnHash, Columns, file_uri, read_batches, relative_id, resolve_uris
-from igpt_batch.redact import redact_uri, scrub_secrets
 
-MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 BATCH_ROWS = 65_536  # manifest rows held at a time while planning
 JSON_BLOCK_BYTES = 8 << 20  # JSONL is read in blocks of this size
-OUTPUT_MARKER = "_job.json"  # a folder holding it is an igpt-batch output: never read as input
+KINDS = ("uri", "bytes", "tar")  # the input kind: how a worker gets a row's image (fetch the uri; decode the bytes the
+# plan rows carry; read the member of the tar its uri names)
 
 
 @dataclass(frozen=True)
@@ -43,114 +48,6 @@ def plan_shards(n: int, shard_size: int, first: int = 0) -> list[Shard]:
     return [Shard(i, first + s, first + min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """What a manifest spec names: manifest files or image files, and the folder image ids are relative to."""
-
-    fs: fsspec.AbstractFileSystem
-    kind: str  # "manifests" | "images" | "tars"
-    files: list[str]
-    base: str
-
-
-def _expand(spec: str, storage_options: dict) -> _Inputs:
-    try:
-        return _list(spec, storage_options)
-    except ManifestError:
-        raise
-    except PermissionError:  # never echo storage options: they hold the keys
-        raise ManifestError(f"access denied to manifest {redact_uri(spec)}: check the storage credentials") from None
-    except (TypeError, ValueError, AttributeError, ImportError, OSError) as e:  # options the filesystem rejects...
-        why = scrub_secrets(f"{type(e).__name__}: {e}", storage_options)
-        raise ManifestError(f"cannot open manifest {redact_uri(spec)} ({why}): check the URL and the storage options "
-                            "(their names and types)") from None
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith((".", "_"))
-
-
-def _list(spec: str, storage_options: dict) -> _Inputs:
-    if tars.has_braces(spec):  # WebDataset's shards/{00000..00099}.tar: each one must exist
-        urls = tars.expand_braces(spec)
-        fs, first = fsspec.core.url_to_fs(urls[0], **storage_options)
-        paths = [first] + [fsspec.core.url_to_fs(u, **storage_options)[1] for u in urls[1:]]
-        missing = [u for u, p in zip(urls, paths) if not fs.exists(p)]
-        if missing:
-            raise ManifestError(f"{len(missing)} of {len(urls)} tars not found (e.g. {redact_uri(missing[0])})")
-        return _classify(fs, spec, posixpath.dirname(first), paths, paths)
-    fs, path = fsspec.core.url_to_fs(spec, **storage_options)
-    if any(c in path for c in "*?["):
-        base = path[:min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
-        outputs: dict[str, bool] = {}
-        found = [f for f in sorted(fs.glob(path)) if not _excluded(fs, f, base, outputs)]
-        return _classify(fs, spec, base, found, found)
-    if fs.isdir(path):
-        top, found = _walk(fs, path.rstrip("/"), spec)
-        return _classify(fs, spec, path.rstrip("/"), top, found)
-    if fs.exists(path):
-        return _classify(fs, spec, posixpath.dirname(path), [path], [path])
-    raise ManifestError(f"manifest not found: {redact_uri(spec)}")
-
-
-def _excluded(fs: fsspec.AbstractFileSystem, path: str, base: str, outputs: dict[str, bool]) -> bool:
-    """A glob match inside a _ or . folder, or inside an igpt-batch output folder (one holding _job.json)."""
-    rel = path[len(base) + 1:] if base and path.startswith(base + "/") else path
-    if any(_hidden(p) for p in rel.split("/")):
-        return True
-    folder = posixpath.dirname(path)
-    while folder and folder.startswith(base):
-        if folder not in outputs:
-            outputs[folder] = fs.exists(posixpath.join(folder, OUTPUT_MARKER))
-        if outputs[folder]:
-            return True
-        if folder == base or posixpath.dirname(folder) == folder:
-            break
-        folder = posixpath.dirname(folder)
-    return False
-
-
-def _walk(fs: fsspec.AbstractFileSystem, root: str, spec: str) -> tuple[list[str], list[str]]:
-    """(files at the top level, all files) under root, never entering _ or . folders or igpt-batch outputs."""
-    top: list[str] | None = None
-    found: list[str] = []
-    for folder, dirs, files in fs.walk(root, topdown=True, detail=False):
-        if OUTPUT_MARKER in files:
-            if top is None:
-                raise ManifestError(f"{redact_uri(spec)} is an igpt-batch output (it holds {OUTPUT_MARKER}), not input: "
-                                    "pass the manifest or the images it was made from")
-            dirs[:] = []
-            continue
-        dirs[:] = [d for d in dirs if not _hidden(d)]  # pruned in place: fsspec's walk then skips them
-        paths = [posixpath.join(folder, f) for f in files if not _hidden(f)]
-        top = paths if top is None else top
-        found += paths
-    return top or [], sorted(found)
-
-
-def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> _Inputs:
-    """Manifest files when the top level holds them and no images; else images (at any depth); else tars."""
-    is_manifest = lambda f: f.lower().endswith(MANIFEST_EXTS)  # noqa: E731
-    is_image = lambda f: f.lower().endswith(IMAGE_EXTS)  # noqa: E731
-    top_manifests, top_images = [f for f in top if is_manifest(f)], [f for f in top if is_image(f)]
-    if top_manifests and top_images:
-        names = lambda fs_: ", ".join(posixpath.basename(f) for f in fs_[:3]) + (", ..." if len(fs_) > 3 else "")  # noqa: E731
-        ext = posixpath.splitext(top_images[0])[1]
-        raise ManifestError(f"{redact_uri(spec)} holds both manifest files ({names(top_manifests)}) and images "
-                            f"({names(top_images)}): pass the manifest file itself (e.g. "
-                            f"{redact_uri(fs.unstrip_protocol(top_manifests[0]))}) or a glob of the images "
-                            f"(e.g. '{redact_uri(fs.unstrip_protocol(posixpath.join(base, '*' + ext)))}')")
-    manifests, images = [f for f in found if is_manifest(f)], [f for f in found if is_image(f)]
-    if top_manifests or (manifests and not images):
-        return _Inputs(fs, "manifests", manifests, base)
-    if images:
-        return _Inputs(fs, "images", images, base)
-    tar_files = [f for f in found if f.lower().endswith(tars.TAR_EXTS)]
-    if tar_files:
-        return _Inputs(fs, "tars", tar_files, base)  # in the order named (brace ranges) or listed
-    raise ManifestError(f"no manifest or image files found at {redact_uri(spec)}")
-
-
 def iter_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns(),
                   digest: bool = False) -> Iterator[pa.Table]:
     """Yield the manifest as tables of string columns `id` and `uri`, a batch at a time, never all at once.
@@ -162,14 +59,14 @@ def iter_manifest(spec: str, storage_options: dict | None = None, columns: Colum
     folder (or the glob's fixed part), so moving the mount does not change ids. Relative local uris are resolved
     against the manifest's folder. With `digest`, a tar's tables carry each image's `sha256` too.
     """
-    yield from _tables(_expand(spec, storage_options or {}), columns, digest=digest)
+    yield from _tables(list_inputs(spec, storage_options or {}), columns, digest=digest)
 
 
-def _tables(inputs: _Inputs, columns: Columns, digest: bool) -> Iterator[pa.Table]:
-    if inputs.kind == "images":
+def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Table]:
+    if inputs.holds == "images":
         yield from _image_tables(inputs)
         return
-    if inputs.kind == "tars":
+    if inputs.holds == "tars":
         yield from (tars.index_table(inputs.fs, path, digest) for path in inputs.files)
         return
     for path in inputs.files:
@@ -194,7 +91,7 @@ def _has_empty(column: pa.ChunkedArray) -> bool:
     return bool(column.null_count) or (len(column) > 0 and pc.min(pc.binary_length(column)).as_py() == 0)
 
 
-def _image_tables(inputs: _Inputs) -> Iterator[pa.Table]:
+def _image_tables(inputs: Listing) -> Iterator[pa.Table]:
     local = "file" in inputs.fs.protocol
     for i in range(0, len(inputs.files), BATCH_ROWS):
         files = inputs.files[i:i + BATCH_ROWS]
@@ -205,9 +102,12 @@ def _image_tables(inputs: _Inputs) -> Iterator[pa.Table]:
 
 @dataclass(frozen=True)
 class ManifestScan:
+    """What one pass over the inputs found: rows, fingerprint, rows per tar, and the input kind (one of KINDS)."""
+
     rows: int
     fingerprint: str  # of the (id, uri) values and the images' content when the input holds them
     groups: tuple[int, ...] = ()  # rows per tar (WebDataset input): no shard crosses a tar
+    kind: str = "uri"
 
     def shards(self, shard_size: int) -> list[Shard]:
         """The shard plan: row ranges of shard_size; for tars, each tar cut on its own (one tar, one reader)."""
@@ -225,10 +125,17 @@ def scan_manifest(spec: str, storage_options: dict | None = None, columns: Colum
 
     Raises ManifestError for an empty manifest and for duplicate ids (an error: ids must be unique).
     """
-    inputs = _expand(spec, storage_options or {})
+    listing = list_inputs(spec, storage_options or {})
+    again = lambda: _tables(listing, Columns(columns.id, columns.uri), False)  # noqa: E731  (only on suspects)
+    return _scan(spec, listing, columns, None, again)
+
+
+def _scan(spec: str, listing: Listing, columns: Columns, keep: Callable[[pa.Table], None] | None,
+          again: Callable[[], Iterator[pa.Table]]) -> ManifestScan:
+    """The scan over `listing`, handing each table of rows to `keep` (when given) as it streams past."""
     h_id, h_uri, h_content = ColumnHash(), ColumnHash(), ColumnHash()
     rows, hashes, groups = 0, [], []
-    for t in _tables(inputs, columns, digest=True):
+    for t in _tables(listing, columns, digest=True):
         rows += t.num_rows
         groups.append(t.num_rows)
         h_id.update(t.column("id"))
@@ -237,13 +144,16 @@ def scan_manifest(spec: str, storage_options: dict | None = None, columns: Colum
             if content in t.column_names:
                 h_content.update(t.column(content))
         hashes.append(np.fromiter((hash(i) for i in t.column("id").to_pylist()), dtype=np.int64, count=t.num_rows))
+        if keep is not None:
+            keep(t.drop_columns([c for c in ("sha256",) if c in t.column_names]))
     if rows == 0:
         raise ManifestError(f"manifest {spec} is empty: no rows to process")
-    hashes = np.concatenate(hashes)
-    _check_duplicates(spec, hashes, lambda: _tables(inputs, Columns(columns.id, columns.uri), False))
-    content = h_content.digest() if columns.bytes or inputs.kind == "tars" else b""
+    _check_duplicates(spec, np.concatenate(hashes), again)
+    # tars, or a Parquet manifest naming tar members (input.member_column: refresh's night manifest)
+    kind = "tar" if listing.holds == "tars" or columns.member else "bytes" if columns.bytes else "uri"
+    content = h_content.digest() if kind != "uri" else b""
     fingerprint = hashlib.sha256(h_id.digest() + h_uri.digest() + content).hexdigest()[:16]
-    return ManifestScan(rows, fingerprint, tuple(groups) if inputs.kind == "tars" else ())
+    return ManifestScan(rows, fingerprint, tuple(groups) if listing.holds == "tars" else (), kind)
 
 
 def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterator[pa.Table]]) -> None:
@@ -262,18 +172,71 @@ def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterat
             raise ManifestError(f"manifest {spec} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
 
 
+class Inputs:
+    """One job's inputs, listed and read once: the scan, and the rows (id, uri and a tar `member` or the image
+    `bytes`) kept in a local Arrow file (under TMPDIR) until `close`, so that the overlap guard, the plan files and
+    the pictures never list or read the source again. `head` holds the first rows' id and uri (for pictures)."""
+
+    def __init__(self, spec: str, storage_options: dict | None = None, columns: Columns = Columns()):
+        listing = list_inputs(spec, storage_options or {})
+        self.folder = tempfile.mkdtemp(prefix="igpt-inputs-")
+        self.path, self._writer, self._schema = os.path.join(self.folder, "rows.arrow"), None, None
+        try:
+            self.scan = _scan(spec, listing, columns, self._keep, lambda: self.tables(read_all=False))
+            first = next(self.tables())  # copied: it outlives the kept rows
+            self.head = first.select(["id", "uri"]).take(pa.array(range(first.num_rows), pa.int64()))
+        except BaseException:
+            self.close()
+            raise
+
+    def _keep(self, t: pa.Table) -> None:
+        try:
+            if self._writer is None:
+                options = pa.ipc.IpcWriteOptions(compression="zstd")
+                self._schema = t.schema
+                self._writer = pa.ipc.new_file(self.path, t.schema, options=options)
+            self._writer.write_table(t.cast(self._schema), max_chunksize=BATCH_ROWS)
+        except OSError as e:
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+            raise JobError(f"cannot keep the manifest's rows in {self.folder} ({why}): point TMPDIR at a folder "
+                           "with room") from None
+
+    def tables(self, read_all: bool = True) -> Iterator[pa.Table]:
+        """The rows as they were read, a batch at a time (read_all=False: the duplicate check's id and uri only)."""
+        if self._writer is not None:  # the scan is over: the file is complete
+            self._writer.close()
+            self._writer = None
+        with pa.memory_map(self.path) as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                yield pa.Table.from_batches([batch if read_all else batch.select(["id", "uri"])])
+
+    def close(self) -> None:
+        """Remove the kept rows (the plan files hold what the workers need); safe to call twice."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "Inputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> pa.Table:
-    """The whole manifest as one (id, uri) table, after scan_manifest's checks (for callers that need it all)."""
-    scan_manifest(spec, storage_options, columns)
-    return pa.concat_tables(iter_manifest(spec, storage_options, columns))
+    """The whole manifest as one (id, uri) table, after the scan's checks (for callers that need it all)."""
+    with Inputs(spec, storage_options, columns) as inputs:
+        return pa.concat_tables(inputs.tables())
 
 
-def write_plan(spec: str, storage_options: dict | None, shard_size: int, shards: list[Shard],
-               write: Callable[[Shard, pa.Table], None], columns: Columns = Columns()) -> None:
-    """Stream the manifest again and hand each shard in `shards` its rows [start, stop) (shard_size is implied by
-    the shards); reading stops after the last one."""
+def write_plan(tables: Iterable[pa.Table], shards: list[Shard], write: Callable[[Shard, pa.Table], None]) -> None:
+    """Hand each shard in `shards` its rows [start, stop) from `tables` (the rows in order); reading stops after
+    the last one."""
     todo, k, row, parts = sorted(shards, key=lambda s: s.start), 0, 0, []
-    for t in iter_manifest(spec, storage_options, columns):
+    for t in tables:
         end = row + t.num_rows
         while k < len(todo) and todo[k].start < end:
             s = todo[k]

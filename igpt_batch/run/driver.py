@@ -1,4 +1,4 @@
-"""The driver: plan shards, skip committed ones, run them in-process or on a Ray actor pool with retries, summarise."""
+"""The driver: build the job once, skip committed shards, run the rest in-process or on a Ray actor pool, summarise."""
 from __future__ import annotations
 
 import errno
@@ -8,33 +8,23 @@ import sys
 import time
 from collections import Counter
 
-from igpt_batch import __version__
 from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
-from igpt_batch.inputs.manifest import Columns, iter_manifest, write_plan
+from igpt_batch.inputs.manifest import Columns, Inputs, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import guards, tasks
+from igpt_batch.run import dtype_auto, guards, report, tasks
+from igpt_batch.run.context import Stats
+from igpt_batch.run.job import Job
 from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason, read_output
-from igpt_batch.run.tasks import Plan, Resolved, Task
+from igpt_batch.run.tasks import Plan, Task
 
 log = logging.getLogger("igpt_batch")
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"igpt-batch": __version__, "python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "ray", "pyarrow", "numpy", "pillow", "fsspec"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None) -> tuple[Resolved, Plan, dict]:
-    """Everything that can fail fast before a model is loaded: output, checkpoint files, manifest, plan.
-    `info` is a checkpoint already read by the caller (refresh reads, and so hashes, the weights once a night)."""
+def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None) -> Job:
+    """The job, with everything that can fail fast checked before a model is loaded: output, checkpoint files,
+    inputs (listed and read once), plan, and an output that overlaps the inputs. `info` is a checkpoint already read
+    by the caller (refresh reads, and so hashes, the weights once a night). Close the job (`with`) when done."""
     if not cfg.output.path:
         raise ConfigError("output.path is required (--output)")
     if task.reads_manifest and not cfg.input.manifest:
@@ -43,13 +33,17 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     info = info or checkpoint.read_info(cfg.model.name)
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)
-    plan = task.plan(cfg)
-    if task.reads_manifest:  # after the scan: the manifest is known to be readable
-        # images inside the manifest (a bytes column, tar shards) live where the manifest is: its check is enough
-        inside = cfg.input.bytes_column or cfg.input.member_column or cfg.input.manifest.rstrip("/").endswith((".tar", "}"))
-        guards.check_not_inputs(cfg.output.path, cfg.input.manifest, [] if inside else iter_manifest(
-            cfg.input.manifest, cfg.storage_options, Columns(cfg.input.id_column, cfg.input.uri_column)))
-    return resolved, plan, task.compat_keys(cfg, resolved, plan)
+    if not task.reads_manifest:
+        return Job(cfg, task, resolved, task.plan(cfg, None))
+    inputs = Inputs(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
+    try:
+        job = Job(cfg, task, resolved, task.plan(cfg, inputs.scan), inputs)
+        # images inside the inputs (a bytes column, tar members) live where the manifest is: its check is enough
+        guards.check_not_inputs(cfg.output.path, cfg.input.manifest, inputs.tables() if job.kind == "uri" else [])
+    except BaseException:
+        inputs.close()
+        raise
+    return job
 
 
 def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> OutputFolder:
@@ -104,65 +98,39 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
             on_mismatch: str = "refuse") -> dict:
     """Run one job end to end; returns the _SUCCESS summary. Raises JobError if shards fail or too many rows are bad."""
     t0 = time.time()
-    task = tasks.get(task)
-    resolved, plan, keys = prepare(cfg, task, info)
-    info = resolved.info
-    job = {"task": task.name, "config": cfg.to_dict(redact=True), "compat": keys, "model": cfg.model.name,
-           "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
-           "layers": list(resolved.layers), "n_px": info.n_px, "shards": len(plan.shards), "versions": _versions()}
-    lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout, force=cfg.output.overwrite)
-    try:
-        with lease:
-            return _run(cfg, task, resolved, plan, keys, job, on_mismatch, t0)
-    except LeaseError as e:
-        raise JobError(str(e)) from None
-    except PermissionError:  # the message never carries storage options: they hold the keys
-        raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise JobError(f"no space left on the disk of {cfg.output.path}; committed shards are kept, free some space "
-                       "and rerun to resume") from None
+    cfg = dtype_auto.resolve_job(cfg)  # --dtype auto: resolved once, recorded and compared as resolved
+    with prepare(cfg, tasks.get(task), info) as job:
+        lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout,
+                      force=cfg.output.overwrite)
+        try:
+            with lease:
+                return _run(job, on_mismatch, t0)
+        except LeaseError as e:
+            raise JobError(str(e)) from None
+        except PermissionError:  # the message never carries storage options: they hold the keys
+            raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise JobError(f"no space left on the disk of {cfg.output.path}; committed shards are kept, free some "
+                           "space and rerun to resume") from None
 
 
-def _run(cfg: JobConfig, task: Task, resolved: Resolved, plan: Plan, keys: dict, job: dict, on_mismatch: str,
-         t0: float) -> dict:
-    out = open_output(cfg, keys, job, on_mismatch)
+def _run(job: Job, on_mismatch: str, t0: float) -> dict:
+    cfg, task, plan = job.cfg, job.task, job.plan
+    out = open_output(cfg, job.keys, job.record(), on_mismatch)
     committed = out.committed()
     todo = [s for s in plan.shards if s.name not in committed]
     log.info("%s: %d shards planned, %d already committed, %d to run -> %s", task.name, len(plan.shards),
              len(plan.shards) - len(todo), len(todo), cfg.output.path)
-    if task.reads_manifest:  # each shard's input rows, for its worker to read
-        try:
-            write_plan(cfg.input.manifest, cfg.storage_options, cfg.run.shard_size, todo,
-                       lambda s, rows: out.write_plan(s.name, rows), columns=Columns.of(cfg.input))
-        except OSError as e:
-            raise JobError(guards.plan_write_error(e, cfg.output.path)) from None
-    per_row = task.outputs_per_row(cfg)
-    progress = Progress(sum(len(s) for s in plan.shards) * per_row,
-                        sum(len(s) for s in plan.shards if s.name in committed) * per_row, task.unit)
-    records: dict[str, dict] = {}
-
-    def done(rec: dict) -> None:
-        records[rec["shard"]] = rec
-        progress.update((rec["stop"] - rec["start"]) * per_row)
-
-    from igpt_batch.run.executors import execute
-
-    try:
-        failed = execute(cfg, task, resolved, todo, done)
-    except ExecutorError as e:
-        raise JobError(str(e)) from None
-    finally:
-        progress.close()
-    if failed:
-        raise JobError(f"{len(failed)} shard(s) failed after {cfg.run.max_retries} retries: "
-                       + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
+    write_plan_files(job, out, todo)
+    records = _execute(job, todo, committed)
     summary = summarise(out, task, plan, committed, records, time.time() - t0)
     try:
-        task.pictures(cfg, resolved, out)
+        task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None)
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
         log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
+    report.maybe_write(cfg, out, summary)  # report.html beside _SUCCESS (output.report); never raises
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
         out.finish(summary, ok=False)
@@ -174,21 +142,58 @@ def _run(cfg: JobConfig, task: Task, resolved: Resolved, plan: Plan, keys: dict,
     return summary
 
 
+def write_plan_files(job: Job, out: OutputFolder, todo: list) -> None:
+    """Each shard to run gets its input rows in the output's plan files, from the rows the scan kept; the kept rows
+    are released after (the pictures need only the head)."""
+    if job.inputs is None or not todo:
+        job.close()
+        return
+    try:
+        write_plan(job.inputs.tables(), todo, lambda s, rows: out.write_plan(s.name, rows))
+    except OSError as e:
+        raise JobError(guards.plan_write_error(e, job.cfg.output.path)) from None
+    finally:
+        job.close()
+
+
+def _execute(job: Job, todo: list, committed: dict) -> dict[str, dict]:
+    """Run the shards to run with a progress bar or log; returns their commit records by shard name."""
+    from igpt_batch.run.executors import execute
+
+    per_row = job.task.outputs_per_row(job.cfg)
+    shards = job.plan.shards
+    progress = Progress(sum(len(s) for s in shards) * per_row,
+                        sum(len(s) for s in shards if s.name in committed) * per_row, job.task.unit)
+    records: dict[str, dict] = {}
+
+    def done(rec: dict) -> None:
+        records[rec["shard"]] = rec
+        progress.update((rec["stop"] - rec["start"]) * per_row)
+
+    try:
+        failed = execute(job, todo, done)
+    except ExecutorError as e:
+        raise JobError(str(e)) from None
+    finally:
+        progress.close()
+    if failed:
+        raise JobError(f"{len(failed)} shard(s) failed after {job.cfg.run.max_retries} retries: "
+                       + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
+    return records
+
+
 def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: dict, wall_s: float) -> dict:
     rows = Counter()
     for rec in {**before, **records}.values():  # every committed shard: earlier runs' and this run's
         rows.update(rec.get("rows", {}))
     errors = read_output(out.url, "errors", out.fs.storage_options) if rows.get("errors") else None
     by_reason = errors_by_reason(errors) if errors is not None else Counter()
-    stage_s = Counter()
-    for rec in records.values():
-        stage_s.update(rec["stats"])
-    retries = int(stage_s.pop("retries", 0))
+    stats = sum((Stats.of(rec) for rec in records.values()), Stats())  # this run's shards
     new_rows = sum(r["stop"] - r["start"] for r in records.values())
     return {
         "task": task.name, "shards": len(plan.shards), "shards_skipped": len(before), "shards_run": len(records),
         "input_rows": plan.rows if task.reads_manifest else 0,
         "rows": dict(rows), "errors": rows.get("errors", 0), "errors_by_reason": dict(by_reason.most_common()),
         "wall_s": round(wall_s, 3), "rows_per_s": round(new_rows / wall_s, 3) if wall_s else None,
-        "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()}, "http_retries": retries,
+        "stage_seconds": stats.seconds(3), "http_retries": stats.http_retries,
     }

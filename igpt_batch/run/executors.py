@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from igpt_batch.config import JobConfig
 from igpt_batch.errors import ExecutorError
 from igpt_batch.inputs.manifest import Shard
 from igpt_batch.run import metrics
-from igpt_batch.run.tasks import Resolved, Task
+from igpt_batch.run.job import Job
 from igpt_batch.uris import call_with_deadline
 
 log = logging.getLogger("igpt_batch")
@@ -20,22 +20,24 @@ POLL_S = 2.0  # how often the Ray executor looks at its actors and the cluster w
 LOG_PENDING_S = 60.0  # how often a wait for actors that cannot be placed is logged
 
 
-def execute(cfg: JobConfig, task: Task, resolved: Resolved, shards: list[Shard], done: Done) -> dict[str, str]:
-    """Run `shards`, calling done(record) after each commit; returns {shard name: last error} for shards that gave up."""
+def execute(job: Job, shards: list[Shard], done: Done) -> dict[str, str]:
+    """Run `shards` of `job`, calling done(record) after each commit; returns {shard name: last error} for shards
+    that gave up."""
     if not shards:
         return {}
-    if cfg.run.executor == "local":
-        return execute_local(cfg, task, resolved, shards, done)
-    return RayPool(cfg, task, resolved, done).run(shards)
+    if job.cfg.run.executor == "local":
+        return execute_local(job, shards, done)
+    return RayPool(job, done).run(shards)
 
 
-def execute_local(cfg, task, resolved, shards, done) -> dict[str, str]:
+def execute_local(job: Job, shards: list[Shard], done: Done) -> dict[str, str]:
+    """In this process, one shard at a time, each retried up to run.max_retries times."""
     from igpt_batch.run.worker import ShardWorker
 
-    worker = ShardWorker(cfg, task, resolved)
+    worker = ShardWorker(job.for_workers())
     failed = {}
     for shard in shards:
-        for attempt in range(cfg.run.max_retries + 1):
+        for attempt in range(job.cfg.run.max_retries + 1):
             try:
                 done(worker.run(shard))
                 break
@@ -101,20 +103,34 @@ def check_resources(request: dict[str, float], nodes: dict[str, dict]) -> str | 
     return "the cluster cannot place a worker (" + "; ".join(missing) + ")"
 
 
+@dataclass
+class ActorState:
+    """One actor of the pool: its placement probe until it answers, then its node; the shards it holds."""
+
+    ready: Any  # the ObjectRef of its node_id() probe; None once placed
+    since: float  # time.monotonic() at its start: a pending actor is given up after run.actor_start_timeout
+    node: str | None = None  # the Ray node it runs on, once placed
+    shards: dict[Any, Shard] = field(default_factory=dict)  # {ObjectRef of run(shard): shard} in flight
+
+    @property
+    def placed(self) -> bool:
+        return self.node is not None
+
+
 class RayPool:
     """Actors holding one model replica each. Shards go to whichever live actor has room (IN_FLIGHT each), so a
     lost actor or node never strands work; a replacement that cannot be placed within run.actor_start_timeout is
     given up, and the job finishes on the capacity that remains, or fails with a message when none does."""
 
-    def __init__(self, cfg: JobConfig, task: Task, resolved: Resolved, done: Done):
-        self.cfg, self.task, self.resolved, self.done = cfg, task, resolved, done
-        self.actors: dict = {}  # actor -> {"ready": ref or None, "node": id or None, "since": t, "shards": {ref: shard}}
+    def __init__(self, job: Job, done: Done):
+        self.job, self.cfg, self.done = job.for_workers(), job.cfg, done
+        self.actors: dict[Any, ActorState] = {}  # actor handle -> its state
         self.attempts: dict[str, int] = {}
         self.failed: dict[str, str] = {}
         self.queue: list[Shard] = []
         self.start_failures = 0  # in a row: a model that cannot load must not restart actors forever
-        self.start_timeout = cfg.run.actor_start_timeout
-        self.tags = metrics.job_tags(task.name, cfg.output.path)
+        self.start_timeout = job.cfg.run.actor_start_timeout
+        self.tags = metrics.job_tags(job.task.name, job.cfg.output.path)
 
     def run(self, shards: list[Shard]) -> dict[str, str]:
         import ray
@@ -153,15 +169,15 @@ class RayPool:
                                                          max_concurrency=IN_FLIGHT)
 
     def _start_actor(self) -> None:
-        actor = self.actor_cls.remote(self.cfg, self.task, self.resolved)
-        self.actors[actor] = {"ready": actor.node_id.remote(), "node": None, "since": time.monotonic(), "shards": {}}
+        actor = self.actor_cls.remote(self.job)
+        self.actors[actor] = ActorState(actor.node_id.remote(), time.monotonic())
 
     def _loop(self, ray) -> None:
         last_log = time.monotonic()
-        while self.queue or any(a["shards"] for a in self.actors.values()):
+        while self.queue or any(a.shards for a in self.actors.values()):
             self._fill()
-            refs = [a["ready"] for a in self.actors.values() if a["ready"] is not None]
-            refs += [r for a in self.actors.values() for r in a["shards"]]
+            refs = [a.ready for a in self.actors.values() if a.ready is not None]
+            refs += [r for a in self.actors.values() for r in a.shards]
             if not refs:
                 raise ExecutorError(f"no worker is left to run {len(self.queue)} shard(s): every worker was lost "
                                     "and no replacement could be placed")
@@ -171,30 +187,30 @@ class RayPool:
             self._watch_nodes(ray)
             if time.monotonic() - last_log >= LOG_PENDING_S:
                 last_log = time.monotonic()
-                pending = [a for a in self.actors.values() if a["node"] is None]
+                pending = [a for a in self.actors.values() if not a.placed]
                 if pending:
                     log.info("waiting for %d worker(s) to be placed (%s each); %d shard(s) queued",
                              len(pending), self.request, len(self.queue))
             self._give_up_pending(ray)
-            placed = sum(a["node"] is not None for a in self.actors.values())
+            placed = sum(a.placed for a in self.actors.values())
             metrics.actors(self.tags, placed, len(self.actors) - placed)
 
     def _fill(self) -> None:
         """Hand queued shards to live actors with room, the least busy first."""
         while self.queue:
-            live = [(len(a["shards"]), i, actor) for i, (actor, a) in enumerate(self.actors.items())
-                    if a["node"] is not None and len(a["shards"]) < IN_FLIGHT]
+            live = [(len(a.shards), i, actor) for i, (actor, a) in enumerate(self.actors.items())
+                    if a.placed and len(a.shards) < IN_FLIGHT]
             if not live:
                 return
             _, _, actor = min(live, key=lambda x: x[:2])
             shard = self.queue.pop()
-            self.actors[actor]["shards"][actor.run.remote(shard)] = shard
+            self.actors[actor].shards[actor.run.remote(shard)] = shard
 
     def _settle(self, ray, ref) -> None:
-        actor, state = next((k, a) for k, a in self.actors.items() if a["ready"] == ref or ref in a["shards"])
-        if state["ready"] == ref:
+        actor, state = next((k, a) for k, a in self.actors.items() if a.ready == ref or ref in a.shards)
+        if state.ready == ref:
             try:
-                state["node"], state["ready"] = ray.get(ref), None
+                state.node, state.ready = ray.get(ref), None
                 self.start_failures = 0
             except Exception as e:  # the actor process could not start
                 self.start_failures += 1
@@ -203,14 +219,14 @@ class RayPool:
                     raise ExecutorError(f"{reason} ({self.start_failures} times in a row)") from None
                 self._lose(ray, actor, reason)
             return
-        shard = state["shards"].pop(ref)
+        shard = state.shards.pop(ref)
         try:
             self.done(ray.get(ref))
             self.failed.pop(shard.name, None)
             metrics.shard(self.tags, "committed")
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             # The actor died (SIGKILL, OOM, node lost): its shards go back to the queue, it is replaced.
-            state["shards"][ref] = shard
+            state.shards[ref] = shard
             self._lose(ray, actor, f"worker died: {type(e).__name__}")
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
@@ -221,8 +237,8 @@ class RayPool:
         """An actor is gone: every shard it held is done (its commit marker exists) or requeued; start a new one."""
         state = self.actors.pop(actor)
         ray.kill(actor, no_restart=True)
-        log.warning("%s (%d shard(s) in flight); starting a new worker", reason, len(state["shards"]))
-        for shard in state["shards"].values():
+        log.warning("%s (%d shard(s) in flight); starting a new worker", reason, len(state.shards))
+        for shard in state.shards.values():
             record = self.out.commit_record(shard.name)
             if record is not None:  # it died after committing this shard, before the reply: the shard is done
                 self.done(record)
@@ -230,7 +246,7 @@ class RayPool:
                 metrics.shard(self.tags, "committed")
             else:
                 self._requeue(shard, reason)
-        if self.queue or any(a["shards"] for a in self.actors.values()):
+        if self.queue or any(a.shards for a in self.actors.values()):
             self._start_actor()
 
     def _requeue(self, shard: Shard, reason: str) -> None:
@@ -247,13 +263,13 @@ class RayPool:
             raise ExecutorError("the Ray cluster has no live node (the node died, or its raylet or GCS was killed); "
                                 "committed shards are kept and a rerun resumes")
         for actor, state in list(self.actors.items()):
-            if state["node"] is not None and state["node"] not in nodes:
+            if state.placed and state.node not in nodes:
                 self._lose(ray, actor, "worker's node died")
 
     def _give_up_pending(self, ray) -> None:
         now = time.monotonic()
         for actor, state in list(self.actors.items()):
-            if state["node"] is None and now - state["since"] > self.start_timeout:
+            if not state.placed and now - state.since > self.start_timeout:
                 log.warning("gave up a worker that could not be placed within %.0f s (needs %s)",
                             self.start_timeout, self.request)
                 self.actors.pop(actor)

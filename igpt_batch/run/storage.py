@@ -24,7 +24,8 @@ KINDS = ("embeddings", "samples", "errors")
 JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS = "_job.json", "_SUCCESS", "_FAILED", "_plan", "_commits", "pngs"
 LEASE = "_LEASE.json"
 PICTURES = ("contact_sheet.png", "preview.png")
-OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES)  # all that --overwrite may remove (not the lease)
+REPORT = "report.html"  # run/report.py
+OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES, REPORT)  # all that --overwrite may remove (not the lease)
 _TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
 
 

@@ -18,6 +18,7 @@ FAILED = "failed.parquet"  # rows that could not be embedded, kept beside the ta
 NIGHT = "_night"  # a night's working files that hold fetchable uris: removed when it ends, swept by the next
 NIGHTS = "nights"  # one summary record per night: nights/<start>.json
 WORKING = (NIGHT, "_planning", "manifests")  # swept at the start of a night (manifests/: stores from before 0.x)
+INDEX_INFO = "_index.json"  # the vector index: rows it was trained on, its partitions, its measured recall
 FRAGMENT_ROWS = 1024 * 1024  # Lance's target fragment size: smaller fragments count towards compaction
 SNAPSHOT_PROPERTY = "igpt_snapshot"  # the Lance transaction property naming the snapshot a commit publishes
 SNAPSHOT_FORMAT = "%Y%m%dT%H%M%SZ"  # snapshot ids are UTC times, so they sort by time
@@ -311,6 +312,26 @@ class Store:
             except Exception as e:  # noqa: BLE001 - any failure to read a kept snapshot is what --verify reports
                 problems.append(f"{version}: night {snapshot} (Lance version {table_version}) cannot be read: {e}")
         return problems
+
+    # -- indices and near-duplicates (store/index.py, store/dedup.py) ---------------
+    def index_info(self, version: str) -> dict:
+        """What the vector index was last (re-)trained on and its measured recall ({} before it exists)."""
+        return self.folder(version).read_json(INDEX_INFO) or {}
+
+    def set_index_info(self, version: str, info: dict) -> None:
+        self.folder(version).write_json(INDEX_INFO, info)
+
+    def scratch_url(self, version: str, name: str) -> str:
+        """A folder for one `dedup` run's pair files (removed by it when done)."""
+        return f"{self.url}/{version}/_scratch/{name}"
+
+    def write_duplicates(self, version: str, snapshot: str, table: pa.Table) -> None:
+        """A night's near-duplicate pairs (id, duplicate_of, cosine) found for its new and updated rows."""
+        self.folder(version).write_table(f"duplicates/{snapshot}.parquet", table)
+
+    def read_duplicates(self, version: str, snapshot: str) -> pa.Table | None:
+        v = self.folder(version)
+        return v.read_table(f"duplicates/{snapshot}.parquet") if v.exists(f"duplicates/{snapshot}.parquet") else None
 
     # -- failed rows ---------------------------------------------------------------
     def read_failed(self, version: str) -> pa.Table:

@@ -164,17 +164,18 @@ def merge(cfg: JobConfig, night: Night) -> tuple[pa.RecordBatchReader, pa.Array 
         touch = plan.touch.append_column("deleted", pa.array(np.zeros(plan.touch.num_rows, bool)))
         updates = pa.concat_tables([touch, pa.table({"id": marks, "deleted": pa.array(np.ones(len(marks), bool))})],
                                    promote_options="default")
+        table = night.store.open(night.version) if updates.num_rows else None  # one open: its index pages cached
         for s in range(0, updates.num_rows, TAKE):
-            yield _updated(night, updates.slice(s, TAKE), schema).to_batches()
+            yield _updated(table, updates.slice(s, TAKE), schema).to_batches()
 
     reader = pa.RecordBatchReader.from_batches(schema, (b for bs in batches() for b in bs))
     return reader, (gone.column("id") if night.dropped else None)
 
 
-def _updated(night: Night, updates: pa.Table, schema: pa.Schema) -> pa.Table:
+def _updated(table, updates: pa.Table, schema: pa.Schema) -> pa.Table:
     """The previous rows of `updates`' ids with their new uri/size/mtime/etag (a deletion mark, with a null uri,
-    keeps them) and deleted flag."""
-    old = night.store.read(night.version, filter=pc.field("id").isin(updates.column("id")))
+    keeps them) and deleted flag. `table` is the current table; the ids are looked up through its BTREE on id."""
+    old = table.to_table(filter=pc.field("id").isin(updates.column("id")))
     new = updates.take(pc.index_in(old.column("id"), value_set=updates.column("id")))
     touched = pc.is_valid(new.column("uri"))
     for c in (*TOUCH[1:], "deleted"):
@@ -216,7 +217,21 @@ def prune(cfg: JobConfig, night: Night) -> None:
     from igpt_batch.store.index import update_index
 
     night.summary["pruned"] = night.store.prune(night.version, cfg.refresh.keep_current, cfg.refresh.compact_fragments)
-    update_index(night.store, night.version, cfg.refresh.index_min_rows)
+    trained = update_index(night.store, night.version, cfg.refresh.index_min_rows)
+    if trained:
+        night.summary["index"] = trained
+
+
+def find_duplicates(cfg: JobConfig, night: Night) -> None:
+    """Step 6, with refresh.dup_threshold: tonight's embedded rows searched for near-duplicates (store/dedup.py)."""
+    from igpt_batch.store.dedup import night_duplicates
+
+    if cfg.refresh.dup_threshold is None:
+        return
+    ids = night.plan.compute.column("id")
+    ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=night.errors.column("id"))))
+    night.summary["duplicates"] = night_duplicates(night.store, night.version, night.snapshot, ids,
+                                                   cfg.refresh.dup_threshold)
 
 
 def refresh(cfg: JobConfig) -> dict:
@@ -274,6 +289,7 @@ def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo, store: Store, versio
     if night.snapshot is None:
         s["message"] = f"nothing to embed: {s['unchanged']} rows unchanged"
         log.info("refresh %s: %s", version, s["message"])
+        find_duplicates(cfg, night)  # nothing new: searches nothing
         return s
     log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, night.snapshot,
              s["new"], s["changed"], s["unchanged"], s["deleted"], s["computed"])
@@ -282,6 +298,7 @@ def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo, store: Store, versio
     run_extract(cfg, night)
     publish(cfg, night, *merge(cfg, night))
     prune(cfg, night)
+    find_duplicates(cfg, night)
     log.info("refresh done: %s", s)
     if night.plan.compute.num_rows <= SMALL:
         s["computed_ids"] = night.plan.compute.column("id").to_pylist()

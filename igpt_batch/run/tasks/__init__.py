@@ -1,7 +1,8 @@
 """Job tasks as objects (extract, generate, complete): what a job computes, behind one interface."""
 from __future__ import annotations
 
-from igpt_batch.run.tasks.base import Plan, Resolved, Task
+from igpt_batch.run.context import Resolved
+from igpt_batch.run.tasks.base import Plan, Task
 from igpt_batch.run.tasks.extract import Extract
 from igpt_batch.run.tasks.sample import Complete, Generate
 

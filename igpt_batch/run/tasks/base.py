@@ -1,17 +1,21 @@
 """The task interface: each task owns its compatibility keys, plan, per-shard runner, output schemas and pictures.
 
 The driver, the executors and the worker know nothing task-specific: they call a `Task`. Everything a worker
-needs is resolved once by the driver into a `Resolved` (plain data) and handed down.
+needs is resolved once by the driver into a `Resolved` (plain data) and handed down in the job; inside the worker a
+task's runner is built from a `ShardContext` and called once per shard with the shard's plan rows and its `Stats`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 
 from igpt_batch.config import JobConfig
-from igpt_batch.inputs.manifest import Columns, Shard, scan_manifest
+from igpt_batch.inputs.manifest import ManifestScan, Shard
 from igpt_batch.model.checkpoint import CheckpointInfo
+from igpt_batch.run.context import Resolved, ShardContext, Stats
+from igpt_batch.run.storage import OutputFolder
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("stage", pa.string()), ("error", pa.string())])
 NIGHTLY = ("rows", "manifest_fingerprint", "shard_size")  # compat keys that may differ between nights of one store
@@ -29,30 +33,21 @@ def error_row(id_: str, uri: str, err) -> dict:
     return {"id": id_, "uri": redact_uri(uri), "stage": err.stage, "error": err.reason}
 
 
-def picture_inputs(cfg: JobConfig, info: CheckpointInfo):
-    """The palette and the manifest's first rows: what the extract preview and the completion sheet draw."""
-    from igpt_batch.inputs.manifest import Columns, iter_manifest
-    from igpt_batch.model.checkpoint import read_clusters
-
-    return read_clusters(info.path), next(iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)))
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """What the driver resolves once for a job and hands to every worker as plain data."""
-
-    info: CheckpointInfo
-    layers: tuple[int, ...] = ()
-    meta: dict = field(default_factory=dict)  # Parquet schema metadata of every output part
+Runner = Callable[[Shard, "pa.Table | None", Stats], dict[str, pa.Table]]  # (shard, plan rows, stats) -> {kind: Table}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The job's units of work: manifest rows or seeds, cut into shards."""
+    """The job's units of work: manifest rows or seeds, cut into shards; with the scan of the inputs they come from
+    (its fingerprint, rows per tar, and the input kind the workers read) when the task reads a manifest."""
 
     rows: int
     shards: list[Shard]
-    manifest_fingerprint: str | None = None
+    scan: ManifestScan | None = None
+
+    @property
+    def manifest_fingerprint(self) -> str | None:
+        return self.scan.fingerprint if self.scan else None
 
 
 class Task:
@@ -70,10 +65,9 @@ class Task:
     def check(self, cfg: JobConfig, info: CheckpointInfo) -> None:
         """Task-specific config checks that need the checkpoint; raise ConfigError."""
 
-    def plan(self, cfg: JobConfig) -> Plan:
-        # streams: memory stays ~8 bytes a row; shards never span two tar files
-        scan = scan_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
-        return Plan(scan.rows, scan.shards(cfg.run.shard_size), scan.fingerprint)
+    def plan(self, cfg: JobConfig, scan: ManifestScan | None) -> Plan:
+        """The shards of the scanned manifest (None for a task that reads none); shards never span two tar files."""
+        return Plan(scan.rows, scan.shards(cfg.run.shard_size), scan)
 
     def outputs_per_row(self, cfg: JobConfig) -> int:
         return 1
@@ -92,9 +86,10 @@ class Task:
     def keys(self, cfg: JobConfig, resolved: Resolved) -> dict:
         raise NotImplementedError
 
-    def runner(self, ctx, resolved: Resolved):
-        """Built inside the worker (the model is loaded there): a callable (shard, rows, stats) -> {kind: Table}."""
+    def runner(self, ctx: ShardContext) -> Runner:
+        """Built inside the worker once the model has loaded: a callable (shard, rows, stats) -> {kind: Table}."""
         raise NotImplementedError
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
-        """The task's pictures, drawn from the committed output after the job."""
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
+        """The task's pictures, drawn from the committed output after the job; `head` holds the first input rows'
+        id and uri (None for a task that reads no manifest)."""

@@ -8,9 +8,11 @@ import pyarrow as pa
 
 from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError
-from igpt_batch.inputs.manifest import plan_shards
+from igpt_batch.inputs.manifest import ManifestScan, plan_shards
 from igpt_batch.model.checkpoint import CheckpointInfo
-from igpt_batch.run.tasks.base import Plan, Resolved, Task, error_row, error_table, picture_inputs
+from igpt_batch.run.context import Resolved, ShardContext, Stats
+from igpt_batch.run.storage import OutputFolder
+from igpt_batch.run.tasks.base import Plan, Task, error_row, error_table
 
 
 class _Sampling(Task):
@@ -34,14 +36,14 @@ class Generate(_Sampling):
     name = "generate"
     reads_manifest = False
 
-    def plan(self, cfg: JobConfig) -> Plan:
+    def plan(self, cfg: JobConfig, scan: ManifestScan | None) -> Plan:
         n = cfg.generate.num_samples
         return Plan(n, plan_shards(n, cfg.run.shard_size, first=cfg.generate.seed))
 
-    def runner(self, ctx, resolved: Resolved) -> "SampleRunner":
-        return SampleRunner(ctx, resolved)
+    def runner(self, ctx: ShardContext) -> "SampleRunner":
+        return SampleRunner(ctx)
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
         if cfg.output.contact_sheet:
             from igpt_batch.run import pictures
 
@@ -60,8 +62,8 @@ class Complete(_Sampling):
     def outputs_per_row(self, cfg: JobConfig) -> int:
         return cfg.generate.samples_per_image
 
-    def plan(self, cfg: JobConfig) -> Plan:
-        plan = super().plan(cfg)
+    def plan(self, cfg: JobConfig, scan: ManifestScan | None) -> Plan:
+        plan = super().plan(cfg, scan)
         last = cfg.generate.seed + plan.rows * cfg.generate.samples_per_image
         if last > 2**63:
             raise ConfigError(f"generate.seed {cfg.generate.seed} + {plan.rows} rows x {cfg.generate.samples_per_image} "
@@ -72,29 +74,30 @@ class Complete(_Sampling):
         g = cfg.generate
         return super().keys(cfg, resolved) | {"prompt_rows": g.prompt_rows, "samples_per_image": g.samples_per_image}
 
-    def runner(self, ctx, resolved: Resolved) -> "CompleteRunner":
-        return CompleteRunner(ctx, resolved)
+    def runner(self, ctx: ShardContext) -> "CompleteRunner":
+        return CompleteRunner(ctx)
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out) -> None:
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
         if cfg.output.contact_sheet:
+            from igpt_batch.model.checkpoint import read_clusters
             from igpt_batch.run import pictures
 
-            pictures.write_completion_sheet(out, cfg, *picture_inputs(cfg, resolved.info), resolved.info.n_px,
+            pictures.write_completion_sheet(out, cfg, read_clusters(resolved.info.path), head, resolved.info.n_px,
                                             cfg.output.contact_sheet)
 
 
 class SampleRunner:
     """Per shard: sample every seed of the shard, batch by batch, into the samples table."""
 
-    def __init__(self, ctx, resolved: Resolved):
+    def __init__(self, ctx: ShardContext):
         from igpt_batch.model import batching
 
-        self.ctx, self.meta, self.n_px = ctx, resolved.meta, resolved.info.n_px
+        self.ctx, self.meta, self.n_px = ctx, ctx.resolved.meta, ctx.resolved.info.n_px
         if ctx.model.device.type == "cuda" and ctx.cfg.model.compile:
             ctx.model.compile_decode(buckets=ctx.cfg.model.decode_buckets)
         self.batch_size = batching.sample_batch_size(ctx.model, ctx.cfg.generate.batch_size)
 
-    def sample(self, seeds: list[int], prompts: np.ndarray | None, stats: dict) -> tuple[np.ndarray, list[bytes]]:
+    def sample(self, seeds: list[int], prompts: np.ndarray | None, stats: Stats) -> tuple[np.ndarray, list[bytes]]:
         """Tokens (B, n_px*n_px) and PNGs of one batch of seeds (and prompts); writes pngs/ when asked."""
         from igpt_batch.model import palette
         from igpt_batch.model.sampling import generate
@@ -104,13 +107,13 @@ class SampleRunner:
             t = time.perf_counter()
             tokens = generate(self.ctx.model, seeds, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                               prompt=prompts)
-            stats["model_s"] += time.perf_counter() - t
+            stats.model_s += time.perf_counter() - t
         t = time.perf_counter()
         pngs = [palette.to_png(im) for im in palette.detokenize(tokens, self.ctx.model.clusters, self.n_px)]
         if self.ctx.cfg.output.write_png_files:
             for seed, png in zip(seeds, pngs):
                 self.ctx.out.write_png(seed, png)
-        stats["preprocess_s"] += time.perf_counter() - t
+        stats.preprocess_s += time.perf_counter() - t
         return tokens, pngs
 
     def table(self, columns: dict, tokens: list[np.ndarray], pngs: list[bytes]) -> pa.Table:
@@ -122,7 +125,7 @@ class SampleRunner:
             "png": pa.array(pngs, pa.binary()),
         }).replace_schema_metadata(self.meta)
 
-    def __call__(self, shard, rows, stats: dict) -> dict[str, pa.Table]:
+    def __call__(self, shard, rows, stats: Stats) -> dict[str, pa.Table]:
         seeds = list(range(shard.start, shard.stop))
         toks, pngs = [], []
         for i in range(0, len(seeds), self.batch_size):
@@ -134,7 +137,7 @@ class SampleRunner:
 class CompleteRunner(SampleRunner):
     """Per shard: tokenise each readable image, keep its prompt rows, sample K completions; errors for the rest."""
 
-    def __call__(self, shard, rows: pa.Table, stats: dict) -> dict[str, pa.Table]:
+    def __call__(self, shard, rows: pa.Table, stats: Stats) -> dict[str, pa.Table]:
         from igpt_batch.errors import ImageError
         from igpt_batch.model.extractor import tokenizer_for
 
@@ -157,7 +160,7 @@ class CompleteRunner(SampleRunner):
             pending.clear()
 
         per_batch = max(1, self.batch_size // k)
-        for offset, (id_, uri, res) in enumerate(self.ctx.loaded(rows, stats, window=4 * self.batch_size)):
+        for offset, (id_, uri, res) in enumerate(self.ctx.read(rows, stats, 4 * self.batch_size)):
             if isinstance(res, ImageError):
                 errors.append(error_row(id_, uri, res))
                 continue
