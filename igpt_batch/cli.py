@@ -15,7 +15,8 @@ from igpt_batch.errors import ConfigError
 CONST = {"action": "store_const", "const": True}
 FLAGS = {
     "--model": ("model.name", "demo, a local checkpoint folder, or a hub id", {}),
-    "--dtype": ("model.dtype", "fp32, bf16, fp16, or auto (bf16 where the hardware computes it natively)", {}),
+    "--dtype": ("model.dtype", "fp32, bf16, fp16, or auto (bf16 where the hardware computes it natively)",
+                {"choices": ["fp32", "bf16", "fp16", "auto"]}),
     "--device": ("model.device", "auto (CUDA when present), cpu, cuda or cuda:N", {}),
     "--manifest": ("input.manifest", "manifest file, folder or glob (Parquet, CSV, JSONL), or a folder or glob of images", {}),
     "--read-timeout": ("input.read_timeout", "seconds per image fetch", {}),
@@ -45,7 +46,7 @@ FLAGS = {
     "--workers": ("run.workers", "actors, one model replica each", {}),
     "--shard-size": ("run.shard_size", "rows or seeds per shard: the unit of output, commit and retry", {}),
     "--address": ("run.address", "Ray address (none: RAY_ADDRESS or the job's cluster, else a local Ray)", {}),
-    "--executor": ("run.executor", "ray, or local (in-process, same code path)", {}),
+    "--executor": ("run.executor", "ray, or local (in-process, same code path)", {"choices": ["ray", "local"]}),
     "--cpus-per-worker": ("run.cpus_per_worker", "Ray CPUs per actor (fractional is fine)", {}),
     "--gpus-per-worker": ("run.gpus_per_worker", "Ray GPUs per actor (none: 1 when the cluster has GPUs)", {}),
     "--torch-threads": ("run.torch_threads", "torch threads per actor (0 = torch's choice)", {}),
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output", help="an output folder or fsspec URL")
     r.add_argument("-o", "--out", help="where to write the page (default OUTPUT/report.html)")
     r.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+    for choice in sub._choices_actions:  # `igpt-batch X --help` opens with the line the command list shows for X
+        sub.choices[choice.dest].description = sub.choices[choice.dest].description or choice.help
     return p
 
 

@@ -12,7 +12,10 @@ from typing import Any
 from igpt_batch.errors import ConfigError
 from igpt_batch.redact import redact_secrets, redact_uri
 
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # input.max_bytes (also the fetch functions' default)
+DEFAULT_MAX_PIXELS = 64_000_000  # input.max_pixels (also the decode functions' default)
 MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
+YAML_MAX_BYTES, YAML_MAX_NODES = 1 << 20, 100_000  # a config file's size, and its values with aliases expanded
 
 
 @dataclass
@@ -29,8 +32,8 @@ class ModelConfig:
 class InputConfig:
     manifest: str | None = None  # Parquet/CSV/JSONL file, folder or glob of them, or a folder/glob of images
     read_timeout: float = 30.0  # seconds per image fetch (HTTP and object storage)
-    max_bytes: int = 64 * 1024 * 1024  # larger image files are rejected as read errors
-    max_pixels: int = 64_000_000  # decompression-bomb limit, checked before decoding
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger image files are rejected as read errors
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, checked before decoding
     draft: bool = False  # JPEG draft-mode decoding for sources much larger than n_px (approximate, faster)
     id_column: str = "id"  # the manifest's id column (img2dataset: key); absent = the uri is the id
     uri_column: str = "uri"  # the manifest's uri column (img2dataset: url)
@@ -231,11 +234,43 @@ def _read_yaml(p: Path) -> Any:
     if p.is_dir():
         raise ConfigError(f"config file {p} is a folder: pass a YAML file (see configs/)")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if p.stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"config file {p} is over {YAML_MAX_BYTES} bytes: not a config file")
+        loader = yaml.SafeLoader(p.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded(node, {}, set()) > YAML_MAX_NODES:  # before any object is built
+                raise ConfigError(f"config file {p} expands to over {YAML_MAX_NODES} values through its aliases "
+                                  "(an alias bomb?): write the values out")
+            return (loader.construct_document(node) if node is not None else None) or {}
+        finally:
+            loader.dispose()
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or type(e).__name__}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply: not a config file") from None
+
+
+def _expanded(node, sizes: dict, open_: set) -> int:
+    """How many values the YAML node stands for once every alias is copied out; an alias is a shared node, so each
+    is counted once (sizes) however often it is used, and a node inside itself counts as too many."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        return YAML_MAX_NODES + 1
+    open_.add(id(node))
+    items = node.value if isinstance(node.value, list) else []
+    children = [c for item in items for c in (item if isinstance(item, tuple) else (item,))]
+    total = 1
+    for child in children:
+        total += _expanded(child, sizes, open_)
+        if total > YAML_MAX_NODES:
+            break
+    open_.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 def validate(cfg: JobConfig) -> None:

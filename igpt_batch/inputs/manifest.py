@@ -19,10 +19,18 @@ import pyarrow as pa
 from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs import tars
 from igpt_batch.inputs.listing import Listing, list_inputs
-from igpt_batch.inputs.manifest_files import ColumnHash, Columns, file_uri, read_batches, relative_id, resolve_uris
+from igpt_batch.inputs.manifest_files import (
+    BATCH_ROWS,
+    JSON_BLOCK_BYTES,
+    ColumnHash,
+    Columns,
+    file_uri,
+    read_batches,
+    relative_id,
+    resolve_uris,
+)
+from igpt_batch.redact import redact_uri
 
-BATCH_ROWS = 65_536  # manifest rows held at a time while planning
-JSON_BLOCK_BYTES = 8 << 20  # JSONL is read in blocks of this size
 KINDS = ("uri", "bytes", "tar")  # the input kind: how a worker gets a row's image (fetch the uri; decode the bytes the
 # plan rows carry; read the member of the tar its uri names)
 
@@ -79,7 +87,7 @@ def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Tabl
                 uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
             ids = t.column("id") if "id" in t.column_names else uris
             if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
-                raise ManifestError(f"manifest {path} has empty '{columns.uri}' or '{columns.id}' values")
+                raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
             row += t.num_rows
             extra = {c: t.column(c) for c in ("bytes", "member") if c in t.column_names}
             yield pa.table({"id": ids, "uri": uris, **extra})
@@ -147,7 +155,7 @@ def _scan(spec: str, listing: Listing, columns: Columns, keep: Callable[[pa.Tabl
         if keep is not None:
             keep(t.drop_columns([c for c in ("sha256",) if c in t.column_names]))
     if rows == 0:
-        raise ManifestError(f"manifest {spec} is empty: no rows to process")
+        raise ManifestError(f"manifest {redact_uri(spec)} is empty: no rows to process")
     _check_duplicates(spec, np.concatenate(hashes), again)
     # tars, or a Parquet manifest naming tar members (input.member_column: refresh's night manifest)
     kind = "tar" if listing.holds == "tars" or columns.member else "bytes" if columns.bytes else "uri"
@@ -169,7 +177,7 @@ def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterat
                     seen.add(i)
         if dups:
             names = ", ".join(repr(v) for v in list(dups)[:5])
-            raise ManifestError(f"manifest {spec} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
+            raise ManifestError(f"manifest {redact_uri(spec)} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
 
 
 class Inputs:

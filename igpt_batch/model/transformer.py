@@ -97,8 +97,8 @@ def conv1d(x: torch.Tensor, mod) -> torch.Tensor:
 
 def row_major_conv1d(mod) -> None:
     """Re-store a Conv1D weight (in, out) as the transpose of a contiguous (out, in) tensor, in place: the same
-    parameter, values and shape for transformers, but F.linear then reads it row by row. On the project's AVX2
-    CPU that makes a decode step's matmuls 1.5x faster in fp32 and 15x in bf16 (docs/BENCHMARKS.md)."""
+    parameter, values and shape for transformers, but F.linear then reads it row by row, which makes a CPU decode
+    step's matmuls faster, bf16 most of all (figures: docs/BENCHMARKS.md)."""
     if not mod.weight.t().is_contiguous():
         mod.weight.data = mod.weight.data.t().contiguous().t()
 

@@ -27,6 +27,14 @@ RETRAIN_GROWTH = 4  # re-train the vector index when the table has this many tim
 RECALL_QUERIES = 1000  # sample queries for the recall@10 measurement
 RECALL_K = 10
 EXACT_ROWS = 8192  # table rows per step of the exact pass (a RECALL_QUERIES x EXACT_ROWS float32 block: 32 MiB)
+MAX_K = 10_000  # -k above this is refused (README: neighbors and dedup)
+
+
+def check_k(k: int, least: int, why: str = "") -> None:
+    """-k is bounded before any work: Lance allocates room for k results per query up front (k = 10**11 asks
+    for terabytes; a 20-digit k overflows)."""
+    if not least <= k <= MAX_K:
+        raise ValueError(f"-k must be in [{least}, {MAX_K}]{why}, got {k}")
 
 
 def open_table(store_url: str, snapshot: str | None, version: str | None, storage_options: dict | None):

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pyarrow.compute as pc
 
-from igpt_batch.store.index import has_index, knn, open_table
+from igpt_batch.store.index import check_k, has_index, knn, open_table
 
 log = logging.getLogger("igpt_batch")
 THUMB = 64  # contact-sheet tile side, px
@@ -58,8 +58,7 @@ def neighbors(store_url: str, row_id: str | None = None, image: str | None = Non
     """The k nearest live rows to a row of the table (`row_id`) or to an image embedded with the store's model."""
     if (row_id is None) == (image is None):
         raise ValueError("give exactly one of --id and --image")
-    if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
+    check_k(k, 1)
     store, version, ds = open_table(store_url, snapshot, version, storage_options)
     if row_id is not None:
         q, uri = row_vector(ds, row_id)
