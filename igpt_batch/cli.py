@@ -174,7 +174,8 @@ def _store_commands(sub) -> None:
     _store_options(n)
     d = sub.add_parser("dedup", help="groups of near-duplicate live rows of a refresh store, as Parquet")
     d.add_argument("store", help="the refresh store (folder or fsspec URL)")
-    d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity a pair needs; default 0.95")
+    d.add_argument("--threshold", type=float, required=True,
+                   help="cosine similarity a pair needs; required: it depends on the model and layer (docs/REFRESH.md)")
     d.add_argument("--output", help="Parquet file for the groups (path or fsspec URL); default none, summary only")
     d.add_argument("-k", type=int, default=10, help="neighbours queried per row; default 10")
     d.add_argument("--executor", choices=["local", "ray"], default="local",

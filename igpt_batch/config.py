@@ -38,6 +38,7 @@ class InputConfig:
     id_column: str = "id"  # the manifest's id column (img2dataset: key); absent = the uri is the id
     uri_column: str = "uri"  # the manifest's uri column (img2dataset: url)
     bytes_column: str | None = None  # Parquet column holding the encoded image (jpg, or a struct field: image.bytes)
+    member_column: str | None = None  # Parquet column naming a WebDataset tar member (uri = tar#member); refresh's own
     retries: int = 2  # http(s): retries of 429, 5xx and connection resets (backoff, jitter, Retry-After)
     host_connections: int = 4  # http(s): connections at a time per host, per worker
 

@@ -104,7 +104,7 @@ def test_bad_input_exits_2(store, tmp_path, capsys):
         rc, _, err = cli(capsys, "neighbors", str(store / "store"), *argv)
         assert rc == 2 and "igpt-batch: error:" in err and words in err
     (tmp_path / "empty").mkdir()
-    rc, _, err = cli(capsys, "dedup", str(tmp_path / "empty"))
+    rc, _, err = cli(capsys, "dedup", str(tmp_path / "empty"), "--threshold", "0.99")
     assert rc == 2 and "no refresh versions" in err
 
 

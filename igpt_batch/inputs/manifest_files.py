@@ -30,11 +30,12 @@ class Columns:
     id: str = "id"
     uri: str = "uri"
     bytes: str | None = None  # a column, or a struct's field as a dotted path (image.bytes)
+    member: str | None = None  # Parquet: the tar member of each row (its uri is tar#member), read as `member`
 
     @classmethod
     def of(cls, input_cfg) -> "Columns":
-        """From the config's `input` section (id_column, uri_column, bytes_column)."""
-        return cls(input_cfg.id_column, input_cfg.uri_column, input_cfg.bytes_column)
+        """From the config's `input` section (id_column, uri_column, bytes_column, member_column)."""
+        return cls(input_cfg.id_column, input_cfg.uri_column, input_cfg.bytes_column, input_cfg.member_column)
 
 
 def name_of(path: str) -> str:
@@ -92,7 +93,11 @@ def _parquet(f: BinaryIO, path: str, batch_rows: int, columns: Columns) -> Itera
     names = {"id": columns.id, "uri": columns.uri}
     if columns.uri not in schema.names and not columns.bytes:
         raise ManifestError(f"manifest {path} has no '{columns.uri}' column (columns: {', '.join(schema.names) or 'none'})")
-    cols = [c for c in ("id", "uri") if names[c] in schema.names]
+    if columns.id != "id" and columns.id not in schema.names:  # a misspelt id column is refused, not ignored
+        raise ManifestError(f"manifest {path} has no '{columns.id}' column (columns: {', '.join(schema.names) or 'none'})")
+    if columns.member:
+        names["member"] = columns.member
+    cols = [c for c in names if names[c] in schema.names]
     for c in cols:
         tp = schema.field(names[c]).type
         if not (_stringy(tp) or (c == "id" and pa.types.is_integer(tp))):
@@ -164,6 +169,8 @@ def _csv(f: BinaryIO, path: str, columns: Columns) -> Iterator[pa.Table]:
         uri, id_ = batch.column(columns.uri), batch.column(columns.id)
         if len(uri) and uri.null_count == len(uri):  # present string columns are never null in CSV
             raise ManifestError(f"manifest {path} has no '{columns.uri}' column")
+        if columns.id != "id" and len(id_) and id_.null_count == len(id_):  # a misspelt id column: refused
+            raise ManifestError(f"manifest {path} has no '{columns.id}' column")
         yield pa.table({"id": id_, "uri": uri} if len(id_) and not id_.null_count else {"uri": uri})
 
 
@@ -217,6 +224,8 @@ def _json_row(raw: bytes, path: str, line: int, state: dict, ids: list, uris: li
     if type(uri) is not str:
         raise ManifestError(f"{where}: '{u}' must be a string, got {_JSON_TYPES.get(type(uri), 'a number')}")
     state.setdefault("has_id", k in row)
+    if k != "id" and not state["has_id"]:  # a misspelt id column is refused, not ignored
+        raise ManifestError(f"{where} has no '{k}'")
     if state["has_id"] != (k in row):
         raise ManifestError(f"{where} has no '{k}'" if state["has_id"] else f"{where} has an '{k}' but earlier rows have none")
     if state["has_id"]:
