@@ -9,6 +9,7 @@ import pytest
 from igpt_batch import config
 from igpt_batch.inputs.manifest import Shard
 from igpt_batch.model import checkpoint
+from igpt_batch.model.resolve import ModelRef
 from igpt_batch.run.storage import OutputFolder
 from igpt_batch.run.tasks import get
 from igpt_batch.run.worker import STAGES, ShardWorker
@@ -62,7 +63,7 @@ def test_an_extract_shard_reads_its_plan_rows(tiny_ckpt, image_dir, tmp_path):
 def test_a_model_that_cannot_load_fails_every_shard_with_the_same_error(tiny_ckpt, tmp_path):
     worker, _ = make(tiny_ckpt, tmp_path / "o")
     worker.resolved = dataclasses.replace(worker.resolved, info=dataclasses.replace(
-        worker.resolved.info, path=str(tmp_path / "gone")))
+        worker.resolved.info, path=str(tmp_path / "gone"), ref=ModelRef("folder", str(tmp_path / "gone"))))
     with pytest.raises(Exception) as first:
         worker.run(Shard(0, 0, 1))
     with pytest.raises(Exception) as second:

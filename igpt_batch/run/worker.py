@@ -41,6 +41,7 @@ class ShardWorker:
         self._load_lock = threading.Lock()
         self.model = self.runner = self._load_error = None
         self.fingerprint = resolved.info.weights_fingerprint
+        self._model_path = None
 
     def load(self) -> None:
         """Build the model and the task's runner once (on the first shard, so an actor is placed before it loads);
@@ -67,15 +68,26 @@ class ShardWorker:
         if self.cfg.run.torch_threads:
             torch.set_num_threads(self.cfg.run.torch_threads)
         t0 = time.perf_counter()
-        self.model = load_model(self.resolved.info.path, self.cfg.model.dtype, self.cfg.model.device)
+        self.model = load_model(self.model_path(), self.cfg.model.dtype, self.cfg.model.device)
         log.info("model %s (%s) loaded on %s in %.1f s", self.cfg.model.name, self.cfg.model.dtype, self.model.device,
                  time.perf_counter() - t0)
         self.runner = self.task.runner(self, self.resolved)
 
+    def model_path(self) -> str:
+        """This node's copy of the job's model, checked against the driver's fingerprint before any row;
+        errors.WorkerStartError (naming node, model and the fix) where this node has none or a different one."""
+        if self._model_path is None:
+            from igpt_batch.model.checkpoint import open_on_node
+
+            self._model_path = open_on_node(self.resolved.info, self.cfg.storage_options)
+        return self._model_path
+
     def node_id(self) -> str:
-        """The Ray node this actor runs on (the pool's placement probe: it answers as soon as the actor is up)."""
+        """The Ray node this actor runs on (the pool's placement probe: it answers once the actor is up and has
+        found its node's copy of the model, so a node without one is refused in seconds, not shard by shard)."""
         import ray
 
+        self.model_path()
         return ray.get_runtime_context().get_node_id()
 
     def _load(self, uri: str) -> tuple[object, float, int]:
