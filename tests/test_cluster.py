@@ -1,0 +1,223 @@
+"""The cluster path as users run it: a Ray head with no CPUs and two worker nodes, each with its own Hugging Face
+cache and model cache, and a driver in a private mount namespace whose files (its model, its own cache) are on a
+tmpfs no node sees. SeaweedFS holds the images, the manifest, the outputs and an s3:// checkpoint: the only
+storage every process shares. Processes are stopped by the PIDs that name this module's Ray folder, never `ray stop`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, free_ports, write_manifest
+from igpt_batch.model.resolve import DEMO_MODEL_DIR
+
+pytestmark = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                                reason="needs unshare -m and mount (root) for the driver's private files")
+BIN = Path(sys.executable).parent
+HUB_ID, REVISION = "igpt/demo", "0123456789abcdef0123456789abcdef01234567"
+BUCKET = "igpt-cluster"
+
+
+def fill_hf_cache(hf_home: Path) -> None:
+    """The layout huggingface_hub reads offline: hub/models--org--name/{snapshots/<rev>/..., refs/main}."""
+    repo = hf_home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
+    shutil.copytree(DEMO_MODEL_DIR, repo / "snapshots" / REVISION)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+
+
+def pids_naming(folder: Path) -> list[int]:
+    """Processes whose command line or open files name `folder` (this module's Ray processes, and only them)."""
+    mark, found = str(folder), []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if mark in (p / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(p.name))
+                continue
+            if any(os.readlink(fd).startswith(mark) for fd in (p / "fd").iterdir()):
+                found.append(int(p.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def stop(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+
+
+class Cluster:
+    """A head (no CPUs) and worker nodes started with `ray start`, all under one folder `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port, = free_ports(1)
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+        for k in ("RAY_ADDRESS", "HF_HOME", "IGPT_MODEL_CACHE"):
+            self.env.pop(k, None)
+        self.nodes: dict[str, int] = {}  # node name -> its raylet's port, which names its processes
+
+    def ray_start(self, args: list[str], env: dict) -> None:
+        p = subprocess.run([str(BIN / "ray"), "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                            f"--temp-dir={self.root / 'ray'}", *args], env=env, capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+    def start(self) -> None:
+        system = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+        agent, = free_ports(1)
+        self.ray_start(["--head", "--num-cpus=0", f"--port={self.port}", "--include-dashboard=false",
+                        f"--dashboard-agent-listen-port={agent}", f"--system-config={json.dumps(system)}"], self.env)
+
+    def add_node(self, name: str, cpus: int = 1) -> None:
+        """A worker node with its own HF_HOME (pre-filled, offline) and its own model cache."""
+        home = self.root / name
+        fill_hf_cache(home / "hf")
+        manager, agent = free_ports(2)
+        env = {**self.env, "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "IGPT_MODEL_CACHE": str(home / "models")}
+        self.ray_start([f"--address={self.address}", f"--num-cpus={cpus}", f"--node-manager-port={manager}",
+                        f"--dashboard-agent-listen-port={agent}"], env)
+        self.nodes[name] = manager
+
+    def drive(self, args: list[str], setup: str = "", timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+        """Run the CLI as a driver in its own mount namespace: /driver (a tmpfs) is its own, with its HF cache."""
+        private = self.root / "driver"
+        private.mkdir(exist_ok=True)
+        env = {**self.env, "RAY_ADDRESS": self.address, "HF_HOME": f"{private}/hf", "HF_HUB_OFFLINE": "1",
+               "IGPT_MODEL_CACHE": f"{private}/models"}
+        script = "\n".join(["set -e", f"mount -t tmpfs -o size=256m igpt-driver {private}", setup,
+                            'exec "$@"'])
+        t0 = time.monotonic()
+        p = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script, "driver",
+                            str(BIN / "igpt-batch"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+        return p, time.monotonic() - t0
+
+    def shutdown(self) -> None:
+        stop(pids_naming(self.root))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    root = Path(tempfile.mkdtemp(prefix="igc-", dir="/tmp"))  # short: Ray's socket paths live under it
+    c = Cluster(root)
+    try:
+        c.start()
+        c.add_node("n1")
+        c.add_node("n2")
+        yield c
+    finally:
+        c.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def inputs(s3_server, image_dir):
+    """Four real photos and a manifest on SeaweedFS, and the demo checkpoint as an s3:// folder."""
+    fs = s3_server.fs()
+    fs.mkdir(BUCKET)
+    names = ["astronaut.jpg", "coffee.jpg", "chelsea.jpg", "rocket.jpg"]
+    for n in names:
+        fs.put_file(str(image_dir / n), f"{BUCKET}/img/{n}")
+    for f in DEMO_MODEL_DIR.iterdir():
+        fs.put_file(str(f), f"{BUCKET}/models/demo/{f.name}")
+    local = write_manifest(Path(tempfile.mkdtemp()) / "m.parquet", [f"s3://{BUCKET}/img/{n}" for n in names], names)
+    fs.put_file(str(local), f"{BUCKET}/manifest.parquet")
+    return {"manifest": f"s3://{BUCKET}/manifest.parquet", "so": s3_server.storage_options()}
+
+
+def extract_args(inputs, model: str, out: str) -> list[str]:
+    return ["extract", "--model", model, "--manifest", inputs["manifest"], "--output", f"s3://{BUCKET}/{out}",
+            "--storage-options", json.dumps(inputs["so"]), "--workers", "2", "--cpus-per-worker", "1",
+            "--shard-size", "1", "--torch-threads", "1", "--max-retries", "1"]
+
+
+@pytest.fixture(scope="module")
+def local_embeddings(inputs, image_dir, tmp_path_factory):
+    """The oracle: the same rows, read from local files, embedded in-process by the demo model."""
+    from igpt_batch import config
+    from igpt_batch.run.driver import run_job
+    from igpt_batch.run.storage import read_output
+
+    names = ["astronaut.jpg", "coffee.jpg", "chelsea.jpg", "rocket.jpg"]
+    d = tmp_path_factory.mktemp("local")
+    m = write_manifest(d / "m.parquet", [str(image_dir / n) for n in names], names)
+    cfg = config.load(None, {"model.name": "demo", "input.manifest": str(m), "output.path": str(d / "out"),
+                             "run.executor": "local", "run.shard_size": 1, "run.torch_threads": 1})
+    run_job(cfg, "extract")
+    return embeddings(read_output(str(d / "out")))
+
+
+def embeddings(table) -> dict[str, np.ndarray]:
+    return dict(zip(table.column("id").to_pylist(), np.asarray(table.column("embedding").to_pylist(), np.float32)))
+
+
+def assert_same_embeddings(inputs, out: str, expected: dict) -> None:
+    from igpt_batch.run.storage import read_output
+
+    got = embeddings(read_output(f"s3://{BUCKET}/{out}", "embeddings", inputs["so"]))
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_hub_id_resolves_in_each_nodes_own_offline_cache(cluster, inputs, local_embeddings):
+    # the driver's own cache is on its tmpfs: the path it finds there exists on no worker node
+    setup = f"mkdir -p {cluster.root}/driver/hf && cp -r {cluster.root}/n1/hf/hub {cluster.root}/driver/hf/"
+    p, _ = cluster.drive(extract_args(inputs, HUB_ID, "hub"), setup)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_embeddings(inputs, "hub", local_embeddings)
+    job = json.loads(cluster_fs(inputs).cat(f"{BUCKET}/hub/_job.json"))
+    assert job["model"] == HUB_ID
+
+
+def cluster_fs(inputs):
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **inputs["so"])
+
+
+def test_an_s3_checkpoint_is_downloaded_once_per_node_into_a_cache_keyed_by_fingerprint(cluster, inputs,
+                                                                                         local_embeddings):
+    from igpt_batch.model.checkpoint import read_info
+
+    p, _ = cluster.drive(extract_args(inputs, f"s3://{BUCKET}/models/demo", "s3model"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_embeddings(inputs, "s3model", local_embeddings)
+    fingerprint = read_info("demo").weights_fingerprint
+    cached = [cluster.root / n / "models" for n in cluster.nodes if (cluster.root / n / "models").exists()]
+    assert cached, "no node cached the checkpoint"
+    for folder in cached:  # one finished copy per node, named by its fingerprint; no half-written folder left
+        assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == [fingerprint]
+        assert sorted(f.name for f in (folder / fingerprint).iterdir()) == sorted(f.name for f in DEMO_MODEL_DIR.iterdir()
+                                                                                  if f.suffix in (".json", ".safetensors"))
+
+
+def test_a_folder_only_the_driver_has_fails_fast_naming_folder_node_and_fix(cluster, inputs):
+    private = cluster.root / "driver" / "model"
+    p, seconds = cluster.drive(extract_args(inputs, str(private), "driveronly"), f"cp -r {DEMO_MODEL_DIR} {private}")
+    assert p.returncode != 0
+    err = p.stderr
+    assert "no worker could start" in err and f"model folder {private} does not exist on node" in err, err[-3000:]
+    assert "Ray node" in err and "s3://" in err and "hub id" in err and "shared" in err
+    assert "Traceback" not in err
+    assert "attempt" not in err and "retries" not in err  # refused at start, not shard by shard
+    assert not cluster_fs(inputs).glob(f"{BUCKET}/driveronly/_commits/*")
+    assert seconds < 120, seconds  # generous under load; the old path took every shard's retries
