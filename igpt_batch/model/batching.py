@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 log = logging.getLogger("igpt_batch")
 CPU_EXTRACT_BATCH = 32  # on CPU memory is not the limit; larger batches gain nothing
@@ -69,15 +68,11 @@ def sample_batch_size(model, requested: int | str, headroom: float = 0.7) -> int
 
 
 def available_memory_bytes() -> int:
-    """The host's available memory (MemAvailable from /proc/meminfo; free pages where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    """What this process may still allocate: the container's cgroup room (memory.max or memory.limit_in_bytes
+    minus usage) where it is below the host's MemAvailable."""
+    from igpt_batch.model.limits import available_memory_bytes as available
+
+    return available()
 
 
 def _cpu_sample_batch(per_sample: int, headroom: float) -> int:

@@ -65,8 +65,9 @@ class ShardWorker:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in actors
         hf_logging.disable_progress_bar()  # one line below says the model loaded, not a bar per actor
-        if self.cfg.run.torch_threads:
-            torch.set_num_threads(self.cfg.run.torch_threads)
+        from igpt_batch.model.limits import torch_threads
+
+        torch.set_num_threads(torch_threads(self.cfg.run.torch_threads, torch.get_num_threads()))  # cgroup cpu.max
         t0 = time.perf_counter()
         self.model = load_model(self.model_path(), self.cfg.model.dtype, self.cfg.model.device)
         log.info("model %s (%s) loaded on %s in %.1f s", self.cfg.model.name, self.cfg.model.dtype, self.model.device,
