@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, free_ports, write_manifest
+from conftest import REPO, free_ports, make_tiny_checkpoint, write_manifest
 
 from igpt_batch.model.resolve import DEMO_MODEL_DIR
 
@@ -76,9 +76,13 @@ class Cluster:
             self.env.pop(k, None)
         self.nodes: dict[str, int] = {}  # node name -> its raylet's port, which names its processes
 
-    def ray_start(self, args: list[str], env: dict) -> None:
-        p = subprocess.run([str(BIN / "ray"), "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                            f"--temp-dir={self.root / 'ray'}", *args], env=env, capture_output=True, text=True, timeout=180)
+    def ray_start(self, args: list[str], env: dict, setup: str = "") -> None:
+        """`ray start`; with `setup`, in a mount namespace of its own whose mounts that node's processes keep."""
+        cmd = [str(BIN / "ray"), "start", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+               f"--temp-dir={self.root / 'ray'}", *args]
+        if setup:
+            cmd = ["unshare", "-m", "--propagation", "private", "bash", "-c", f'set -e\n{setup}\nexec "$@"', "node", *cmd]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert p.returncode == 0, p.stdout + p.stderr
 
     def start(self) -> None:
@@ -87,14 +91,15 @@ class Cluster:
         self.ray_start(["--head", "--num-cpus=0", f"--port={self.port}", "--include-dashboard=false",
                         f"--dashboard-agent-listen-port={agent}", f"--system-config={json.dumps(system)}"], self.env)
 
-    def add_node(self, name: str, cpus: int = 1) -> None:
-        """A worker node with its own HF_HOME (pre-filled, offline) and its own model cache."""
+    def add_node(self, name: str, cpus: int = 1, setup: str = "") -> None:
+        """A worker node with its own HF_HOME (pre-filled, offline) and its own model cache; `setup` runs first,
+        in the node's own mount namespace."""
         home = self.root / name
         fill_hf_cache(home / "hf")
         manager, agent = free_ports(2)
         env = {**self.env, "HF_HOME": str(home / "hf"), "HF_HUB_OFFLINE": "1", "IGPT_MODEL_CACHE": str(home / "models")}
         self.ray_start([f"--address={self.address}", f"--num-cpus={cpus}", f"--node-manager-port={manager}",
-                        f"--dashboard-agent-listen-port={agent}"], env)
+                        f"--dashboard-agent-listen-port={agent}"], env, setup)
         self.nodes[name] = manager
 
     def drive(self, args: list[str], setup: str = "", timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
@@ -103,8 +108,8 @@ class Cluster:
         private.mkdir(exist_ok=True)
         env = {**self.env, "RAY_ADDRESS": self.address, "HF_HOME": f"{private}/hf", "HF_HUB_OFFLINE": "1",
                "IGPT_MODEL_CACHE": f"{private}/models"}
-        script = "\n".join(["set -e", f"mount -t tmpfs -o size=256m igpt-driver {private}", setup,
-                            'exec "$@"'])
+        script = "\n".join(["set -e", f"mount -t tmpfs -o size=256m igpt-driver {private}",
+                            f"mount -t tmpfs igpt-driver-baked {self.root}/baked", setup, 'exec "$@"'])
         t0 = time.monotonic()
         p = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script, "driver",
                             str(BIN / "igpt-batch"), *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -120,8 +125,13 @@ def cluster():
     c = Cluster(root)
     try:
         c.start()
+        # /shared/model: the demo checkpoint on the host, which n1 and the driver see; n2 has a different copy
+        # there (a tiny random model) on a tmpfs of its own. /baked/model: on the host only, hidden from the driver.
+        for name in ("shared", "baked"):
+            shutil.copytree(DEMO_MODEL_DIR, root / name / "model")
+        other = make_tiny_checkpoint(root / "other")
         c.add_node("n1")
-        c.add_node("n2")
+        c.add_node("n2", setup=f"mount -t tmpfs igpt-n2 {root}/shared && cp -r {other} {root}/shared/model")
         yield c
     finally:
         c.shutdown()
@@ -221,3 +231,24 @@ def test_a_folder_only_the_driver_has_fails_fast_naming_folder_node_and_fix(clus
     assert "attempt" not in err and "retries" not in err  # refused at start, not shard by shard
     assert not cluster_fs(inputs).glob(f"{BUCKET}/driveronly/_commits/*")
     assert seconds < 120, seconds  # generous under load; the old path took every shard's retries
+
+
+def test_a_folder_only_the_workers_have_works_and_the_first_worker_reports_it(cluster, inputs, local_embeddings):
+    baked = cluster.root / "baked" / "model"  # as if baked into the workers' image; the driver has none
+    p, _ = cluster.drive(extract_args(inputs, str(baked), "baked"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"model folder {baked} is not on the driver's node; Ray node" in p.stderr
+    assert_same_embeddings(inputs, "baked", local_embeddings)
+
+
+def test_a_node_with_a_different_copy_refuses_and_the_others_finish_the_job(cluster, inputs, local_embeddings):
+    from igpt_batch.model.checkpoint import read_info
+
+    shared = cluster.root / "shared" / "model"
+    p, _ = cluster.drive(extract_args(inputs, str(shared), "mixed"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    other = read_info(str(cluster.root / "other")).weights_fingerprint
+    demo = read_info("demo").weights_fingerprint
+    assert f"a worker refused to start: model {shared} at {shared} on node" in p.stderr
+    assert f"has weights fingerprint {other}, the job's is {demo}" in p.stderr
+    assert_same_embeddings(inputs, "mixed", local_embeddings)  # only the driver's copy computed rows

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from igpt_batch.errors import WorkerStartError
-from igpt_batch.model.resolve import DEMO_MODEL_DIR, WEIGHT_PATTERNS, ModelRef, locate, node_name, on_node  # noqa: F401
+from igpt_batch.model.resolve import DEMO_MODEL_DIR, FIX, ModelRef, locate, node_name, on_node  # noqa: F401
+
+log = logging.getLogger("igpt_batch")
 
 _VERIFIED: set[tuple[str, str]] = set()  # (folder, fingerprint) hashed by this process: not hashed again
 
@@ -190,8 +194,48 @@ def weights_fingerprint(path: str, cfg: dict | None = None, clusters: np.ndarray
 
 def read_info(name: str, storage_options: dict | None = None) -> CheckpointInfo:
     """Resolve and check a checkpoint before any work: config, clusters and every weight tensor by name and shape."""
-    ref, path = locate(name, storage_options, weights_fingerprint)
+    try:
+        ref, path = locate(name, storage_options, weights_fingerprint)
+    except ValueError:
+        if not name.startswith("/") or not _on_a_cluster():
+            raise
+        return read_on_cluster(name)  # a folder only the workers have (baked into their image)
     return read_folder(path, ref)
+
+
+def _on_a_cluster() -> bool:
+    import sys
+
+    return bool(os.environ.get("RAY_ADDRESS")) or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+
+
+def _probe(path: str) -> CheckpointInfo | None:
+    return read_folder(path) if os.path.isdir(path) else None
+
+
+def read_on_cluster(path: str) -> CheckpointInfo:
+    """A folder absent on the driver's node but baked into the workers' image: the first worker node that has it
+    reports its config and fingerprint, and every actor then checks its own copy against that one."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)  # the job's cluster (RAY_ADDRESS); the executor joins the same one
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+    for node in nodes:
+        on = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        try:
+            info = ray.get(on.remote(path), timeout=300)
+        except Exception as e:  # that node cannot answer: ask the next
+            log.warning("could not look for model folder %s on Ray node %s: %s", path, node[:12], type(e).__name__)
+            continue
+        if info is not None:
+            log.info("model folder %s is not on the driver's node; Ray node %s has it: fingerprint %s, %d layers, "
+                     "%dx%d pixels", path, node[:12], info.weights_fingerprint, info.n_layer, info.n_px, info.n_px)
+            return info
+    raise ValueError(f"model folder {path} exists neither on the driver's node nor on any of the {len(nodes)} worker "
+                     f"node(s): {FIX}")
 
 
 def read_folder(path: str, ref: ModelRef | None = None) -> CheckpointInfo:
