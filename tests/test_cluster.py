@@ -4,6 +4,7 @@ tmpfs no node sees. SeaweedFS holds the images, the manifest, the outputs and an
 storage every process shares. Processes are stopped by the PIDs that name this module's Ray folder, never `ray stop`."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -114,6 +116,16 @@ class Cluster:
         p = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script, "driver",
                             str(BIN / "igpt-batch"), *args], env=env, capture_output=True, text=True, timeout=timeout)
         return p, time.monotonic() - t0
+
+    def drive_async(self, args: list[str]) -> subprocess.Popen:
+        """The driver as in drive(), left running; its stderr goes to a file (read it after wait())."""
+        private = self.root / "driver"
+        private.mkdir(exist_ok=True)
+        env = {**self.env, "RAY_ADDRESS": self.address}
+        script = f'set -e\nmount -t tmpfs igpt-driver {private}\nexec "$@"'
+        self.stderr = open(self.root / "driver.err", "w+")
+        return subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c", script, "driver",
+                                 str(BIN / "igpt-batch"), *args], env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
 
     def shutdown(self) -> None:
         stop(pids_naming(self.root))
@@ -235,7 +247,9 @@ def test_a_folder_only_the_driver_has_fails_fast_naming_folder_node_and_fix(clus
 
 def test_a_folder_only_the_workers_have_works_and_the_first_worker_reports_it(cluster, inputs, local_embeddings):
     baked = cluster.root / "baked" / "model"  # as if baked into the workers' image; the driver has none
-    p, _ = cluster.drive(extract_args(inputs, str(baked), "baked"))
+    args = extract_args(inputs, str(baked), "baked")
+    args[args.index("--workers") + 1] = "1"  # one worker node is enough: the point is the driver's side
+    p, _ = cluster.drive(args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"model folder {baked} is not on the driver's node; Ray node" in p.stderr
     assert_same_embeddings(inputs, "baked", local_embeddings)
@@ -252,3 +266,91 @@ def test_a_node_with_a_different_copy_refuses_and_the_others_finish_the_job(clus
     assert f"a worker refused to start: model {shared} at {shared} on node" in p.stderr
     assert f"has weights fingerprint {other}, the job's is {demo}" in p.stderr
     assert_same_embeddings(inputs, "mixed", local_embeddings)  # only the driver's copy computed rows
+
+
+def node_of(pid: int) -> list[int]:
+    """The raylet that started worker `pid`, and every process under that raylet: one node, as its loss kills it."""
+    def ppid(p: int) -> int:
+        return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    raylet = pid
+    while "raylet" not in Path(f"/proc/{raylet}/cmdline").read_bytes().decode(errors="replace").split("\0")[0]:
+        raylet = ppid(raylet)
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                children.setdefault(ppid(int(p.name)), []).append(int(p.name))
+            except (OSError, IndexError):
+                continue
+    out, todo = [], [raylet]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+@pytest.fixture
+def gated_images(image_dir):
+    """An HTTP server of one JPEG: /free/N answers at once, /gated/N only once the test opens the gate, so the
+    test decides when work can go on (never a sleep)."""
+    body, gate = (image_dir / "coffee.jpg").read_bytes(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/gated/"):
+                gate.wait(300)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", gate
+    gate.set()
+    server.shutdown()
+
+
+def test_an_actor_killed_and_a_node_lost_mid_job_lose_no_row(cluster, inputs, gated_images):
+    """Runs last: it takes a worker node away. Every row lands exactly once, computed by the workers that remain."""
+    base, gate = gated_images
+    fs, n = cluster_fs(inputs), 24
+    uris = [f"{base}/{'free' if i < 4 else 'gated'}/{i}.jpg" for i in range(n)]  # two shards can commit at once
+    local = write_manifest(cluster.root / "gated.parquet", uris, [f"r{i:02d}" for i in range(n)])
+    fs.put_file(str(local), f"{BUCKET}/gated.parquet")
+    args = extract_args(inputs, "demo", "faults")
+    args[args.index(inputs["manifest"])] = f"s3://{BUCKET}/gated.parquet"
+    args[args.index("--shard-size") + 1], args[args.index("--max-retries") + 1] = "2", "3"
+    p = cluster.drive_async(args + ["--read-timeout", "300"])
+    try:
+        deadline = time.monotonic() + 240
+        while not fs.glob(f"{BUCKET}/faults/_commits/*.json") and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a condition: the first commit
+        fs.invalidate_cache()
+        (first,) = fs.glob(f"{BUCKET}/faults/_commits/*.json")[:1]
+        pid = json.loads(fs.cat(first))["worker_pid"]
+        killed_node = node_of(pid)
+        os.kill(pid, signal.SIGKILL)  # an actor dies; the other one is held at the gate
+        cmdline = {q: Path(f"/proc/{q}/cmdline").read_bytes().decode(errors="replace") for q in pids_naming(cluster.root)}
+        raylets = [q for q, c in cmdline.items() if "raylet" in c.split("\0")[0]
+                   and any(f"={port}" in c for port in cluster.nodes.values()) and q not in killed_node]
+        (raylet,) = raylets  # the worker node the killed actor was not on
+        stop_now = node_of(raylet)
+        for q in stop_now:  # the other node goes away, as a preempted spot node does
+            os.kill(q, signal.SIGKILL)
+        gate.set()
+        assert p.wait(240) == 0, open(cluster.root / "driver.err").read()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = open(cluster.root / "driver.err").read()
+    # both losses reached the pool (a lost node's actor may report before the node is declared dead)
+    assert err.count("worker died") + err.count("worker's node died") >= 2, err[-3000:]
+    from igpt_batch.run.storage import read_output
+
+    ids = read_output(f"s3://{BUCKET}/faults", "embeddings", inputs["so"]).column("id").to_pylist()
+    assert sorted(ids) == [f"r{i:02d}" for i in range(n)]  # every row exactly once
