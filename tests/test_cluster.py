@@ -61,7 +61,7 @@ def stop(pids: list[int]) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
             time.sleep(0.2)
 
@@ -142,7 +142,7 @@ def cluster():
         for name in ("shared", "baked"):
             shutil.copytree(DEMO_MODEL_DIR, root / name / "model")
         other = make_tiny_checkpoint(root / "other")
-        c.add_node("n1")
+        c.add_node("n1")  # one after the other: two raylets registering at once can time out on a loaded machine
         c.add_node("n2", setup=f"mount -t tmpfs igpt-n2 {root}/shared && cp -r {other} {root}/shared/model")
         yield c
     finally:
@@ -267,6 +267,24 @@ def test_a_node_with_a_different_copy_refuses_and_the_others_finish_the_job(clus
     assert f"has weights fingerprint {other}, the job's is {demo}" in p.stderr
     assert_same_embeddings(inputs, "mixed", local_embeddings)  # only the driver's copy computed rows
 
+
+
+def test_a_refresh_night_on_the_cluster_stores_every_image_once(cluster, inputs, local_embeddings):
+    """A night with its store on SeaweedFS and its model from the object store: the workers write the store's
+    shards, the driver the Lance table; nothing but S3 is shared."""
+    from igpt_batch.store.refresh import read_current
+
+    args = extract_args(inputs, f"s3://{BUCKET}/models/demo", "unused")
+    args[0] = "refresh"
+    i = args.index("--output")
+    args[i:i + 2] = ["--store", f"s3://{BUCKET}/store"]
+    p, _ = cluster.drive(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    current = read_current(f"s3://{BUCKET}/store", inputs["so"])
+    assert sorted(current.column("id").to_pylist()) == sorted(local_embeddings)
+    for row in current.select(["id", "embedding"]).to_pylist():
+        np.testing.assert_allclose(np.asarray(row["embedding"], np.float32), local_embeddings[row["id"]], rtol=1e-5,
+                                   atol=1e-5)
 
 def node_of(pid: int) -> list[int]:
     """The raylet that started worker `pid`, and every process under that raylet: one node, as its loss kills it."""
