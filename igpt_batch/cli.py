@@ -13,7 +13,7 @@ from igpt_batch.errors import ConfigError
 # --help appends each key's default from igpt_batch/config.py.
 CONST = {"action": "store_const", "const": True}
 FLAGS = {
-    "--model": ("model.name", "demo, a local checkpoint folder, or a hub id", {}),
+    "--model": ("model.name", "demo, a local checkpoint folder, an object-store folder (s3://...), or a hub id", {}),
     "--dtype": ("model.dtype", "fp32, bf16 or fp16", {}),
     "--device": ("model.device", "auto (CUDA when present), cpu, cuda or cuda:N", {}),
     "--manifest": ("input.manifest", "manifest file, folder or glob (Parquet, CSV, JSONL), or a folder or glob of images", {}),
