@@ -119,6 +119,8 @@ class Cluster:
                                  str(BIN / "igpt-batch"), *args], env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
 
     def shutdown(self) -> None:
+        if getattr(self, "stderr", None) is not None:
+            self.stderr.close()
         stop(pids_naming(self.root))
 
 
