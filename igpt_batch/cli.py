@@ -14,7 +14,7 @@ from igpt_batch.errors import ConfigError
 # --help appends each key's default from igpt_batch/config.py.
 CONST = {"action": "store_const", "const": True}
 FLAGS = {
-    "--model": ("model.name", "demo, a local checkpoint folder, or a hub id", {}),
+    "--model": ("model.name", "demo, a local checkpoint folder, an object-store folder (s3://...), or a hub id", {}),
     "--dtype": ("model.dtype", "fp32, bf16, fp16, or auto (bf16 where the hardware computes it natively)",
                 {"choices": ["fp32", "bf16", "fp16", "auto"]}),
     "--device": ("model.device", "auto (CUDA when present), cpu, cuda or cuda:N", {}),

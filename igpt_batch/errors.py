@@ -33,6 +33,11 @@ class ExecutorError(IgptError, RuntimeError):
     """The pool cannot go on (no node left, resources the cluster cannot give); committed shards stay."""
 
 
+class WorkerStartError(IgptError, RuntimeError):
+    """This worker cannot start on its node (its copy of the model is missing or differs from the driver's);
+    the pool goes on with the other workers and fails the job, listing every refusal, when none can start."""
+
+
 class ImageError(IgptError):
     """A per-image failure. stage is "read" or "decode"; str(e) is the readable reason."""
 

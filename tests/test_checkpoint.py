@@ -1,4 +1,5 @@
 """Tests for igpt_batch.model.checkpoint: complete checkpoints, clear refusals, a fingerprint of everything that matters."""
+import dataclasses
 import json
 import shutil
 
@@ -98,3 +99,62 @@ def test_fingerprint_covers_the_model_config_and_the_clusters(ckpt):
     clusters = np.asarray(json.loads((ckpt / "preprocessor_config.json").read_text())["clusters"])
     clusters[0, 0] = -clusters[0, 0]
     assert fingerprint_after("preprocessor_config.json", lambda d: d.update(clusters=clusters.tolist())) != base
+
+
+# ---- the model on the node that runs it --------------------------------------------------------------------------
+
+def upload(src, url: str) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    for f in sorted(src.iterdir()):
+        fs.pipe_file(f"{root}/{f.name}", f.read_bytes())
+
+
+def test_each_kind_of_name_becomes_a_reference_every_node_can_resolve(ckpt, tmp_path, monkeypatch):
+    from igpt_batch.model.resolve import ModelRef
+
+    monkeypatch.setenv("IGPT_MODEL_CACHE", str(tmp_path / "cache"))
+    assert checkpoint.read_info("demo").ref == ModelRef("demo", "demo")
+    info = checkpoint.read_info(str(ckpt))
+    assert info.ref == ModelRef("folder", str(ckpt)) and checkpoint.open_on_node(info) == str(ckpt)
+    upload(ckpt, "memory://models/tiny/")
+    remote = checkpoint.read_info("memory://models/tiny/")
+    assert remote.ref == ModelRef("url", "memory://models/tiny") and remote.weights_fingerprint == info.weights_fingerprint
+    assert remote.path == str(tmp_path / "cache" / info.weights_fingerprint)  # the driver's copy, named by fingerprint
+    with pytest.raises(ValueError, match="neither a local checkpoint folder, an object-store URL"):
+        checkpoint.read_info(str(tmp_path / "nowhere"))
+
+
+def test_a_node_downloads_once_atomically_and_refuses_a_different_copy(ckpt, tmp_path, monkeypatch):
+    import threading
+
+    from igpt_batch.errors import WorkerStartError
+    from igpt_batch.model import resolve
+
+    monkeypatch.setenv("IGPT_MODEL_CACHE", str(tmp_path / "node"))
+    upload(ckpt, "memory://models/a/")
+    info = checkpoint.read_info("memory://models/a")
+    monkeypatch.setenv("IGPT_MODEL_CACHE", str(tmp_path / "other-node"))  # a worker node with an empty cache
+    downloads, real = [], resolve._download
+    monkeypatch.setattr(resolve, "_download", lambda *a: downloads.append(1) or real(*a))
+    got: list = []
+    actors = [threading.Thread(target=lambda: got.append(checkpoint.open_on_node(info))) for _ in range(3)]
+    for t in actors:
+        t.start()
+    for t in actors:
+        t.join()
+    assert got == [str(tmp_path / "other-node" / info.weights_fingerprint)] * 3 and downloads == [1]
+    assert sorted(p.name for p in (tmp_path / "other-node").iterdir() if not p.name.endswith(".lock")) == [
+        info.weights_fingerprint]  # no half-written folder left behind
+    # the store now holds other weights: this node's download does not match the driver's, so it refuses
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-6}))
+    upload(ckpt, "memory://models/a/")
+    monkeypatch.setenv("IGPT_MODEL_CACHE", str(tmp_path / "third-node"))
+    with pytest.raises(WorkerStartError, match=f"has weights fingerprint .* the job's is {info.weights_fingerprint}"):
+        checkpoint.open_on_node(info)
+    # a folder that is not on this node: the message names it, the node and the fix
+    gone = dataclasses.replace(info, ref=resolve.ModelRef("folder", str(tmp_path / "driver-only")))
+    with pytest.raises(WorkerStartError, match=r"driver-only does not exist on node .*shared.*hub id.*s3://"):
+        checkpoint.open_on_node(gone)

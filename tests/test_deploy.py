@@ -46,8 +46,7 @@ def test_cluster_yaml_validates_against_rays_schema(cluster):
         jsonschema.validate(bad, schema)
 
 
-def test_cluster_yaml_gpu_workers_have_a_profile_and_the_head_installs_cpu_torch(cluster):
-    pins = locked()
+def test_cluster_yaml_gpu_workers_have_a_profile_and_nodes_run_the_image(cluster):
     types = cluster["available_node_types"]
     head, worker = types[cluster["head_node_type"]], types["gpu_worker"]
     # Ray's AWS provider gives its default profile to the head only: the workers need their own for S3
@@ -60,15 +59,17 @@ def test_cluster_yaml_gpu_workers_have_a_profile_and_the_head_installs_cpu_torch
     for t in types.values():
         ami = t["node_config"]["ImageId"]
         assert ami != "latest_dlami" and "base-oss-nvidia-driver-gpu" in ami
-    assert cluster["docker"]["image"] == f"rayproject/ray:{pins['ray']}-py311-gpu"
-    head_cmds = " ".join(cluster["head_setup_commands"])
-    worker_cmds = " ".join(cluster["worker_setup_commands"])
-    assert "download.pytorch.org/whl/cpu" in head_cmds and f'torch=={pins["torch"]}' in head_cmds
-    assert "whl/cpu" not in worker_cmds and "-c ~/igpt-batch/constraints.txt" in worker_cmds
-    assert head_cmds.index("whl/cpu") < head_cmds.index("constraints.txt ~/igpt-batch")  # CPU torch first, then kept
-    assert not cluster.get("setup_commands")  # nothing common that could pull the CUDA torch onto the head
-    for remote, local in cluster["file_mounts"].items():
-        assert (REPO / local).exists(), local
+    # the project's images, and nothing installed at start: Ray's merged config (defaults filled in) keeps our
+    # empty setup lists and the one CUDA check, so no default command of Ray's runs on a node
+    from ray.autoscaler._private.docker import validate_docker_config
+    from ray.autoscaler._private.util import prepare_config
+
+    validate_docker_config(cluster)
+    merged = prepare_config(json.loads(json.dumps(cluster)))
+    assert merged["head_setup_commands"] == [] and merged["initialization_commands"] == [] and not merged["file_mounts"]
+    (check,) = merged["worker_setup_commands"]
+    assert "pip" not in check and "torch.cuda.is_available()" in check
+    assert "pip" not in (REPO / "cluster.yaml").read_text().split("head_start_ray_commands")[0].split("docker:")[1]
     assert "RAY_AUTH_MODE=disabled" in " ".join(cluster["head_start_ray_commands"])
 
 
@@ -146,10 +147,69 @@ def test_cronjob_watcher_image_deadlines_and_rbac(docs):
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     role = next(d for d in docs if d["kind"] == "Role")
     assert {"create", "get", "list", "delete"} <= set(role["rules"][0]["verbs"])
-    pins, pip = locked(), yaml.safe_load(rayjob_of(docs)["spec"]["runtimeEnvYAML"])["pip"]
-    for req in pip:  # the runtime env installs exactly the locked versions
-        name, version = req.split("==")
-        assert pins[name.lower()] == version, req
+    spec = rayjob_of(docs)["spec"]
+    assert "pip" not in yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")  # the image has it all: nothing installed
+    assert spec["entrypoint"].startswith("python /home/ray/igpt-batch/jobs/nightly_refresh.py --config /home/ray/")
+
+
+# ---- the images: Dockerfile (parsed; no registry can be reached to build FROM the Ray image) ----------------
+
+def dockerfile():
+    from dockerfile_parse import DockerfileParser
+
+    return DockerfileParser(str(REPO / "Dockerfile"))
+
+
+def stages(parser) -> dict[str, list[dict]]:
+    """{target name: its instructions} of a multi-stage Dockerfile."""
+    out, name = {}, None
+    for ins in parser.structure:
+        if ins["instruction"] == "FROM":
+            name = ins["value"].split()[-1]
+            out[name] = [ins]
+        elif name is not None and ins["instruction"] != "COMMENT":
+            out[name].append(ins)
+    return out
+
+
+def images_named() -> dict[str, set[str]]:
+    """{cpu|gpu: every image tag that cluster.yaml and the RayJob name for the head or the workers}."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    spec = rayjob_of([d for d in yaml.safe_load_all(MANIFEST.read_text()) if d])["spec"]["rayClusterSpec"]
+    head = [c["image"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]]
+    workers = [c["image"] for g in spec["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    return {"cpu": {cluster["docker"]["head_image"], *head}, "gpu": {cluster["docker"]["worker_image"], *workers}}
+
+
+def test_dockerfile_builds_from_the_locked_ray_and_installs_from_the_lock():
+    pins, parser = locked(), dockerfile()
+    targets = stages(parser)
+    assert set(targets) == {"cpu", "gpu"}
+    assert parser.parent_images == [f"rayproject/ray:{pins['ray']}-py311", f"rayproject/ray:{pins['ray']}-py311-gpu"]
+    for name, body in targets.items():
+        runs = [i["value"] for i in body if i["instruction"] == "RUN"]
+        pips = [cmd for run in runs for cmd in run.split("&&") if "pip install" in cmd]
+        project = [c for c in pips if c.split()[-1] == "."]
+        assert project and all("-c constraints.txt" in c for c in project), pips  # the project from the lock
+        torch_pins = {m for c in pips for m in re.findall(r"torch==([\w.+]+)", c)}
+        assert torch_pins == {pins["torch"]}, pips  # the locked torch, nothing else
+        assert all("--index-url" in c for c in pips if "-c constraints.txt" not in c)  # only CPU torch skips the lock
+        cpu_index = any("download.pytorch.org/whl/cpu" in c for c in pips)
+        assert cpu_index == (name == "cpu")  # heads get the CPU wheel, workers PyPI's CUDA build
+        copied = {w for i in body if i["instruction"] == "COPY" for w in i["value"].split()[:-1] if not w.startswith("--")}
+        assert {"constraints.txt", "pyproject.toml", "igpt_batch", "jobs", "configs"} <= copied
+        assert any(f"ray.__version__ == '{pins['ray']}'" in r for r in runs)  # the build itself checks the Ray
+
+
+def test_deploy_and_cluster_yaml_name_the_dockerfiles_images():
+    named = images_named()
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]
+    for target, tags in named.items():
+        assert len(tags) == 1, tags  # cluster.yaml and the RayJob name one and the same image
+        (tag,) = tags
+        assert tag.endswith(f"/igpt-batch:{version}-{target}")
+        assert f"docker build --target {target} -t {tag} ." in (REPO / "Dockerfile").read_text()
+        assert tag in (REPO / "docs" / "INSTALL.md").read_text()  # and the doc says how to build and push it
 
 
 # ---- the watcher script, against a fake kubectl ---------------------------------------------------------------

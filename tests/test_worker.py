@@ -11,6 +11,7 @@ from igpt_batch.inputs.manifest import ManifestScan, Shard
 from igpt_batch.model import checkpoint
 from igpt_batch.run.context import STAGES, Stats
 from igpt_batch.run.job import Job
+from igpt_batch.model.resolve import ModelRef
 from igpt_batch.run.storage import OutputFolder
 from igpt_batch.run.tasks import get
 from igpt_batch.run.worker import ShardWorker
@@ -67,7 +68,7 @@ def test_an_extract_shard_reads_its_plan_rows(tiny_ckpt, image_dir, tmp_path):
 def test_a_model_that_cannot_load_fails_every_shard_with_the_same_error(tiny_ckpt, tmp_path):
     worker, _ = make(tiny_ckpt, tmp_path / "o")
     worker.resolved = dataclasses.replace(worker.resolved, info=dataclasses.replace(
-        worker.resolved.info, path=str(tmp_path / "gone")))  # what _build loads from
+        worker.resolved.info, path=str(tmp_path / "gone"), ref=ModelRef("folder", str(tmp_path / "gone"))))
     with pytest.raises(Exception) as first:
         worker.run(Shard(0, 0, 1))
     with pytest.raises(Exception) as second:

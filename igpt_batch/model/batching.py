@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 log = logging.getLogger("igpt_batch")
 CPU_EXTRACT_BATCH = 32  # on CPU memory is not the limit; larger batches gain nothing
 # On CPU a decode step's matmuls read every weight once per step, whatever the batch, while attention reads each
-# sample's own KV cache: larger batches amortise the weights until attention dominates. Measured on the idle 2-core
-# VM at the mean position of 1024 (docs/BENCHMARKS.md): 110 tokens/s at batch 32, 141 at 64, 164 at 96 and 128.
-# 64 takes most of that gain at half the memory of 128 (6.4 GB of KV caches for imagegpt-small).
+# sample's own KV cache: larger batches amortise the weights until attention dominates. 64 takes most of the gain
+# measured up to 128 at half the memory (6.4 GB of KV caches for imagegpt-small; figures: docs/BENCHMARKS.md).
 CPU_SAMPLE_BATCH = 64
 MAX_BATCH = 1024
 
@@ -69,15 +67,11 @@ def sample_batch_size(model, requested: int | str, headroom: float = 0.7) -> int
 
 
 def available_memory_bytes() -> int:
-    """The host's available memory (MemAvailable from /proc/meminfo; free pages where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    """What this process may still allocate: the container's cgroup room (memory.max or memory.limit_in_bytes
+    minus usage) where it is below the host's MemAvailable."""
+    from igpt_batch.model.limits import available_memory_bytes as available
+
+    return available()
 
 
 def _cpu_sample_batch(per_sample: int, headroom: float) -> int:

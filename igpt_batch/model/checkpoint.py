@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -10,29 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_MODEL_DIR = Path(__file__).parent.parent / "demo_model"
-WEIGHT_PATTERNS = ["*.json", "*.safetensors"]  # never pickle weights
+from igpt_batch.errors import WorkerStartError
+from igpt_batch.model.resolve import FIX, ModelRef, locate, node_name, on_node
+
+log = logging.getLogger("igpt_batch")
+
+_VERIFIED: set[tuple[str, str]] = set()  # (folder, fingerprint) hashed by this process: not hashed again
 
 
-def resolve(name: str) -> str:
-    """Return a local folder for `name`: "demo", a local checkpoint folder, or a hub id (e.g. openai/imagegpt-small).
+def resolve(name: str, storage_options: dict | None = None) -> str:
+    """Return a folder on this node for `name`: "demo", a local checkpoint folder, an object-store folder
+    (s3://..., downloaded into this node's model cache) or a hub id (e.g. openai/imagegpt-small).
 
     Hub ids go through huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE apply) and fetch only
     JSON and safetensors files, so a checkpoint without safetensors weights fails at load time.
     """
-    if name == "demo":
-        return str(DEMO_MODEL_DIR)
-    if os.path.isdir(name):
-        return os.path.abspath(name)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ValueError(f"model {name!r} is neither a local checkpoint folder nor a hub id like 'openai/imagegpt-small'")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id=name, allow_patterns=WEIGHT_PATTERNS)
-    except Exception as e:  # offline, unknown repo, no access: one clear message, before any work
-        raise FileNotFoundError(f"cannot fetch model {name!r} from the Hugging Face hub "
-                                f"({type(e).__name__}); pass a local checkpoint folder, or check HF_HUB_OFFLINE and access") from e
+    return locate(name, storage_options, weights_fingerprint)[1]
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,7 @@ class CheckpointInfo:
     vocab_size: int  # includes SOS; SOS id = vocab_size - 1
     weights_fingerprint: str
     palette_hash: str
+    ref: ModelRef | None = None  # what each worker resolves on its own node (path is the driver's copy)
 
     @property
     def n_tokens(self) -> int:
@@ -197,16 +192,63 @@ def weights_fingerprint(path: str, cfg: dict | None = None, clusters: np.ndarray
     return h.hexdigest()[:16]
 
 
-def read_info(name: str) -> CheckpointInfo:
+def read_info(name: str, storage_options: dict | None = None) -> CheckpointInfo:
     """Resolve and check a checkpoint before any work: config, clusters and every weight tensor by name and shape."""
+    try:
+        ref, path = locate(name, storage_options, weights_fingerprint)
+    except ValueError:
+        if not name.startswith("/") or not _on_a_cluster():
+            raise
+        return read_on_cluster(name)  # a folder only the workers have (baked into their image)
+    return read_folder(path, ref)
+
+
+def _on_a_cluster() -> bool:
+    import sys
+
+    return bool(os.environ.get("RAY_ADDRESS")) or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+
+
+def _probe(path: str) -> CheckpointInfo | None:
+    return read_folder(path) if os.path.isdir(path) else None
+
+
+def read_on_cluster(path: str) -> CheckpointInfo:
+    """A folder absent on the driver's node but baked into the workers' image: the first worker node that has it
+    reports its config and fingerprint, and every actor then checks its own copy against that one."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)  # the job's cluster (RAY_ADDRESS); the executor joins the same one
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+    for node in nodes:
+        on = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        try:
+            info = ray.get(on.remote(path), timeout=300)
+        except Exception as e:  # that node cannot answer: ask the next
+            log.warning("could not look for model folder %s on Ray node %s: %s", path, node[:12], type(e).__name__)
+            continue
+        if info is not None:
+            log.info("model folder %s is not on the driver's node; Ray node %s has it: fingerprint %s, %d layers, "
+                     "%dx%d pixels", path, node[:12], info.weights_fingerprint, info.n_layer, info.n_px, info.n_px)
+            return info
+    raise ValueError(f"model folder {path} exists neither on the driver's node nor on any of the {len(nodes)} worker "
+                     f"node(s): {FIX}")
+
+
+def read_folder(path: str, ref: ModelRef | None = None) -> CheckpointInfo:
+    """A checkpoint folder on this node, checked: its CheckpointInfo (ref: how other nodes find the same model)."""
     from igpt_batch.model.palette import palette_hash
 
-    path = resolve(name)
     cfg = read_model_config(path)
     clusters = read_clusters(path)
     if clusters.shape[0] != cfg["vocab_size"] - 1:
         raise ValueError(f"{path}: {clusters.shape[0]} clusters but vocab_size {cfg['vocab_size']} (expected vocab_size - 1 clusters)")
     check_weights(path, cfg)
+    fingerprint = weights_fingerprint(path, cfg, clusters)
+    _VERIFIED.add((path, fingerprint))
     return CheckpointInfo(
         path=path,
         n_px=math.isqrt(cfg["n_positions"]),
@@ -214,9 +256,28 @@ def read_info(name: str) -> CheckpointInfo:
         n_embd=cfg["n_embd"],
         n_head=cfg["n_head"],
         vocab_size=cfg["vocab_size"],
-        weights_fingerprint=weights_fingerprint(path, cfg, clusters),
+        weights_fingerprint=fingerprint,
         palette_hash=palette_hash(clusters),
+        ref=ref or ModelRef("folder", path),
     )
+
+
+def open_on_node(info: CheckpointInfo, storage_options: dict | None = None) -> str:
+    """A worker's side: this node's folder for the job's model, whose fingerprint is the driver's; otherwise
+    WorkerStartError naming the node and the folder (a different copy never runs)."""
+    ref = info.ref or ModelRef("folder", info.path)
+    path = on_node(ref, storage_options, weights_fingerprint, info.weights_fingerprint)
+    if (path, info.weights_fingerprint) in _VERIFIED or (ref.kind == "url" and Path(path).name == info.weights_fingerprint):
+        return path  # hashed by this process already, or this node's cache named the copy by its fingerprint
+    try:
+        got = weights_fingerprint(path)
+    except (OSError, ValueError) as e:
+        raise WorkerStartError(f"cannot read model {ref} at {path} on node {node_name()}: {e}") from None
+    if got != info.weights_fingerprint:
+        raise WorkerStartError(f"model {ref} at {path} on node {node_name()} has weights fingerprint {got}, the job's "
+                               f"is {info.weights_fingerprint}: this node holds a different copy; it is not used")
+    _VERIFIED.add((path, got))
+    return path
 
 
 def resolve_layers(layers: list[int], n_layer: int) -> list[int]:

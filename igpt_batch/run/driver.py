@@ -31,7 +31,7 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     if task.reads_manifest and not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
     guards.check_output_usable(cfg.output.path, write_probe=not dry_run)
-    info = info or checkpoint.read_info(cfg.model.name)
+    info = info or checkpoint.read_info(cfg.model.name, cfg.storage_options)
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)
     if not task.reads_manifest:

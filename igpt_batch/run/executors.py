@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from igpt_batch.errors import ExecutorError
+from igpt_batch.errors import ExecutorError, WorkerStartError
 from igpt_batch.inputs.manifest import Shard
 from igpt_batch.run import metrics
 from igpt_batch.run.job import Job
@@ -135,6 +135,7 @@ class RayPool:
         self.failed: dict[str, str] = {}
         self.queue: list[Shard] = []
         self.start_failures = 0  # in a row: a model that cannot load must not restart actors forever
+        self.refused: dict[str, None] = {}  # why workers refused to start (WorkerStartError), in order, once each
         self.start_timeout = job.cfg.run.actor_start_timeout
         self.tags = metrics.job_tags(job.task.name, job.cfg.output.path)
 
@@ -219,6 +220,8 @@ class RayPool:
                 state.node, state.ready = ray.get(ref), None
                 self.start_failures = 0
             except Exception as e:  # the actor process could not start
+                if isinstance(getattr(e, "cause", None), WorkerStartError):
+                    return self._refuse(ray, actor, str(e.cause))
                 self.start_failures += 1
                 reason = f"worker failed to start: {type(e).__name__}: {e}"
                 if self.start_failures > self.cfg.run.max_retries:
@@ -238,6 +241,16 @@ class RayPool:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             log.warning("%s failed: %s: %s", shard.name, type(cause).__name__, cause)
             self._requeue(shard, f"{type(cause).__name__}: {cause}")
+
+    def _refuse(self, ray, actor, reason: str) -> None:
+        """An actor whose node has no usable copy of the model: it is not replaced, the others go on; with no
+        worker left the job fails, listing every refusal."""
+        self.actors.pop(actor)
+        ray.kill(actor, no_restart=True)
+        self.refused[reason] = None
+        log.warning("a worker refused to start: %s; going on with %d other worker(s)", reason, len(self.actors))
+        if not self.actors:
+            raise ExecutorError("no worker could start:\n  " + "\n  ".join(self.refused))
 
     def _lose(self, ray, actor, reason: str) -> None:
         """An actor is gone: every shard it held is done (its commit marker exists) or requeued; start a new one."""

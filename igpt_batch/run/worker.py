@@ -35,6 +35,7 @@ class ShardWorker:
         self._load_lock = threading.Lock()
         self.model = self.runner = self._load_error = None
         self.fingerprint = job.resolved.info.weights_fingerprint
+        self._model_path = None
 
     def load(self) -> None:
         """Build the model and the task's runner once (on the first shard, so an actor is placed before it loads);
@@ -59,20 +60,32 @@ class ShardWorker:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in actors
         hf_logging.disable_progress_bar()  # one line below says the model loaded, not a bar per actor
-        if self.cfg.run.torch_threads:
-            torch.set_num_threads(self.cfg.run.torch_threads)
+        from igpt_batch.model.limits import torch_threads
+
+        torch.set_num_threads(torch_threads(self.cfg.run.torch_threads, torch.get_num_threads()))  # cgroup cpu.max
         dtypes.check_worker(self.cfg.model)  # --dtype auto: this worker's hardware must resolve as the job's did
         t0 = time.perf_counter()
-        self.model = load_model(self.resolved.info.path, self.cfg.model.dtype, self.cfg.model.device)
+        self.model = load_model(self.model_path(), self.cfg.model.dtype, self.cfg.model.device)
         log.info("model %s (%s) loaded on %s in %.1f s", self.cfg.model.name, self.cfg.model.dtype, self.model.device,
                  time.perf_counter() - t0)
         self.runner = self.task.runner(ShardContext(self.cfg, self.resolved, self.model, self.model_lock, self.out,
                                                     self.reader.read if self.reader else _no_rows))
 
+    def model_path(self) -> str:
+        """This node's copy of the job's model, checked against the driver's fingerprint before any row;
+        errors.WorkerStartError (naming node, model and the fix) where this node has none or a different one."""
+        if self._model_path is None:
+            from igpt_batch.model.checkpoint import open_on_node
+
+            self._model_path = open_on_node(self.resolved.info, self.cfg.storage_options)
+        return self._model_path
+
     def node_id(self) -> str:
-        """The Ray node this actor runs on (the pool's placement probe: it answers as soon as the actor is up)."""
+        """The Ray node this actor runs on (the pool's placement probe: it answers once the actor is up and has
+        found its node's copy of the model, so a node without one is refused in seconds, not shard by shard)."""
         import ray
 
+        self.model_path()
         return ray.get_runtime_context().get_node_id()
 
     def run(self, shard: Shard) -> dict:

@@ -240,7 +240,7 @@ def refresh(cfg: JobConfig) -> dict:
         raise ConfigError("refresh.store is required (--store)")
     if not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
-    info = checkpoint.read_info(cfg.model.name)  # read once a night: the weights are hashed once
+    info = checkpoint.read_info(cfg.model.name, cfg.storage_options)  # read once a night: the weights are hashed once
     try:  # one night at a time per store: a second refresh is refused, naming the first
         with Lease(Folder(cfg.refresh.store, cfg.storage_options), cfg.run.lease_timeout):
             return _recorded_night(cfg, info)
