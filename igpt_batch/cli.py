@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from igpt_batch import config as config_mod
@@ -241,9 +242,11 @@ def _storage_options(text: str | None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if os.environ.get("IGPT_BATCH_DEBUG") else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse(argv)
-    from igpt_batch.errors import JobError
+    from igpt_batch.errors import JobError, UsageError
+    from igpt_batch.inputs.manifest_files import redact_text
     from igpt_batch.run.driver import run_job
 
     try:
@@ -294,11 +297,16 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_job(cfg, args.command)
         print(json.dumps(summary, sort_keys=True), flush=True)  # one line: the last on stdout, for log-based alerts
         return 0
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, ManifestError: bad input, before any work
+    except UsageError as e:  # the project's own config and input errors, found before any work
         print(f"igpt-batch: error: {e}", file=sys.stderr)
         return 2
     except JobError as e:
         print(f"igpt-batch: job failed: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything else (Arrow, Lance, a bug): exit 1 with a message, the traceback at debug level
+        logging.getLogger("igpt_batch").debug("traceback", exc_info=True)
+        print(f"igpt-batch: failed: {type(e).__name__}: {redact_text(str(e))} (IGPT_BATCH_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1
 
 

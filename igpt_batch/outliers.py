@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from igpt_batch.errors import UsageError
+
 COLUMNS = ["id", "uri", "nll_bits"]
 
 
@@ -26,7 +28,7 @@ def scores(url: str, storage_options: dict | None = None) -> tuple[pa.Table, int
     job = out.read_job()
     if job is not None:
         if not job.get("compat", {}).get("score"):
-            raise ValueError(f"{url} was not extracted with --score (extract.score): it has no nll_bits column")
+            raise UsageError(f"{url} was not extracted with --score (extract.score): it has no nll_bits column")
         files = out.committed_files("embeddings")
         parts = [out.read_table(f, columns=COLUMNS) for f in files]
         empty = pa.schema([("id", pa.string()), ("uri", pa.string()), ("nll_bits", pa.float64())]).empty_table()
@@ -35,11 +37,11 @@ def scores(url: str, storage_options: dict | None = None) -> tuple[pa.Table, int
 
     store = Store(url, storage_options)
     if not store.versions():
-        raise FileNotFoundError(f"{url}: not an igpt-batch output (no job record) and not a refresh store")
+        raise UsageError(f"{url}: not an igpt-batch output (no job record) and not a refresh store")
     version = store.resolve(None)
     ds = store.open(version)
     if ds is None or "nll_bits" not in ds.schema.names:
-        raise ValueError(f"{url}: the store's table has no nll_bits column (refresh does not score yet)")
+        raise UsageError(f"{url}: the store's table has no nll_bits column (refresh does not score yet)")
     n_px = int((store.version_info(version) or {}).get("n_px", 0))
     return store.read(version, columns=COLUMNS, include_deleted=False), n_px
 
@@ -47,7 +49,7 @@ def scores(url: str, storage_options: dict | None = None) -> tuple[pa.Table, int
 def outliers(url: str, n: int = 50, storage_options: dict | None = None) -> tuple[pa.Table, int]:
     """The n rows with the highest nll_bits (least likely first; ties by id), and the model's n_px."""
     if n < 1:
-        raise ValueError(f"-n must be >= 1, got {n}")
+        raise UsageError(f"-n must be >= 1, got {n}")
     table, n_px = scores(url, storage_options)
     return table.sort_by([("nll_bits", "descending"), ("id", "ascending")]).slice(0, n), n_px
 
@@ -61,7 +63,7 @@ def contact_sheet(table: pa.Table, n_px: int, path: str, storage_options: dict |
     from igpt_batch.run.pictures import grid
 
     if not table.num_rows:
-        raise ValueError("no scored rows to draw")
+        raise UsageError("no scored rows to draw")
     grey = np.full((n_px, n_px, 3), 128, np.uint8)
     pics = []
     for uri in table.column("uri").to_pylist():

@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from igpt_batch.errors import UsageError
+
 
 def read_labels(labels: pa.Table | str | os.PathLike, storage_options: dict | None = None) -> pa.Table:
     """A labels table, or a .csv / .parquet (or Parquet folder) path or fsspec URL -> pa.Table with id and label."""
@@ -48,7 +50,7 @@ def read_labels(labels: pa.Table | str | os.PathLike, storage_options: dict | No
             table = pq.read_table(path, filesystem=fs)
     missing = {"id", "label"} - set(table.column_names)
     if missing:
-        raise ValueError(f"labels need columns id and label; missing {sorted(missing)} (have {table.column_names})")
+        raise UsageError(f"labels need columns id and label; missing {sorted(missing)} (have {table.column_names})")
     return table
 
 
@@ -69,7 +71,7 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(arr), arr.type.list_size)
     rows = arr.to_pylist()
     if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
-        raise ValueError("embeddings must all be non-null and of the same length")
+        raise UsageError("embeddings must all be non-null and of the same length")
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -88,12 +90,12 @@ def _labelled_rows(embeddings: pa.Table, labels) -> tuple[np.ndarray, np.ndarray
     """Join embeddings and labels on id (as strings) -> (x float64 (N, D), y (N,), n unlabelled, n non-finite)."""
     for col in ("id", "embedding"):
         if col not in embeddings.column_names:
-            raise ValueError(f"embeddings need columns id and embedding; missing {col!r} (have {embeddings.column_names})")
+            raise UsageError(f"embeddings need columns id and embedding; missing {col!r} (have {embeddings.column_names})")
     lab = read_labels(labels)
     label_ids = [str(i) for i in lab.column("id").to_pylist()]
     label_values = lab.column("label").to_pylist()
     if len(set(label_ids)) != len(label_ids):
-        raise ValueError("labels: duplicate ids")
+        raise UsageError("labels: duplicate ids")
     label_of = dict(zip(label_ids, label_values))
 
     x_all = embedding_matrix(embeddings.column("embedding"))
@@ -103,7 +105,7 @@ def _labelled_rows(embeddings: pa.Table, labels) -> tuple[np.ndarray, np.ndarray
     keep = keep_label & finite
     y = np.array([label_of[i] for i, k in zip(ids, keep) if k], dtype=object)
     if len(y) == 0:
-        raise ValueError("no embedding row has a label (ids are joined as strings)")
+        raise UsageError("no embedding row has a label (ids are joined as strings)")
     y = y.astype(type(y[0]) if all(type(v) is type(y[0]) for v in y) else str)
     return x_all[keep], y, int((~keep_label).sum()), int((keep_label & ~finite).sum())
 
@@ -114,13 +116,13 @@ def _layer_columns(meta_layers: list[int] | None, layers: Sequence[int] | None, 
     if all_layers is None:
         all_layers = [-1]  # unknown single layer
     if dim % len(all_layers):
-        raise ValueError(f"embedding width {dim} is not divisible by the {len(all_layers)} layers {all_layers}")
+        raise UsageError(f"embedding width {dim} is not divisible by the {len(all_layers)} layers {all_layers}")
     width = dim // len(all_layers)
     chunk = {layer: slice(j * width, (j + 1) * width) for j, layer in enumerate(all_layers)}
     selected = list(layers) if layers is not None else all_layers
     unknown = [l for l in selected if l not in chunk]
     if unknown:
-        raise ValueError(f"layers {unknown} are not in the embeddings (they hold layers {all_layers})")
+        raise UsageError(f"layers {unknown} are not in the embeddings (they hold layers {all_layers})")
     return chunk, selected
 
 
@@ -144,9 +146,9 @@ def probe(embeddings: pa.Table, labels: pa.Table | str | os.PathLike, layers: Se
 
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes to probe, got {classes.tolist()}")
+        raise UsageError(f"need at least 2 classes to probe, got {classes.tolist()}")
     if counts.min() < 2:
-        raise ValueError(f"every class needs at least 2 labelled rows for a stratified split; "
+        raise UsageError(f"every class needs at least 2 labelled rows for a stratified split; "
                          f"{classes[counts.argmin()]!r} has {counts.min()}")
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y)
 
@@ -205,7 +207,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     so = json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
     table = read_output(args.output_url, "embeddings", so)
     if table.num_rows == 0:
-        raise ValueError(f"no committed embeddings in {args.output_url}")
+        raise UsageError(f"no committed embeddings in {args.output_url}")
     result = probe(table, read_labels(args.labels, so), layers=args.layers, test_size=args.test_size, seed=args.seed,
                    max_iter=args.max_iter)
     print(format_result(result))

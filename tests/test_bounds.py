@@ -26,7 +26,7 @@ def store(tmp_path_factory, image_dir, one_torch_thread):
     return d / "store"
 
 
-@pytest.mark.parametrize("argv", [["neighbors", "--id", "coffee"], ["dedup"]])
+@pytest.mark.parametrize("argv", [["neighbors", "--id", "coffee"], ["dedup", "--threshold", "0.95"]])
 @pytest.mark.parametrize("k", [str(MAX_K + 1), str(10**11), "99999999999999999999", "0"])
 def test_k_beyond_the_cap_is_refused_before_any_work(store, capsys, argv, k):
     rc = main([argv[0], str(store), *argv[1:], "-k", k])

@@ -1,5 +1,6 @@
 """The command line: exit codes, fail-fast messages, inspect --verify, and the demo command."""
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -109,3 +110,31 @@ def test_exit_codes_of_every_command(tiny_ckpt, image_dir, tmp_path, capsys):
     assert "input rows failed" in capsys.readouterr().err
     assert _code(["inspect", str(tmp_path / "e1")]) == 0
     assert _code(["generate", *common, "--output", str(tmp_path / "g1"), "--num-samples", "2", "--contact-sheet", "0"]) == 0
+
+
+def test_a_lance_error_during_a_night_is_exit_1_with_a_message_not_a_bad_input(tiny_ckpt, image_dir, tmp_path, capsys):
+    """Exit 2 is only for the project's own config and input errors found before work: a table whose data files
+    vanished makes Lance fail mid-night, and that is a failed run (1), named, without a traceback."""
+    import shutil
+
+    from igpt_batch.store.layout import Store
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in ("coffee.jpg", "rocket.jpg"):
+        shutil.copy(image_dir / n, photos / n)
+    m = tmp_path / "m.csv"
+    m.write_text("id,uri\n" + "".join(f"{n},{photos / n}\n" for n in ("coffee.jpg", "rocket.jpg")))
+    argv = ["refresh", "--model", tiny_ckpt, "--executor", "local", "--torch-threads", "1", "--manifest", str(m),
+            "--store", str(tmp_path / "store")]
+    assert _code(argv) == 0
+    store = Store(str(tmp_path / "store"))
+    data = Path(store.table_url(store.latest()["version"]).removeprefix("file://")) / "data"
+    for f in data.iterdir():
+        f.unlink()  # the table's rows are gone from under it
+    shutil.copy(image_dir / "chelsea.jpg", photos / "rocket.jpg")  # a changed row: the night must merge
+    capsys.readouterr()
+    assert _code(argv) == 1
+    err = capsys.readouterr().err
+    assert "igpt-batch: failed:" in err or "igpt-batch: job failed:" in err, err
+    assert "Traceback" not in err and "igpt-batch: error:" not in err, err

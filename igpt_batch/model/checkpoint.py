@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt_batch.errors import WorkerStartError
+from igpt_batch.errors import UsageError, WorkerStartError
 from igpt_batch.model.resolve import FIX, ModelRef, locate, node_name, on_node
 
 log = logging.getLogger("igpt_batch")
@@ -67,14 +67,14 @@ LEGACY_BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers saved 
 def _read_json(file: Path) -> dict:
     """A checkpoint's JSON file as a dict, or a ValueError naming the file."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: an ImageGPT checkpoint needs config.json, "
-                                "preprocessor_config.json (with clusters) and *.safetensors")
+        raise UsageError(f"{file} is missing: an ImageGPT checkpoint needs config.json, "
+                         "preprocessor_config.json (with clusters) and *.safetensors")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
+        raise UsageError(f"{file} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+        raise UsageError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -83,15 +83,15 @@ def read_model_config(path: str) -> dict:
     file = Path(path) / "config.json"
     cfg = _read_json(file)
     if cfg.get("model_type") != "imagegpt":
-        raise ValueError(f"{path} is not an ImageGPT checkpoint (model_type={cfg.get('model_type')!r})")
+        raise UsageError(f"{path} is not an ImageGPT checkpoint (model_type={cfg.get('model_type')!r})")
     for key in REQUIRED_INTS:
         v = cfg.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{file}: {key} must be a positive integer, got {v!r}")
+            raise UsageError(f"{file}: {key} must be a positive integer, got {v!r}")
     if cfg["n_embd"] % cfg["n_head"]:
-        raise ValueError(f"{file}: n_embd {cfg['n_embd']} is not divisible by n_head {cfg['n_head']}")
+        raise UsageError(f"{file}: n_embd {cfg['n_embd']} is not divisible by n_head {cfg['n_head']}")
     if round(cfg["n_positions"] ** 0.5) ** 2 != cfg["n_positions"]:
-        raise ValueError(f"{file}: n_positions must be a square (n_px * n_px), got {cfg['n_positions']}")
+        raise UsageError(f"{file}: n_positions must be a square (n_px * n_px), got {cfg['n_positions']}")
     return cfg
 
 
@@ -100,13 +100,13 @@ def read_clusters(path: str) -> np.ndarray:
     cfg_file = Path(path) / "preprocessor_config.json"
     data = _read_json(cfg_file)
     if "clusters" not in data:
-        raise ValueError(f"{cfg_file} has no 'clusters': an ImageGPT image processor config lists its colour clusters")
+        raise UsageError(f"{cfg_file} has no 'clusters': an ImageGPT image processor config lists its colour clusters")
     try:
         clusters = np.asarray(data["clusters"], dtype=np.float32)
     except (TypeError, ValueError):
-        raise ValueError(f"clusters in {cfg_file} must be a list of [r, g, b] numbers") from None
+        raise UsageError(f"clusters in {cfg_file} must be a list of [r, g, b] numbers") from None
     if clusters.ndim != 2 or clusters.shape[1] != 3 or not np.isfinite(clusters).all():
-        raise ValueError(f"clusters in {cfg_file} must be finite numbers of shape (K, 3), got shape {clusters.shape}")
+        raise UsageError(f"clusters in {cfg_file} must be finite numbers of shape (K, 3), got shape {clusters.shape}")
     return clusters
 
 
@@ -127,7 +127,7 @@ def expected_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
 def _weight_files(path: str) -> list[Path]:
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}: only safetensors checkpoints are accepted")
+        raise UsageError(f"no *.safetensors weights in {path}: only safetensors checkpoints are accepted")
     return files
 
 
@@ -141,13 +141,13 @@ def _tensor_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]
             with safe_open(str(f), framework="numpy") as st:
                 for k in st.keys():
                     if k in found:
-                        raise ValueError(f"tensor {k} appears in more than one safetensors file ({f.name} and another)")
+                        raise UsageError(f"tensor {k} appears in more than one safetensors file ({f.name} and another)")
                     sl = st.get_slice(k)
                     found[k] = (tuple(sl.get_shape()), sl.get_dtype())
         except ValueError:
             raise
         except Exception as e:  # SafetensorError: a truncated or garbled file
-            raise ValueError(f"corrupt safetensors file {f}: {e}") from None
+            raise UsageError(f"corrupt safetensors file {f}: {e}") from None
     return found
 
 
@@ -163,17 +163,17 @@ def check_weights(path: str, cfg: dict) -> None:
     want = expected_tensors(cfg)
     missing = [k for k in want if k not in found]
     if missing:
-        raise ValueError(f"checkpoint {path} is incomplete: {len(missing)} tensors missing: {_names(missing)}")
+        raise UsageError(f"checkpoint {path} is incomplete: {len(missing)} tensors missing: {_names(missing)}")
     extra = [k for k in found if k not in want and not k.endswith(LEGACY_BUFFERS)]
     if extra:
-        raise ValueError(f"checkpoint {path} has {len(extra)} unexpected tensors: {_names(extra)} "
+        raise UsageError(f"checkpoint {path} has {len(extra)} unexpected tensors: {_names(extra)} "
                          "(not an ImageGPT of the shape config.json describes)")
     for k, shape in want.items():
         if found[k][0] != shape:
-            raise ValueError(f"checkpoint {path}: tensor {k} has shape {list(found[k][0])}, "
+            raise UsageError(f"checkpoint {path}: tensor {k} has shape {list(found[k][0])}, "
                              f"config.json says {list(shape)}")
         if found[k][1] not in FLOAT_DTYPES:
-            raise ValueError(f"checkpoint {path}: tensor {k} has dtype {found[k][1]}, expected a float type")
+            raise UsageError(f"checkpoint {path}: tensor {k} has dtype {found[k][1]}, expected a float type")
 
 
 def weights_fingerprint(path: str, cfg: dict | None = None, clusters: np.ndarray | None = None) -> str:
@@ -234,7 +234,7 @@ def read_on_cluster(path: str) -> CheckpointInfo:
             log.info("model folder %s is not on the driver's node; Ray node %s has it: fingerprint %s, %d layers, "
                      "%dx%d pixels", path, node[:12], info.weights_fingerprint, info.n_layer, info.n_px, info.n_px)
             return info
-    raise ValueError(f"model folder {path} exists neither on the driver's node nor on any of the {len(nodes)} worker "
+    raise UsageError(f"model folder {path} exists neither on the driver's node nor on any of the {len(nodes)} worker "
                      f"node(s): {FIX}")
 
 
@@ -245,7 +245,7 @@ def read_folder(path: str, ref: ModelRef | None = None) -> CheckpointInfo:
     cfg = read_model_config(path)
     clusters = read_clusters(path)
     if clusters.shape[0] != cfg["vocab_size"] - 1:
-        raise ValueError(f"{path}: {clusters.shape[0]} clusters but vocab_size {cfg['vocab_size']} (expected vocab_size - 1 clusters)")
+        raise UsageError(f"{path}: {clusters.shape[0]} clusters but vocab_size {cfg['vocab_size']} (expected vocab_size - 1 clusters)")
     check_weights(path, cfg)
     fingerprint = weights_fingerprint(path, cfg, clusters)
     _VERIFIED.add((path, fingerprint))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from igpt_batch.errors import WorkerStartError
+from igpt_batch.errors import UsageError, WorkerStartError
 
 DEMO_MODEL_DIR = Path(__file__).parent.parent / "demo_model"
 WEIGHT_PATTERNS = ["*.json", "*.safetensors"]  # never pickle weights
@@ -64,7 +64,7 @@ def locate(name: str, storage_options: dict | None, fingerprint_of: Callable[[st
         path = os.path.abspath(os.path.expanduser(name))
         return ModelRef("folder", path), path
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ValueError(f"model {name!r} is neither a local checkpoint folder, an object-store URL (s3://...) "
+        raise UsageError(f"model {name!r} is neither a local checkpoint folder, an object-store URL (s3://...) "
                          "nor a hub id like 'openai/imagegpt-small'")
     path = hub_snapshot(name, None)
     return ModelRef("hub", name, Path(path).name), path  # snapshots/<commit hash>
@@ -78,8 +78,8 @@ def hub_snapshot(repo_id: str, revision: str | None) -> str:
         return snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS)
     except Exception as e:  # offline, unknown repo, no access: one clear message, before any work
         at = f" at revision {revision}" if revision else ""
-        raise FileNotFoundError(f"cannot fetch model {repo_id!r}{at} from the Hugging Face hub "
-                                f"({type(e).__name__}); pass a local checkpoint folder, or check HF_HUB_OFFLINE and access") from e
+        raise UsageError(f"cannot fetch model {repo_id!r}{at} from the Hugging Face hub "
+                         f"({type(e).__name__}); pass a local checkpoint folder, or check HF_HUB_OFFLINE and access") from e
 
 
 def on_node(ref: ModelRef, storage_options: dict | None, fingerprint_of: Callable[[str], str],
@@ -154,7 +154,7 @@ def _download(url: str, storage_options: dict, dest: Path) -> None:
     except FileNotFoundError:
         names = []
     if not names:
-        raise FileNotFoundError(f"no checkpoint at {url}: expected config.json, preprocessor_config.json and "
-                                "*.safetensors in that folder")
+        raise UsageError(f"no checkpoint at {url}: expected config.json, preprocessor_config.json and "
+                         "*.safetensors in that folder")
     for p in names:
         fs.get_file(p, str(dest / p.rsplit("/", 1)[-1]))

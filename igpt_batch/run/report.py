@@ -13,6 +13,7 @@ import logging
 
 import numpy as np
 
+from igpt_batch.errors import UsageError
 from igpt_batch.run.storage import PICTURES, REPORT, OutputFolder
 
 log = logging.getLogger("igpt_batch")
@@ -39,7 +40,7 @@ def write(url: str, path: str | None = None, storage_options: dict | None = None
     """`igpt-batch report`: the report of the output at url, to path (default url/report.html); returns where."""
     out = OutputFolder(url, storage_options)
     if out.read_job() is None:
-        raise FileNotFoundError(f"{url}: not an igpt-batch output (no job record)")
+        raise UsageError(f"{url}: not an igpt-batch output (no job record)")
     status, summary = out.status()
     page = build(out, summary or {}, status, storage_options or {}).encode()
     if path is None:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from igpt_batch.errors import UsageError
 from igpt_batch.store.index import QUERY_ROWS, check_k, has_index, knn, open_table
 from igpt_batch.store.layout import LIVE, Store
 
@@ -38,7 +39,7 @@ def dedup(store_url: str, threshold: float = 0.95, output: str | None = None, k:
     Parquet to `output`: group (numbered by the table position of its first row), id, uri, group_size, score (the
     row's highest cosine to another member)."""
     if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
+        raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_k(k, 2, " (a row's nearest neighbour is itself)")
     store, version, ds = open_table(store_url, snapshot, version, storage_options)
     scratch = store.scratch_url(version, f"dedup-{uuid.uuid4().hex[:12]}")

@@ -26,7 +26,7 @@ def export(store_url: str, out_url: str, snapshot: str | None = None, version: s
     version = store.resolve(version)
     ds = store.open(version, snapshot)
     if ds is None:
-        raise FileNotFoundError(f"{store_url}/{version} has no current table yet")
+        raise UsageError(f"{store_url}/{version} has no current table yet")
     out = OutputFolder(out_url, storage_options)
     old = _earlier_export(out)
     out.write_json(MARKER, {"writing": True})  # the folder is ours from here; readers wait for the summary

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from igpt_batch.errors import UsageError
 from igpt_batch.store.layout import LIVE, Store
 
 log = logging.getLogger("igpt_batch")
@@ -34,7 +35,7 @@ def check_k(k: int, least: int, why: str = "") -> None:
     """-k is bounded before any work: Lance allocates room for k results per query up front (k = 10**11 asks
     for terabytes; a 20-digit k overflows)."""
     if not least <= k <= MAX_K:
-        raise ValueError(f"-k must be in [{least}, {MAX_K}]{why}, got {k}")
+        raise UsageError(f"-k must be in [{least}, {MAX_K}]{why}, got {k}")
 
 
 def open_table(store_url: str, snapshot: str | None, version: str | None, storage_options: dict | None):
@@ -42,10 +43,10 @@ def open_table(store_url: str, snapshot: str | None, version: str | None, storag
     store = Store(store_url, storage_options)
     version = store.resolve(version)
     if store.open(version) is None:
-        raise FileNotFoundError(f"{store_url}/{version} has no current table: no refresh has finished there yet")
+        raise UsageError(f"{store_url}/{version} has no current table: no refresh has finished there yet")
     kept = store.kept_snapshots(version)
     if snapshot is not None and snapshot not in kept:
-        raise ValueError(f"snapshot {snapshot!r} is not a kept night of {version} (kept: {', '.join(kept)})")
+        raise UsageError(f"snapshot {snapshot!r} is not a kept night of {version} (kept: {', '.join(kept)})")
     return store, version, store.open(version, snapshot)
 
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from igpt_batch.errors import UsageError
 from igpt_batch.run.storage import OutputFolder, errors_by_reason
 
 log = logging.getLogger("igpt_batch")
@@ -126,7 +127,7 @@ class Store:
         if version is None:
             created = {v: (self.version_info(v) or {}).get("created_at", "") for v in self.versions()}
             if not created:
-                raise FileNotFoundError(f"no refresh versions under {self.url}")
+                raise UsageError(f"no refresh versions under {self.url}")
             version = max(created, key=created.get)
         return version
 

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pyarrow.compute as pc
 
+from igpt_batch.errors import UsageError
 from igpt_batch.store.index import check_k, has_index, knn, open_table
 
 log = logging.getLogger("igpt_batch")
@@ -20,10 +21,10 @@ def store_model(store, version: str, device: str = "auto"):
     info = store.version_info(version) or {}
     name, layers = info.get("model"), info.get("layers")
     if not name or layers is None:
-        raise ValueError(f"{store.url}/{version}/_version.json does not name its model and layers")
+        raise UsageError(f"{store.url}/{version}/_version.json does not name its model and layers")
     fp = checkpoint.read_info(name).weights_fingerprint
     if info.get("weights_fingerprint") not in (None, fp):
-        raise ValueError(f"model {name!r} now has other weights than {version} was computed with; "
+        raise UsageError(f"model {name!r} now has other weights than {version} was computed with; "
                          "its embeddings cannot be compared with the store's")
     return load_model(name, info.get("dtype", "fp32"), device), list(layers)
 
@@ -40,7 +41,7 @@ def embed_image(store, version: str, uri: str, device: str = "auto") -> np.ndarr
     try:
         rgb = load_rgb(uri, model.n_px, store.storage_options, **limits)[0]
     except ImageError as e:
-        raise ValueError(f"cannot read image {uri}: {e}") from None
+        raise UsageError(f"cannot read image {uri}: {e}") from None
     return Extractor(model, layers, batch_size=1)(rgb[None])[0]
 
 
@@ -48,7 +49,7 @@ def row_vector(ds, row_id: str) -> tuple[np.ndarray, str]:
     """(embedding, uri) of the row `row_id` (live or marked deleted); ValueError if the snapshot has no such id."""
     t = ds.to_table(columns=["embedding", "uri"], filter=pc.field("id") == row_id)
     if not t.num_rows:
-        raise ValueError(f"id {row_id!r} is not in the store's table")
+        raise UsageError(f"id {row_id!r} is not in the store's table")
     return np.asarray(t.column("embedding")[0].values.to_numpy(), np.float32), t.column("uri")[0].as_py()
 
 
@@ -57,7 +58,7 @@ def neighbors(store_url: str, row_id: str | None = None, image: str | None = Non
               contact_sheet: str | None = None, device: str = "auto") -> dict:
     """The k nearest live rows to a row of the table (`row_id`) or to an image embedded with the store's model."""
     if (row_id is None) == (image is None):
-        raise ValueError("give exactly one of --id and --image")
+        raise UsageError("give exactly one of --id and --image")
     check_k(k, 1)
     store, version, ds = open_table(store_url, snapshot, version, storage_options)
     if row_id is not None:

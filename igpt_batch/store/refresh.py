@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from igpt_batch.config import JobConfig
-from igpt_batch.errors import ConfigError, JobError, LeaseError
+from igpt_batch.errors import ConfigError, JobError, LeaseError, UsageError
 from igpt_batch.inputs.stat import STAT_SCHEMA
 from igpt_batch.model import checkpoint
 from igpt_batch.redact import redact_uri, scrub_secrets
@@ -312,5 +312,5 @@ def read_current(store: str, storage_options: dict | None = None, version: str |
     st = Store(store, storage_options)
     version = st.resolve(version)
     if st.open(version) is None:
-        raise FileNotFoundError(f"{store}/{version} has no current table: no refresh has finished there yet")
+        raise UsageError(f"{store}/{version} has no current table: no refresh has finished there yet")
     return st.read(version, snapshot, include_deleted=include_deleted)
