@@ -1,6 +1,7 @@
 """The driver: plan shards, skip committed ones, run them in-process or on a Ray actor pool with retries, summarise."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -67,7 +68,7 @@ def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> Outp
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {keys.get(k)!r}" for k in diff)
         raise JobError(f"output {cfg.output.path} was written with a different config ({detail}). "
                        "Use a new output, or --overwrite to replace it.")
-    out.sweep_temp()
+    out.sweep()  # h-output: a killed run's temp and plan files
     out.start_job(job)
     return out
 
@@ -110,10 +111,14 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
     job = {"task": task.name, "config": cfg.to_dict(redact=True), "compat": keys, "model": cfg.model.name,
            "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
            "layers": list(resolved.layers), "n_px": info.n_px, "shards": len(plan.shards), "versions": _versions()}
-    lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout, force=cfg.output.overwrite)
+    lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout)  # h-output: never a live one
     try:
         with lease:
-            return _run(cfg, task, resolved, plan, keys, job, on_mismatch, t0)
+            resolved = dataclasses.replace(resolved, lease=lease.fence)  # h-output: workers fence their commits with it
+            try:
+                return _run(cfg, task, resolved, plan, keys, job, on_mismatch, t0)
+            finally:
+                lease.folder.end_job(lease.fence)  # h-output: plan files (fetchable URLs) go however the job ends
     except LeaseError as e:
         raise JobError(str(e)) from None
     except PermissionError:  # the message never carries storage options: they hold the keys
@@ -165,10 +170,10 @@ def _run(cfg: JobConfig, task: Task, resolved: Resolved, plan: Plan, keys: dict,
         log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
-        out.finish(summary, ok=False)
+        out.finish(summary, ok=False, lease=resolved.lease)  # h-output
         raise JobError(f"{summary['errors']} of {n_rows} input rows failed, over run.max_error_fraction="
                        f"{cfg.run.max_error_fraction}; committed shards are kept. Errors by reason: {summary['errors_by_reason']}")
-    out.finish(summary, ok=True)
+    out.finish(summary, ok=True, lease=resolved.lease)  # h-output
     log.info("done: %d shards (%d skipped), rows %s, %d errors, %.1f s", summary["shards"], summary["shards_skipped"],
              summary["rows"], summary["errors"], summary["wall_s"])
     return summary

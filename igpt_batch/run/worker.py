@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.inputs import images
 from igpt_batch.inputs.manifest import Shard
 from igpt_batch.run import metrics
+from igpt_batch.run.records import make_record
 from igpt_batch.run.storage import OutputFolder
 from igpt_batch.run.tasks import Resolved, Task
 
@@ -159,19 +159,15 @@ class ShardWorker:
     def run(self, shard: Shard) -> dict:
         """Process one shard and commit it; returns the commit record plus timings."""
         self.load()
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         stats = dict.fromkeys(STAGES, 0.0)
         rows = self.out.read_plan(shard.name) if self.task.reads_manifest else None  # written by the driver
         tables = self.runner(shard, rows, stats)
         tw = time.perf_counter()
         files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()]
-        record = {
-            "shard": shard.name, "start": shard.start, "stop": shard.stop, "files": files,
-            "rows": {kind: t.num_rows for kind, t in tables.items()},
-            "fingerprint": self.fingerprint, "worker_pid": os.getpid(),
-        }
+        record = make_record(shard, files, tables, fingerprint=self.fingerprint, started_at=started)  # h-output: v2
         stats["write_s"] = time.perf_counter() - tw
         record["stats"] = {k: round(v, 4) for k, v in stats.items()} | {"total_s": round(time.perf_counter() - t0, 4)}
-        self.out.commit(shard.name, record)
+        self.out.commit(shard.name, record, lease=self.resolved.lease)  # h-output: refused under a lost lease
         metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray
         return record

@@ -44,6 +44,7 @@ class Resolved:
     info: CheckpointInfo
     layers: tuple[int, ...] = ()
     meta: dict = field(default_factory=dict)  # Parquet schema metadata of every output part
+    lease: object = None  # h-output: the job's lease fence (run.lease.Fence); workers check it before each commit
 
 
 @dataclass(frozen=True)
