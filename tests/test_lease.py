@@ -60,16 +60,6 @@ except Exception as e:
 """
 
 
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out"), {}
-    s3 = request.getfixturevalue("s3_server")
-    bucket = f"lease-{tmp_path.name[-20:].lower().replace('_', '-')}"
-    s3.fs().mkdir(bucket)
-    return f"s3://{bucket}/out", s3.storage_options()
-
-
 def race(url: str, so: dict, d: Path, n: int = 2) -> list[str]:
     """n starters released together after each read the lease once; returns each one's verdict line."""
     d.mkdir()
@@ -83,8 +73,8 @@ def race(url: str, so: dict, d: Path, n: int = 2) -> list[str]:
     return lines
 
 
-def test_interleaved_starters_cannot_both_take_the_lease(where, tmp_path):
-    url, so = where
+def test_interleaved_starters_cannot_both_take_the_lease(output_url, tmp_path):
+    url, so = output_url
     Folder(url, so).write_bytes("keep.txt", b"x")  # the folder exists
     lines = race(url, so, tmp_path / "r1")
     assert sorted(line.split()[0] for line in lines) == ["REFUSED", "TOOK"], lines
@@ -92,8 +82,8 @@ def test_interleaved_starters_cannot_both_take_the_lease(where, tmp_path):
     assert not Folder(url, so).exists(LEASE)  # the winner released it
 
 
-def test_interleaved_takeovers_of_a_stale_lease_cannot_both_pass(where, tmp_path):
-    url, so = where
+def test_interleaved_takeovers_of_a_stale_lease_cannot_both_pass(output_url, tmp_path):
+    url, so = output_url
     stale = {"host": "elsewhere", "pid": 1, "token": "old", "generation": 7, "started_at": 0, "refreshed_at": 0}
     Folder(url, so).write_json(LEASE, stale)
     lines = race(url, so, tmp_path / "r2")
@@ -107,8 +97,8 @@ def cfg_for(ckpt, out, so=None, **over):
                               **({"storage_options": so} if so else {}), **over})
 
 
-def test_overwrite_against_a_live_lease_is_refused_naming_the_holder(tiny_ckpt, where, tmp_path):
-    url, so = where
+def test_overwrite_against_a_live_lease_is_refused_naming_the_holder(tiny_ckpt, output_url, tmp_path):
+    url, so = output_url
     run_job(cfg_for(tiny_ckpt, url, so), "generate")
     holder = subprocess.Popen([sys.executable, "-c", STARTER, url, json.dumps(so), "0", "1", str(tmp_path)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -131,10 +121,10 @@ sys.exit(main(["generate", "--model", sys.argv[1], "--output", sys.argv[2], "--e
 """
 
 
-def test_a_job_that_lost_its_lease_commits_nothing_more_and_exits_1(tiny_ckpt, where, tmp_path):
+def test_a_job_that_lost_its_lease_commits_nothing_more_and_exits_1(tiny_ckpt, output_url, tmp_path):
     """A's driver is stopped past run.lease_timeout; B takes the stale lease over and finishes; A, resumed, finds its
     lease gone: exit 1 with a message, no _SUCCESS of its own, and the output holds each sample once."""
-    url, so = where
+    url, so = output_url
     (tmp_path / "c.yaml").write_text("run: {lease_timeout: 4, shard_size: 1, torch_threads: 1}\n"
                                      "generate: {num_samples: 40}\noutput: {contact_sheet: 0}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -160,5 +150,7 @@ def test_a_job_that_lost_its_lease_commits_nothing_more_and_exits_1(tiny_ckpt, w
     status, summary = out.status()
     assert status == "succeeded" and summary["shards"] == 40
     assert sorted(read_output(url, "samples", so).column("seed").to_pylist()) == list(range(40))
-    tokens = {rec["lease"]["token"] for rec in out.committed().values()}
+    records = out.committed().values()
+    assert all(r["v"] == 2 and r["started_at"] <= r["ended_at"] and r["errors_by_reason"] == {} for r in records)
+    tokens = {rec["lease"]["token"] for rec in records}
     assert len(tokens) == 2 and token_a in tokens  # A's commits before it stopped, B's after

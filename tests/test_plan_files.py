@@ -12,22 +12,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from igpt_batch.run.storage import Folder, OutputFolder
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hunter2-plan"
-
-
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "out"), {}
-    s3 = request.getfixturevalue("s3_server")
-    bucket = f"plan-{tmp_path.name[-20:].lower().replace('_', '-')}"
-    s3.fs().mkdir(bucket)
-    return f"s3://{bucket}/out", s3.storage_options()
 
 
 def extract(ckpt, manifest, url, so, tmp_path, max_error_fraction: float) -> subprocess.Popen:
@@ -50,8 +39,8 @@ def plan_parts(out: OutputFolder) -> list[str]:
     return [p for p in out.fs.find(out.path("_plan")) if p.endswith(".parquet")]  # (SeaweedFS keeps a folder entry)
 
 
-def test_plan_files_go_when_a_job_ends_killed_failed_or_succeeded(tiny_ckpt, where, tmp_path):
-    url, so = where
+def test_plan_files_go_when_a_job_ends_killed_failed_or_succeeded(tiny_ckpt, output_url, tmp_path):
+    url, so = output_url
     uris = [f"http://user:{SECRET}@127.0.0.1:9/img{i}.jpg" for i in range(40)]  # refused at once: error rows
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"id": [str(i) for i in range(40)], "uri": uris}), manifest)
