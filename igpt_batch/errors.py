@@ -29,6 +29,10 @@ class LeaseError(IgptError, RuntimeError):
     """Another live job holds the lease on this output or store."""
 
 
+class OutputError(JobError):
+    """A file of a job output that cannot be read (invalid JSON, truncated Parquet); the message names it (exit 1)."""
+
+
 class ExecutorError(IgptError, RuntimeError):
     """The pool cannot go on (no node left, resources the cluster cannot give); committed shards stay."""
 

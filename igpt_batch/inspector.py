@@ -5,17 +5,24 @@ import json
 import posixpath
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from igpt_batch.errors import OutputError
 from igpt_batch.run.storage import KINDS, PICTURES, OutputFolder, errors_by_reason, read_output
 
 
 def inspect(url: str, verify: bool = False, storage_options: dict | None = None, echo=print,
             as_json: bool = False) -> int:
     """Print a summary of an output folder or a refresh store (one JSON object with as_json); returns the exit code
-    (1 when --verify finds a problem or `url` is neither)."""
+    (1 when --verify finds a problem, a file of the output cannot be read, or `url` is neither)."""
     out = OutputFolder(url, storage_options)
-    if out.read_job() is not None:
+    try:
+        job = out.read_job()
+    except OutputError as e:  # _job.json that is not JSON: nothing else can be trusted
+        echo(f"VERIFY FAILED  {e}" if verify else f"inspect: {e}")
+        return 1
+    if job is not None:
         report, show = describe_output(out, verify), show_output
     else:
         from igpt_batch.store.layout import Store
@@ -29,46 +36,77 @@ def inspect(url: str, verify: bool = False, storage_options: dict | None = None,
         echo(json.dumps(report, sort_keys=True, default=str))
     else:
         show(report, echo)
+        for p in report["problems"]:
+            echo(f"VERIFY FAILED  {p}" if verify else f"PROBLEM  {p}")
         if verify:
-            for p in report["problems"]:
-                echo(f"VERIFY FAILED  {p}")
             echo("verify: ok" if not report["problems"] else f"verify: {len(report['problems'])} problem(s)")
     return 1 if report["problems"] else 0
 
 
 def describe_output(out: OutputFolder, verify: bool) -> dict:
-    """An output's job, status, committed rows and files per kind, errors by reason, pictures; problems if verify."""
-    job, commits = out.read_job(), out.committed()
-    status, summary = out.status()
+    """An output's job, status, committed rows and files per kind, errors by reason, pictures; problems if verify
+    (files that cannot be read are problems whether or not verify was asked)."""
+    job, (commits, bad) = out.read_job(), out.markers()
+    problems = [f"{posixpath.join(out.url, rel)} is {why}" for rel, why in sorted(bad.items())]
+    try:
+        status, summary = out.status()
+    except OutputError as e:
+        status, summary = "unreadable", None
+        problems.append(str(e))
     rows = Counter()
     for rec in commits.values():
-        rows.update(rec.get("rows", {}))
+        rows.update(rec["rows"])
     kinds = {}
     for kind in KINDS:
         files = out.committed_files(kind, commits)
         if files:
-            schema = pq.read_schema(out.path(files[0]), filesystem=out.fs)
-            kinds[kind] = {"rows": rows[kind], "files": len(files), "schema": {f.name: str(f.type) for f in schema}}
-    errors = errors_by_reason(read_output(out.url, "errors", out.fs.storage_options)) if rows.get("errors") else {}
+            try:
+                schema = {f.name: str(f.type) for f in pq.read_schema(out.path(files[0]), filesystem=out.fs)}
+            except (pa.ArrowException, OSError) as e:
+                schema, problems = {}, problems + [f"{posixpath.join(out.url, files[0])} cannot be read ({e})"]
+            kinds[kind] = {"rows": rows[kind], "files": len(files), "schema": schema}
     return {
-        "output": out.url, "task": job["task"], "model": job["model"], "weights_fingerprint": job["weights_fingerprint"],
-        "palette_hash": job["palette_hash"], "layers": job.get("layers"), "shards_planned": job["shards"],
-        "shards_committed": len(commits), "status": status, "summary": summary, "kinds": kinds,
-        "errors_by_reason": dict(Counter(errors).most_common()),
+        "output": out.url, "task": job.get("task"), "model": job.get("model"),
+        "weights_fingerprint": job.get("weights_fingerprint"), "palette_hash": job.get("palette_hash"),
+        "layers": job.get("layers"), "shards_planned": job.get("shards"), "shards_committed": len(commits),
+        "status": status, "summary": summary, "kinds": kinds,
+        "errors_by_reason": dict(Counter(_errors_by_reason(out, commits, rows)).most_common()),
         "pictures": [posixpath.join(out.url, p) for p in PICTURES if out.exists(p)],
         "pngs": posixpath.join(out.url, "pngs") if out.has_pngs() else None,
-        "problems": _verify_output(out, commits) if verify else [],
+        "problems": sorted(set(problems)) + (_verify_output(out, commits, status) if verify else []),
     }
 
 
-def _verify_output(out: OutputFolder, commits: dict) -> list[str]:
-    problems = []
+def _errors_by_reason(out: OutputFolder, commits: dict, rows: Counter) -> Counter:
+    """From the commit records (v2); records written before they carried it are read from errors/ parts."""
+    if not rows.get("errors"):
+        return Counter()
+    if all(rec["errors_by_reason"] is not None for rec in commits.values()):
+        return sum((Counter(rec["errors_by_reason"]) for rec in commits.values()), Counter())
+    try:
+        return errors_by_reason(read_output(out.url, "errors", out.fs.storage_options))
+    except (pa.ArrowException, OSError):
+        return Counter()  # a truncated errors part: --verify names it
+
+
+def _verify_output(out: OutputFolder, commits: dict, status: str) -> list[str]:
+    """Every planned shard committed, every committed file present, readable and of its recorded row count."""
+    missing = [name for name in out.planned_shards() if name not in commits]
+    problems = [f"{name}: planned but not committed (its commit marker is missing: its rows are not in the output)"
+                for name in missing[:20]]
+    if len(missing) > 20:
+        problems.append(f"... and {len(missing) - 20} more planned shards not committed")
     for name, rec in sorted(commits.items()):
-        for f in rec.get("files", []):
+        for f in rec["files"]:
+            where = posixpath.join(out.url, f["path"])
             if not out.exists(f["path"]):
                 problems.append(f"{name}: {f['path']} is missing")
                 continue
-            n = pq.read_metadata(out.path(f["path"]), filesystem=out.fs).num_rows
+            try:
+                n = pq.read_metadata(out.path(f["path"]), filesystem=out.fs).num_rows
+            except (pa.ArrowException, OSError) as e:
+                problems.append(f"{name}: {where} cannot be read (truncated or not Parquet: {e})")
+                continue
             if n != f["rows"]:
                 problems.append(f"{name}: {f['path']} has {n} rows, commit says {f['rows']}")
     return problems
@@ -92,7 +130,7 @@ def show_output(r: dict, echo) -> None:
         echo(f"picture:     {pic}")
     if r["pngs"]:
         echo(f"pngs:        {r['pngs']}/seed-*.png")
-    if r["status"] == "succeeded":
+    if r["status"] == "succeeded" and "wall_s" in r["summary"]:
         echo(f"wall time:   {r['summary']['wall_s']} s   throughput: {r['summary']['rows_per_s']} rows/s")
 
 

@@ -302,3 +302,14 @@ def full_logits(model, ids):
 
     with torch.no_grad():
         return model.head(model._run(ids.to(model.device), None, 0))
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_url(request, tmp_path):
+    """(url, storage options) of a fresh output folder, on local disk and in a new SeaweedFS bucket."""
+    if request.param == "local":
+        return str(tmp_path / "out"), {}
+    s3 = request.getfixturevalue("s3_server")
+    bucket = f"out-{tmp_path.name[-24:].lower().replace('_', '-').strip('-')}"
+    s3.fs().mkdir(bucket)
+    return f"s3://{bucket}/out", s3.storage_options()

@@ -118,12 +118,13 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lease(tiny_ckpt, t
     (out / LEASE).write_text(json.dumps(live | {"pid": dead.pid}))
     run_job(cfg_for(tiny_ckpt, out), "generate")
     assert (out / "_SUCCESS").exists() and not (out / LEASE).exists()
-    # so is a lease not refreshed for run.lease_timeout, and any lease with --overwrite
+    # so is a lease not refreshed for run.lease_timeout; --overwrite never takes a live one (tests/test_lease.py)
     (out / LEASE).write_text(json.dumps(live | {"refreshed_at": time.time() - 30}))
     run_job(cfg_for(tiny_ckpt, out, **{"run.lease_timeout": 10}), "generate")
     (out / LEASE).write_text(json.dumps(live))
-    run_job(cfg_for(tiny_ckpt, out, **{"output.overwrite": True}), "generate")
-    assert not (out / LEASE).exists()
+    with pytest.raises(JobError, match="in use by another job"):
+        run_job(cfg_for(tiny_ckpt, out, **{"output.overwrite": True}), "generate")
+    assert (out / "_SUCCESS").exists()
 
 
 def test_a_rerun_that_asks_for_pngs_is_refused_naming_the_flag(tiny_ckpt, tmp_path):

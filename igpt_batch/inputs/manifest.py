@@ -42,18 +42,30 @@ class Shard:
     shard_id: int
     start: int
     stop: int
+    width: int = 5  # digits of the name: shard_width(number of shards), so names sort in plan order at any count
 
     @property
     def name(self) -> str:
-        return f"part-{self.shard_id:05d}"
+        return shard_name(self.shard_id, self.width)
 
     def __len__(self) -> int:
         return self.stop - self.start
 
 
+def shard_width(count: int) -> int:
+    """Digits in a shard name: 5 (outputs written before this was recorded), more past 99,999 shards."""
+    return max(5, len(str(max(count - 1, 0))))
+
+
+def shard_name(shard_id: int, width: int = 5) -> str:
+    """The one spelling of a shard's name (part-00042): its files, plan and commit marker are named after it."""
+    return f"part-{shard_id:0{width}d}"
+
+
 def plan_shards(n: int, shard_size: int, first: int = 0) -> list[Shard]:
     """Split [first, first+n) into consecutive shards; a pure function of (n, shard_size, first)."""
-    return [Shard(i, first + s, first + min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
+    starts = range(0, n, shard_size)
+    return [Shard(i, first + s, first + min(s + shard_size, n), shard_width(len(starts))) for i, s in enumerate(starts)]
 
 
 def iter_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns(),
@@ -125,7 +137,7 @@ class ManifestScan:
         for n in self.groups:
             out += [Shard(len(out) + i, s.start, s.stop) for i, s in enumerate(plan_shards(n, shard_size, first))]
             first += n
-        return out
+        return [Shard(s.shard_id, s.start, s.stop, shard_width(len(out))) for s in out]
 
 
 def scan_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> ManifestScan:

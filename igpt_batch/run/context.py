@@ -27,6 +27,7 @@ class Resolved:
     info: CheckpointInfo
     layers: tuple[int, ...] = ()
     meta: dict = field(default_factory=dict)  # Parquet schema metadata of every output part
+    lease: object = None  # the job's lease fence (run.lease.Fence): workers check it before each commit
 
 
 @dataclass

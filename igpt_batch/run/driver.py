@@ -1,6 +1,7 @@
 """The driver: build the job once, skip committed shards, run the rest in-process or on a Ray actor pool, summarise."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -62,7 +63,7 @@ def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> Outp
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {keys.get(k)!r}" for k in diff)
         raise JobError(f"output {cfg.output.path} was written with a different config ({detail}). "
                        "Use a new output, or --overwrite to replace it.")
-    out.sweep_temp()
+    out.sweep()  # a killed run's temp and plan files
     out.start_job(job)
     return out
 
@@ -101,11 +102,14 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
     t0 = time.time()
     cfg = dtype_auto.resolve_job(cfg)  # --dtype auto: resolved once, recorded and compared as resolved
     with prepare(cfg, tasks.get(task), info) as job:
-        lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout,
-                      force=cfg.output.overwrite)
+        lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout)  # never a live one
         try:
             with lease:
-                return _run(job, on_mismatch, t0)
+                job = dataclasses.replace(job, resolved=dataclasses.replace(job.resolved, lease=lease.fence))  # fences commits
+                try:
+                    return _run(job, on_mismatch, t0)
+                finally:
+                    lease.folder.end_job(lease.fence)  # plan files (fetchable URLs) go however the job ends
         except LeaseError as e:
             raise JobError(str(e)) from None
         except PermissionError:  # the message never carries storage options: they hold the keys
@@ -134,10 +138,10 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
     report.maybe_write(cfg, out, summary)  # report.html beside _SUCCESS (output.report); never raises
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
-        out.finish(summary, ok=False)
+        out.finish(summary, ok=False, lease=job.resolved.lease)
         raise JobError(f"{summary['errors']} of {n_rows} input rows failed, over run.max_error_fraction="
                        f"{cfg.run.max_error_fraction}; committed shards are kept. Errors by reason: {summary['errors_by_reason']}")
-    out.finish(summary, ok=True)
+    out.finish(summary, ok=True, lease=job.resolved.lease)
     log.info("done: %d shards (%d skipped), rows %s, %d errors, %.1f s", summary["shards"], summary["shards_skipped"],
              summary["rows"], summary["errors"], summary["wall_s"])
     return summary

@@ -102,12 +102,12 @@ def _axes(w: int, h: int, x_max: float, y_max: float, x_label: str, y_label: str
 
 def throughput(commits: dict, w: int = 640, h: int = 220) -> str:
     """Cumulative output rows against seconds since the first shard started (commit records' wall times)."""
-    recs = sorted((r for r in commits.values() if "committed_at" in r and "started_at" in r),
-                  key=lambda r: r["committed_at"])
+    recs = sorted((r for r in commits.values() if "ended_at" in r and "started_at" in r),
+                  key=lambda r: r["ended_at"])
     if not recs:
         return "<p class=muted>no commit record carries wall times (written by an older igpt-batch)</p>"
     t0 = min(r["started_at"] for r in recs)
-    xs = [0.0] + [r["committed_at"] - t0 for r in recs]
+    xs = [0.0] + [r["ended_at"] - t0 for r in recs]
     ys = np.cumsum([0] + [sum(v for k, v in r.get("rows", {}).items() if k != "errors") for r in recs])
     x_max, y_max = max(max(xs), 1e-3), max(int(ys[-1]), 1)
     pts = " ".join(f"{50 + x / x_max * (w - 60):.1f},{h - 30 - y / y_max * (h - 40):.1f}" for x, y in zip(xs, ys))

@@ -3,30 +3,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import re
-import socket
-import threading
-import time
 import uuid
-from collections import Counter
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from igpt_batch.errors import LeaseError
+from igpt_batch.errors import OutputError
+from igpt_batch.inputs.manifest import shard_name, shard_width
+from igpt_batch.run.lease import LEASE, Fence, Lease, check_fence
+from igpt_batch.run.records import errors_by_reason, read_record
 
 log = logging.getLogger(__name__)
 KINDS = ("embeddings", "samples", "errors")
 JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS = "_job.json", "_SUCCESS", "_FAILED", "_plan", "_commits", "pngs"
-LEASE = "_LEASE.json"
 PICTURES = ("contact_sheet.png", "preview.png")
 REPORT = "report.html"  # run/report.py
 OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES, REPORT)  # all that --overwrite may remove (not the lease)
 _TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
+_SHARD = re.compile(r"^part-(\d+)\.json$")
+__all__ = ["Folder", "OutputFolder", "Lease", "LEASE", "errors_by_reason", "output_dataset", "output_files",
+           "read_output"]
 
 
 # Object stores flap: transient errors are retried by the client itself, configured here once (botocore's
@@ -107,25 +107,55 @@ class OutputFolder(Folder):
     parts named in commit markers (read_output). Only this class spells the output's file names."""
 
     # -- the job and its status ----------------------------------------------
+    def _json(self, rel: str, kind: type = dict):
+        """A JSON file of ours, or None if absent; OutputError naming the file if it is not valid `kind`."""
+        try:
+            obj = self.read_json(rel)
+        except ValueError as e:
+            raise OutputError(f"{posixpath.join(self.url, rel)} is not valid JSON ({e})") from None
+        if obj is not None and not isinstance(obj, kind):
+            raise OutputError(f"{posixpath.join(self.url, rel)} is malformed: a JSON {kind.__name__} was expected, "
+                              f"found {type(obj).__name__}")
+        return obj
+
     def read_job(self) -> dict | None:
-        return self.read_json(JOB)
+        return self._json(JOB)
+
+    @property
+    def width(self) -> int:
+        """Digits in this output's shard names: recorded in _job.json; 5 for outputs written before it was."""
+        if getattr(self, "_width", None) is None:
+            self._width = int((self.read_job() or {}).get("shard_width", 5))
+        return self._width
 
     def start_job(self, job: dict) -> None:
         """Record this run's job (the rerun check reads it) and drop a previous run's status."""
         for status in (SUCCESS, FAILED):
             self.remove(status)
+        job = {"shard_width": shard_width(job.get("shards", 0))} | job
+        self._width = job["shard_width"]
         self.write_json(JOB, job)
 
-    def finish(self, summary: dict, ok: bool) -> None:
-        """_SUCCESS (and the plan files removed: a rerun skips their shards) or _FAILED, written last."""
+    def finish(self, summary: dict, ok: bool, lease: Fence | None = None) -> None:
+        """_SUCCESS (and the plan files removed) or _FAILED, written last, and only while `lease` is still ours."""
+        if lease is not None:
+            check_fence(self, lease)
         if ok:
             self.remove(PLAN)
         self.write_json(SUCCESS if ok else FAILED, summary)
 
+    def end_job(self, lease: Fence | None = None) -> None:
+        """However the job ended: remove the plan files (they hold fetchable URLs), unless the lease is no longer ours
+        (the plan may then be the new holder's)."""
+        if lease is not None and (self.read_json(LEASE) or {}).get("token") != lease.token:
+            return
+        self.remove(PLAN)
+
     def status(self) -> tuple[str, dict | None]:
-        """('succeeded', summary) after _SUCCESS, ('failed', summary) after _FAILED, else ('running or stopped', None)."""
+        """('succeeded', summary) after _SUCCESS, ('failed', summary) after _FAILED, else ('running or stopped', None).
+        OutputError names a status file that is not a JSON object."""
         for name, word in ((SUCCESS, "succeeded"), (FAILED, "failed")):
-            summary = self.read_json(name)
+            summary = self._json(name)
             if summary is not None:
                 return word, summary
         return "running or stopped", None
@@ -145,7 +175,17 @@ class OutputFolder(Folder):
             self.fs.rm(p)
         return len(found)
 
+    def sweep(self) -> int:
+        """At start, under the lease: a killed run's temp files and plan files (its fetchable URLs) go."""
+        self.remove(PLAN)
+        return self.sweep_temp()
+
     # -- shards --------------------------------------------------------------
+    def planned_shards(self) -> list[str]:
+        """The names of every shard the job planned (from _job.json)."""
+        n = int((self.read_job() or {}).get("shards", 0))
+        return [shard_name(i, self.width) for i in range(n)]
+
     def write_plan(self, shard_name: str, rows: pa.Table) -> None:
         self.write_table(f"{PLAN}/{shard_name}.parquet", rows)
 
@@ -162,106 +202,83 @@ class OutputFolder(Folder):
     def has_pngs(self) -> bool:
         return self.exists(PNGS)
 
-    def commit(self, shard_name: str, record: dict) -> None:
-        """Write the commit marker after all of the shard's files exist."""
+    def commit(self, shard_name: str, record: dict, lease: Fence | None = None) -> None:
+        """Write the commit marker after all of the shard's files exist. With `lease` (the job's fence), only while it
+        is still the output's live lease (one read; LeaseError otherwise), and the record carries its token."""
+        if lease is not None:
+            check_fence(self, lease)
+            record = record | {"lease": lease.record()}
         self.write_json(f"{COMMITS}/{shard_name}.json", record)
 
     def commit_record(self, shard_name: str) -> dict | None:
-        return self.read_json(f"{COMMITS}/{shard_name}.json")
+        try:
+            raw = self.read_json(f"{COMMITS}/{shard_name}.json")
+            return None if raw is None else read_record(raw)
+        except ValueError:
+            return None  # unreadable: not committed; the shard is recomputed
+
+    def _name(self, marker: str) -> str:
+        """A marker's shard name in this output's width (a resumed output of five-digit names keeps working)."""
+        m = _SHARD.match(posixpath.basename(marker))
+        return shard_name(int(m.group(1)), self.width) if m else posixpath.basename(marker)[: -len(".json")]
+
+    def markers(self) -> tuple[dict[str, dict], dict[str, str]]:
+        """(commit records by shard name, {marker file: why it cannot be read}): the tolerant reader (inspect)."""
+        files = self.fs.glob(self.path(COMMITS, "part-*.json"))
+        good, bad = {}, {}
+        for f, blob in (self.fs.cat(files) if files else {}).items():
+            try:
+                good[self._name(f)] = read_record(json.loads(blob))
+            except ValueError as e:
+                rel = posixpath.join(COMMITS, posixpath.basename(f))
+                bad[rel] = f"not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else f"malformed: {e}"
+        return good, bad
 
     def committed(self) -> dict[str, dict]:
-        """Commit markers by shard name."""
-        pattern = self.path(COMMITS, "part-*.json")
-        files = self.fs.glob(pattern)
-        if not files:
-            return {}
-        blobs = self.fs.cat(files)
-        return {posixpath.basename(f)[: -len(".json")]: json.loads(b) for f, b in blobs.items()}
+        """Commit records by shard name (normalised to v2). OutputError names a marker that cannot be read."""
+        good, bad = self.markers()
+        if bad:
+            rel, why = next(iter(sorted(bad.items())))
+            raise OutputError(f"{posixpath.join(self.url, rel)} is {why}; remove it to recompute that shard")
+        return good
 
     def committed_files(self, kind: str, commits: dict[str, dict] | None = None) -> list[str]:
-        """The committed files of one kind, in shard order."""
+        """The committed files of one kind, in shard (manifest) order."""
         commits = self.committed() if commits is None else commits
-        return [f["path"] for _, rec in sorted(commits.items()) for f in rec.get("files", [])
-                if f["path"].startswith(f"{kind}/")]
+        order = sorted(commits, key=lambda n: (len(n), n))  # equal widths sort by id; legacy names are shorter
+        return [f["path"] for name in order for f in commits[name].get("files", []) if f["path"].startswith(f"{kind}/")]
 
 
-class Lease:
-    """One writer at a time: `_LEASE.json` names the owner (host, pid, start) and is refreshed while it runs.
-
-    A lease is stale when not refreshed for `timeout` seconds, or when its owner is a process on this host that no
-    longer exists (a killed job); a stale lease, or any lease with force (--overwrite), is taken over."""
-
-    def __init__(self, folder: Folder, timeout: float, force: bool = False):
-        self.folder, self.timeout, self.force = folder, timeout, force
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                   "started_at": time.time()}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _stale(self, held: dict) -> bool:
-        if time.time() - held.get("refreshed_at", 0) > self.timeout:
-            return True
-        if held.get("host") == self.me["host"]:
-            try:
-                os.kill(int(held.get("pid", 0)), 0)
-            except ProcessLookupError:
-                return True  # its job was killed on this machine
-            except (PermissionError, ValueError):
-                return False
-        return False
-
-    def _write(self) -> None:
-        self.folder.write_json(LEASE, self.me | {"refreshed_at": time.time()})
-
-    def __enter__(self) -> "Lease":
-        held = self.folder.read_json(LEASE)
-        if held and held.get("token") != self.me["token"] and not self.force and not self._stale(held):
-            age = time.time() - held.get("refreshed_at", 0)
-            raise LeaseError(
-                f"{self.folder.url} is in use by another job (host {held.get('host')}, pid {held.get('pid')}, started "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.get('started_at', 0)))}, lease refreshed "
-                f"{age:.0f} s ago); wait for it, or take over with --overwrite once it is gone (a lease unrefreshed "
-                f"for run.lease_timeout={self.timeout:.0f} s is taken over by itself)")
-        self._write()
-        if (self.folder.read_json(LEASE) or {}).get("token") != self.me["token"]:  # lost a race to another starter
-            raise LeaseError(f"{self.folder.url} was taken by another job starting at the same time")
-        self._thread = threading.Thread(target=self._keep, daemon=True, name="igpt-lease")
-        self._thread.start()
-        return self
-
-    def _keep(self) -> None:
-        while not self._stop.wait(max(1.0, self.timeout / 4)):
-            try:
-                self._write()
-            except Exception as e:  # a store outage: the next refresh retries
-                log.warning("could not refresh the lease on %s: %s", self.folder.url, type(e).__name__)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if (self.folder.read_json(LEASE) or {}).get("token") == self.me["token"]:
-            self.folder.remove(LEASE)
+def output_files(url: str, kind: str = "embeddings", storage_options: dict | None = None) -> list[str]:
+    """The full URLs of the committed Parquet files of one kind, in shard order: for DuckDB, Polars, Ray Data."""
+    out = _output(url, kind, storage_options)
+    return [out.fs.unstrip_protocol(out.path(f)) for f in out.committed_files(kind)]
 
 
-def errors_by_reason(errors: pa.Table) -> Counter:
-    """Count error rows by stage and the reason's class (no paths or URLs, so the summary stays small)."""
-    from igpt_batch.errors import reason_class
+def output_dataset(url: str, kind: str = "embeddings", storage_options: dict | None = None):
+    """A pyarrow Dataset over only the committed files of one kind. Nothing is loaded: scan it with columns and a
+    filter (pushed down to the Parquet reader), e.g. `.to_batches(columns=["id"], filter=pc.field("id") > "k")`."""
+    import pyarrow.dataset as ds
 
-    return Counter(f"{stage}: {reason_class(err)}"
-                   for stage, err in zip(errors.column("stage").to_pylist(), errors.column("error").to_pylist()))
+    out = _output(url, kind, storage_options)
+    return ds.dataset([out.path(f) for f in out.committed_files(kind)], format="parquet", filesystem=out.fs)
 
 
-def read_output(url: str, kind: str = "embeddings", storage_options: dict | None = None) -> pa.Table:
+def read_output(url: str, kind: str = "embeddings", storage_options: dict | None = None,
+                columns: list[str] | None = None, filter=None) -> pa.Table:
     """Read the committed rows of one output kind (embeddings, samples, errors) as a pyarrow Table.
 
-    Only parts named in _commits/ markers are read, so a job that is still running, or died mid-shard,
-    never exposes half-written or stale data. Works for local folders and any fsspec URL.
+    Only parts named in _commits/ markers are read, so a job that is still running, or died mid-shard, never exposes
+    half-written or stale data. `columns` and `filter` (a pyarrow.compute expression) are pushed down; for outputs
+    larger than memory use output_dataset() and scan it in batches. Works for local folders and any fsspec URL.
     """
+    dataset = output_dataset(url, kind, storage_options)
+    if not dataset.files:
+        return pa.table({})
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def _output(url: str, kind: str, storage_options: dict | None) -> OutputFolder:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    out = OutputFolder(url, storage_options)
-    files = out.committed_files(kind)
-    if not files:
-        return pa.table({})
-    return pa.concat_tables([out.read_table(f) for f in files], promote_options="default")
+    return OutputFolder(url, storage_options)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -11,6 +10,7 @@ from igpt_batch.run import metrics
 from igpt_batch.run.context import ShardContext, Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.reader import RowReader
+from igpt_batch.run.records import make_record
 from igpt_batch.run.storage import OutputFolder
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,9 @@ class ShardWorker:
         files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()]
         stats.write_s = time.perf_counter() - tw
         stats.total_s = time.perf_counter() - t0
-        record = {
-            "shard": shard.name, "start": shard.start, "stop": shard.stop, "files": files,
-            "rows": {kind: t.num_rows for kind, t in tables.items()},
-            "fingerprint": self.fingerprint, "worker_pid": os.getpid(),
-            "stats": stats.seconds(), "http_retries": stats.http_retries,
-            # wall clock (unix s): the report's timeline
-            "started_at": round(started_at, 3), "committed_at": round(time.time(), 3),
-        }
-        self.out.commit(shard.name, record)
+        record = make_record(shard, files, tables, fingerprint=self.fingerprint, started_at=started_at)  # v2
+        record |= {"stats": stats.seconds(), "http_retries": stats.http_retries}
+        self.out.commit(shard.name, record, lease=self.resolved.lease)  # refused under a lost lease
         metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray
         return record
 
