@@ -204,9 +204,9 @@ def read_info(name: str, storage_options: dict | None = None) -> CheckpointInfo:
 
 
 def _on_a_cluster() -> bool:
-    import sys
-
-    return bool(os.environ.get("RAY_ADDRESS")) or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    """A driver of a cluster job (`ray job submit` sets RAY_ADDRESS): its workers may hold folders it lacks. Not
+    merely a process that happens to have Ray initialised, so the answer does not depend on what ran before."""
+    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def _probe(path: str) -> CheckpointInfo | None:
