@@ -4,7 +4,7 @@
 
 Builds a store's current table of --rows rows (the real schema, small random embeddings) through Store.commit, builds
 its scalar indices (store/index.update_index), then runs one night's commit as refresh does it: the old rows of the
-metadata updates and deletion marks read by id (refresh._updated), merge_insert on id of the changed rows (half
+metadata updates and deletion marks read by id (store.merge._updated), merge_insert on id of the changed rows (half
 updated, half new), the tag, and the live count. The bytes read are the process's rchar (every read syscall, page
 cache hits included), which matches Lance's own io_stats for the same calls. The same merge without the index
 (use_index=False, a hash join over the id column) is measured on the same table for comparison. Prints one JSON line.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from igpt_batch.store.index import update_index  # noqa: E402
 from igpt_batch.store.layout import LIVE, Store, current_schema  # noqa: E402
-from igpt_batch.store.refresh import _updated  # noqa: E402
+from igpt_batch.store.merge import _updated  # noqa: E402
 
 V = "v-bench0000000"
 BATCH = 100_000

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from igpt_batch import cli_store
 from igpt_batch import config as config_mod
 from igpt_batch.errors import ConfigError
 
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every committed file (or every live current-table file) exists with its row count")
     i.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     i.add_argument("--json", action="store_true", help="print one machine-readable JSON object instead of text")
-    _store_commands(sub)
+    cli_store.add_commands(sub)
     from igpt_batch.outliers import add_arguments as outliers_arguments
 
     outliers_arguments(sub)
@@ -151,66 +152,6 @@ def _dry_run_options(p: argparse.ArgumentParser) -> None:
                    "model's assumed on-demand price)")
 
 
-def _store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", help="the night to read (a kept snapshot id); default the latest")
-    p.add_argument("--version", help="the store version (v-...); default the latest")
-    p.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
-
-
-def _store_commands(sub) -> None:
-    """`export`, `neighbors` and `dedup`: readers of a refresh store (igpt_batch.store.export, .neighbors)."""
-    e = sub.add_parser("export", help="write a refresh store's current table as plain Parquet files")
-    e.add_argument("store", help="the refresh store (folder or fsspec URL)")
-    e.add_argument("out", help="output folder or fsspec URL for part-*.parquet")
-    e.add_argument("--include-deleted", action="store_true", help="also rows marked deleted")
-    _store_options(e)
-    n = sub.add_parser("neighbors", help="the k nearest live rows of a refresh store to an id or an image (cosine)")
-    n.add_argument("store", help="the refresh store (folder or fsspec URL)")
-    q = n.add_mutually_exclusive_group(required=True)
-    q.add_argument("--id", dest="row_id", help="a row of the store's table")
-    q.add_argument("--image", help="an image path or fsspec URI, embedded with the store's own model and layers")
-    n.add_argument("-k", type=int, default=10, help="neighbours to return; default 10")
-    n.add_argument("--contact-sheet", metavar="FILE", help="also draw the query beside its neighbours as a PNG")
-    n.add_argument("--device", default="auto", help="--image: where the model runs (auto, cpu, cuda); default auto")
-    _store_options(n)
-    d = sub.add_parser("dedup", help="groups of near-duplicate live rows of a refresh store, as Parquet")
-    d.add_argument("store", help="the refresh store (folder or fsspec URL)")
-    d.add_argument("--threshold", type=float, required=True,
-                   help="cosine similarity a pair needs; required: it depends on the model and layer (docs/REFRESH.md)")
-    d.add_argument("--output", help="Parquet file for the groups (path or fsspec URL); default none, summary only")
-    d.add_argument("-k", type=int, default=10, help="neighbours queried per row; default 10")
-    d.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="where the k-NN tasks over the table's fragments run; default local (this process)")
-    _store_options(d)
-    c = sub.add_parser("changes", help="the ids whose embedding changed between two nights of a refresh store")
-    c.add_argument("store", help="the refresh store (folder or fsspec URL)")
-    c.add_argument("--since", required=True, metavar="SNAPSHOT", help="a kept night: changes after it")
-    c.add_argument("--until", metavar="SNAPSHOT", help="a kept night: changes up to it; default the latest")
-    c.add_argument("--version", help="the store version (v-...); default the latest")
-    c.add_argument("--output", metavar="FILE", help="write Parquet (id, kind, night, embedding) here; default: "
-                   "one JSON line per change (without the embedding) on stdout")
-    c.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
-
-
-def _run_store_command(args: argparse.Namespace) -> int:
-    """Run `export`, `neighbors` or `dedup`; prints one JSON line. ValueError/FileNotFoundError mean bad input."""
-    from igpt_batch.store import neighbors as nn
-    from igpt_batch.store.export import export
-
-    so = json.loads(args.storage_options) if args.storage_options else None
-    if args.command == "export":
-        out = export(args.store, args.out, args.snapshot, args.version, so, args.include_deleted)
-    elif args.command == "neighbors":
-        out = nn.neighbors(args.store, args.row_id, args.image, args.k, args.snapshot, args.version, so,
-                           args.contact_sheet, args.device)
-    else:
-        from igpt_batch.store.dedup import dedup
-
-        out = dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so, args.executor)
-    print(json.dumps(out), flush=True)
-    return 0
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse; an unknown flag is reported with the usage of the subcommand it was given to."""
     parser = build_parser()
@@ -230,15 +171,55 @@ def config_from_args(args: argparse.Namespace, task: str) -> config_mod.JobConfi
     if args.batch_size is not None:
         overrides["extract.batch_size" if task in ("extract", "refresh") else "generate.batch_size"] = args.batch_size
     if args.storage_options:
-        overrides["storage_options"] = _storage_options(args.storage_options)
+        overrides["storage_options"] = cli_store.storage_options(args.storage_options)
     return config_mod.load(args.config, overrides)
 
 
-def _storage_options(text: str | None) -> dict | None:
-    try:
-        return json.loads(text) if text else None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--storage-options is not valid JSON: {e.msg}") from None
+def _dispatch(args: argparse.Namespace, run_job) -> int:
+    """Run one parsed command; returns its exit code (exceptions are main's to map)."""
+    if args.command == "demo":
+        from igpt_batch.demo import run_demo
+
+        run_demo(args.output, args.num_samples, args.executor)
+        return 0
+    if args.command == "probe":
+        from igpt_batch.probe import run_from_args
+
+        run_from_args(args)
+        return 0
+    if args.command == "inspect":
+        from igpt_batch.inspector import inspect
+
+        return inspect(args.output, verify=args.verify, storage_options=cli_store.storage_options(args.storage_options),
+                       as_json=args.json)
+    if args.command == "report":
+        from igpt_batch.store.report import write  # a store's page, or a job output's (run/report.py)
+
+        print(write(args.output, args.out, cli_store.storage_options(args.storage_options)))
+        return 0
+    if args.command == "outliers":
+        from igpt_batch.outliers import run as outliers
+
+        return outliers(args, cli_store.storage_options(args.storage_options))
+    if args.command in cli_store.COMMANDS:
+        return cli_store.run(args)
+    cfg = config_from_args(args, args.command)
+    if args.command == "refresh" and cfg.model.dtype == "auto":  # a store keeps one dtype across nights
+        raise ConfigError("refresh does not take --dtype auto: a store keeps one dtype, name it (fp32 or bf16)")
+    if (args.gpu or args.gpu_price) and not args.dry_run:
+        raise ConfigError("--gpu and --gpu-price price a --dry-run; add --dry-run")
+    if args.dry_run:
+        from igpt_batch.store.dry_run import run as dry_run
+
+        return dry_run(cfg, args.command, args.gpu, args.gpu_price)
+    if args.command == "refresh":
+        from igpt_batch.store.refresh import refresh
+
+        summary = refresh(cfg)
+    else:
+        summary = run_job(cfg, args.command)
+    print(json.dumps(summary, sort_keys=True), flush=True)  # one line: the last on stdout, for log-based alerts
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,53 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from igpt_batch.run.driver import run_job
 
     try:
-        if args.command == "demo":
-            from igpt_batch.demo import run_demo
-
-            run_demo(args.output, args.num_samples, args.executor)
-            return 0
-        if args.command == "probe":
-            from igpt_batch.probe import run_from_args
-
-            run_from_args(args)
-            return 0
-        if args.command == "inspect":
-            from igpt_batch.inspector import inspect
-
-            return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
-                           as_json=args.json)
-        if args.command == "changes":
-            from igpt_batch.store.changes import run as changes
-
-            return changes(args, _storage_options(args.storage_options))
-        if args.command == "report":
-            from igpt_batch.store.report import write  # a store's page, or a job output's (run/report.py)
-
-            print(write(args.output, args.out, _storage_options(args.storage_options)))
-            return 0
-        if args.command == "outliers":
-            from igpt_batch.outliers import run as outliers
-
-            return outliers(args, _storage_options(args.storage_options))
-        if args.command in ("export", "neighbors", "dedup"):
-            return _run_store_command(args)
-        cfg = config_from_args(args, args.command)
-        if args.command == "refresh" and cfg.model.dtype == "auto":  # a store keeps one dtype across nights
-            raise ConfigError("refresh does not take --dtype auto: a store keeps one dtype, name it (fp32 or bf16)")
-        if (args.gpu or args.gpu_price) and not args.dry_run:
-            raise ConfigError("--gpu and --gpu-price price a --dry-run; add --dry-run")
-        if args.dry_run:
-            from igpt_batch.store.dry_run import run as dry_run
-
-            return dry_run(cfg, args.command, args.gpu, args.gpu_price)
-        if args.command == "refresh":
-            from igpt_batch.store.refresh import refresh
-
-            summary = refresh(cfg)
-        else:
-            summary = run_job(cfg, args.command)
-        print(json.dumps(summary, sort_keys=True), flush=True)  # one line: the last on stdout, for log-based alerts
-        return 0
+        return _dispatch(args, run_job)
     except UsageError as e:  # the project's own config and input errors, found before any work
         print(f"igpt-batch: error: {e}", file=sys.stderr)
         return 2

@@ -407,7 +407,8 @@ def test_step_run_extract_counts_errors_against_the_whole_manifest(one_night):
 
 
 def test_steps_merge_publish_prune(one_night):
-    from igpt_batch.store.refresh import merge, prune, publish, run_extract, start_night
+    from igpt_batch.store.merge import merge
+    from igpt_batch.store.refresh import prune, publish, run_extract, start_night
 
     o = one_night
     cfg = cfg_for(o["ckpt"], o["store"], _night3(o), **{"refresh.keep_current": 1})
