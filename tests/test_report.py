@@ -66,7 +66,7 @@ def test_every_job_writes_its_report_beside_success(done):
         assert part in page, part
     assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
     commits = [json.loads(p.read_text()) for p in (out / "_commits").glob("*.json")]
-    assert len(commits) == 4 and all(c["started_at"] <= c["committed_at"] for c in commits)
+    assert len(commits) == 4 and all(c["started_at"] <= c["ended_at"] for c in commits)
     assert "4 shards, 20 rows" in page
 
 
