@@ -57,7 +57,8 @@ def test_reading_keeps_row_order_and_turns_failures_into_errors(tiny_ckpt, image
 def test_an_extract_shard_reads_its_plan_rows(tiny_ckpt, image_dir, tmp_path):
     worker, _ = make(tiny_ckpt, tmp_path / "o", "extract")
     out = OutputFolder(str(tmp_path / "o"))
-    out.write_plan("part-00000", pa.table({"id": ["a", "b"], "uri": [str(image_dir / "coffee.jpg"), "nope.jpg"]}))
+    with out.plan_writer() as plan:
+        plan.add(Shard(0, 0, 2), pa.table({"id": ["a", "b"], "uri": [str(image_dir / "coffee.jpg"), "nope.jpg"]}))
     rec = worker.run(Shard(0, 0, 2))
     assert rec["rows"] == {"embeddings": 1, "errors": 1}
     emb = out.read_table("embeddings/part-00000.parquet")

@@ -12,10 +12,10 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, Inputs, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import guards, tasks
+from igpt_batch.run import guards, sizing, tasks
 from igpt_batch.run.context import Stats
 from igpt_batch.run.job import Job
-from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason, read_output
+from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason
 from igpt_batch.run.tasks import Plan, Task
 
 log = logging.getLogger("igpt_batch")
@@ -31,6 +31,9 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
         raise ConfigError("input.manifest is required (--manifest)")
     guards.check_output_usable(cfg.output.path)
     info = info or checkpoint.read_info(cfg.model.name)
+    if cfg.run.shard_size == "auto":  # resolved once per output: a resume reads the size from _job.json
+        previous = OutputFolder(cfg.output.path, cfg.storage_options).read_job()
+        cfg = sizing.resolve(cfg, task.name, task.part_row_bytes(cfg, info), previous, lambda: _gpu_workers(cfg))
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)
     if not task.reads_manifest:
@@ -44,6 +47,12 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
         inputs.close()
         raise
     return job
+
+
+def _gpu_workers(cfg: JobConfig) -> bool:
+    from igpt_batch.run.executors import worker_gpus  # asks the Ray cluster (starting Ray) when it must
+
+    return worker_gpus(cfg) > 0
 
 
 def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> OutputFolder:
@@ -126,7 +135,7 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
     records = _execute(job, todo, committed)
     summary = summarise(out, task, plan, committed, records, time.time() - t0)
     try:
-        task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None)
+        task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None, {**committed, **records})
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
         log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
     n_rows = summary["input_rows"]
@@ -141,13 +150,15 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
 
 
 def write_plan_files(job: Job, out: OutputFolder, todo: list) -> None:
-    """Each shard to run gets its input rows in the output's plan files, from the rows the scan kept; the kept rows
-    are released after (the pictures need only the head)."""
+    """The shards to run get their input rows in the output's plan files (a few files, a row group per shard: the
+    driver's PUTs do not grow with shards), from the rows the scan kept; the kept rows are released after (the
+    pictures need only the head)."""
     if job.inputs is None or not todo:
         job.close()
         return
     try:
-        write_plan(job.inputs.tables(), todo, lambda s, rows: out.write_plan(s.name, rows))
+        with out.plan_writer() as plan:
+            write_plan(job.inputs.tables(), todo, plan.add)
     except OSError as e:
         raise JobError(guards.plan_write_error(e, job.cfg.output.path)) from None
     finally:
@@ -181,11 +192,19 @@ def _execute(job: Job, todo: list, committed: dict) -> dict[str, dict]:
 
 
 def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: dict, wall_s: float) -> dict:
-    rows = Counter()
-    for rec in {**before, **records}.values():  # every committed shard: earlier runs' and this run's
+    """The _SUCCESS summary from the commit records in hand (read once at the start, and handed back by the
+    executor): no per-shard reads, except the errors parts of earlier runs' shards whose records predate
+    `errors_by_reason`."""
+    rows, by_reason, older = Counter(), Counter(), []
+    for name, rec in {**before, **records}.items():  # every committed shard: earlier runs' and this run's
         rows.update(rec.get("rows", {}))
-    errors = read_output(out.url, "errors", out.fs.storage_options) if rows.get("errors") else None
-    by_reason = errors_by_reason(errors) if errors is not None else Counter()
+        if rec.get("rows", {}).get("errors"):
+            if "errors_by_reason" in rec:
+                by_reason.update(rec["errors_by_reason"])
+            else:
+                older.append(rec)
+    for part in out.committed_files("errors", {r["shard"]: r for r in older}):
+        by_reason.update(errors_by_reason(out.read_table(part, ["stage", "error"])))
     stats = sum((Stats.of(rec) for rec in records.values()), Stats())  # this run's shards
     new_rows = sum(r["stop"] - r["start"] for r in records.values())
     return {

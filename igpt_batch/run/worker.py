@@ -11,7 +11,7 @@ from igpt_batch.run import metrics
 from igpt_batch.run.context import ShardContext, Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.reader import RowReader
-from igpt_batch.run.storage import OutputFolder
+from igpt_batch.run.storage import OutputFolder, errors_by_reason
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,18 @@ class ShardWorker:
         self.load()
         t0 = time.perf_counter()
         stats = Stats()
-        rows = self.out.read_plan(shard.name) if self.reader else None  # written by the driver
+        rows = self.out.read_plan(shard) if self.reader else None  # written by the driver
         tables = self.runner(shard, rows, stats)
         tw = time.perf_counter()
-        files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()]
+        # a shard without errors writes no errors part (its record says 0 error rows)
+        files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()
+                 if t.num_rows or kind != "errors"]
         stats.write_s = time.perf_counter() - tw
         stats.total_s = time.perf_counter() - t0
         record = {
             "shard": shard.name, "start": shard.start, "stop": shard.stop, "files": files,
             "rows": {kind: t.num_rows for kind, t in tables.items()},
+            "errors_by_reason": dict(errors_by_reason(tables["errors"])) if "errors" in tables else {},
             "fingerprint": self.fingerprint, "worker_pid": os.getpid(),
             "stats": stats.seconds(), "http_retries": stats.http_retries,
         }
