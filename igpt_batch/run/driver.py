@@ -31,15 +31,14 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
         raise ConfigError("input.manifest is required (--manifest)")
     guards.check_output_usable(cfg.output.path)
     info = info or checkpoint.read_info(cfg.model.name)
-    if cfg.run.shard_size == "auto":  # resolved once per output: a resume reads the size from _job.json
-        previous = OutputFolder(cfg.output.path, cfg.storage_options).read_job()
-        cfg = sizing.resolve(cfg, task.name, task.part_row_bytes(cfg, info), previous, lambda: _gpu_workers(cfg))
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)
     if not task.reads_manifest:
+        cfg = sized(cfg, task, info)
         return Job(cfg, task, resolved, task.plan(cfg, None))
     inputs = Inputs(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
     try:
+        cfg = sized(cfg, task, info)
         job = Job(cfg, task, resolved, task.plan(cfg, inputs.scan), inputs)
         # images inside the inputs (a bytes column, tar members) live where the manifest is: its check is enough
         guards.check_not_inputs(cfg.output.path, cfg.input.manifest, inputs.tables() if job.kind == "uri" else [])
@@ -49,10 +48,21 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     return job
 
 
-def _gpu_workers(cfg: JobConfig) -> bool:
-    from igpt_batch.run.executors import worker_gpus  # asks the Ray cluster (starting Ray) when it must
+def sized(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo) -> JobConfig:
+    """cfg with run.shard_size: auto resolved, once per output: a resume reads the size from _job.json."""
+    if cfg.run.shard_size != "auto":
+        return cfg
 
-    return worker_gpus(cfg) > 0
+    def gpu() -> bool:
+        from igpt_batch.run.executors import worker_gpus  # asks the Ray cluster (starting Ray) when it must
+
+        return worker_gpus(cfg) > 0
+
+    try:
+        previous = OutputFolder(cfg.output.path, cfg.storage_options).read_job()
+    except PermissionError:  # the message never carries storage options: they hold the keys
+        raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
+    return sizing.resolve(cfg, task.name, task.part_row_bytes(cfg, info), previous, gpu)
 
 
 def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> OutputFolder:

@@ -29,6 +29,7 @@ PICTURES = ("contact_sheet.png", "preview.png")
 OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES)  # all that --overwrite may remove (not the lease)
 ROW_GROUP_BYTES = 128 << 20  # parts' row groups, uncompressed: large enough for DuckDB, Spark and Ray Data
 MAX_ROW_GROUP_ROWS = 1 << 20
+_PLAN_LOCK = threading.Lock()
 _TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
 
 
@@ -158,6 +159,11 @@ class OutputFolder(Folder):
     def read_plan(self, shard) -> pa.Table:
         """A shard's plan rows: its row groups of the plan file that holds it, in one ranged read. The listing of
         _plan/ and each file's footer are read once per OutputFolder (a worker's)."""
+        with _PLAN_LOCK:  # a worker's two shards in flight share one listing and footer
+            found = self._plan_footer(shard)
+        return planfile.read_shard(self.fs, *found, shard.name)
+
+    def _plan_footer(self, shard) -> tuple:
         if getattr(self, "_plan_files", None) is None or not self._plan_file(shard.shard_id):
             self.fs.invalidate_cache(self.path(PLAN))  # a listing cached by an earlier job in this process
             listed = self.fs.ls(self.path(PLAN), detail=True)
@@ -170,7 +176,7 @@ class OutputFolder(Folder):
         _, path, size = found
         if path not in self._plan_footers:  # one file's footer at a time
             self._plan_footers = {path: planfile.read_footer(self.fs, path, size)}
-        return planfile.read_shard(self.fs, path, size, *self._plan_footers[path], shard.name)
+        return (path, size, *self._plan_footers[path])
 
     def _plan_file(self, shard_id: int) -> tuple | None:
         """The listed plan file whose first shard id is the largest <= shard_id."""
