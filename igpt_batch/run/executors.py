@@ -89,7 +89,8 @@ def worker_gpus(cfg) -> float:
         return 1 if torch.cuda.is_available() else 0
     import ray
 
-    init_ray(cfg.run.address)
+    if not ray.is_initialized():
+        init_ray(cfg.run.address)
     return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 
