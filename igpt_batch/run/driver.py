@@ -60,9 +60,14 @@ def sized(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo) -> JobCon
 
     try:
         previous = OutputFolder(cfg.output.path, cfg.storage_options).read_job()
-    except PermissionError:  # the message never carries storage options: they hold the keys
-        raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
+    except PermissionError:
+        raise access_denied(cfg) from None
     return sizing.resolve(cfg, task.name, task.part_row_bytes(cfg, info), previous, gpu)
+
+
+def access_denied(cfg: JobConfig) -> JobError:
+    """The message never carries storage options: they hold the keys."""
+    return JobError(f"access denied to output {cfg.output.path}: check the storage credentials")
 
 
 def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> OutputFolder:
@@ -125,8 +130,8 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
                 return _run(job, on_mismatch, t0)
         except LeaseError as e:
             raise JobError(str(e)) from None
-        except PermissionError:  # the message never carries storage options: they hold the keys
-            raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
+        except PermissionError:
+            raise access_denied(cfg) from None
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise

@@ -3,7 +3,6 @@ workers' requested resources, and recorded in _job.json so that a resume uses it
 from __future__ import annotations
 
 import copy
-
 from typing import Callable
 
 from igpt_batch.config import JobConfig

@@ -150,7 +150,7 @@ class OutputFolder(Folder):
         return len(found)
 
     # -- shards --------------------------------------------------------------
-    def plan_writer(self) -> "PlanWriter":
+    def plan_writer(self) -> "planfile.PlanWriter":
         """The plan of the shards to run: a few Parquet files under _plan/ (an earlier run's removed first), each
         shard's rows in their own row groups. Use as a context manager; `add(shard, rows)` in shard order."""
         self.remove(PLAN)
