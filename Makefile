@@ -18,7 +18,13 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/igpt-batch demo --output demo-output
 
-test: install
+# the report test drives Debian's chromium; installed here when missing and apt can (else that one test skips, saying so)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: tests/test_report.py's browser test will skip"
+
+test: install chromium
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 bench: install
@@ -26,4 +32,4 @@ bench: install
 	$(BIN)/python bench/bench_extract.py
 	$(BIN)/python bench/capacity.py
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench chromium

@@ -16,6 +16,8 @@ Sections (each prints `name: value` lines; ratios are plain numbers):
               images already resized to n_px (tokenisation alone; the headline figure) and on the full
               decoded photos (our resize + tokenize vs the processor's own resize + quantise).
   scaling     2 Ray CPU actors vs 1 (torch threads 1 per actor, tiny model) -> scaling_ratio.
+  dtype       the CPU flags seen (/proc/cpuinfo: avx2, avx512f, avx512_bf16, amx_bf16), what --dtype auto resolves to
+              here, and bare-model images/s in fp32 and in bf16 (same shape, layer, batch) -> bf16_over_fp32.
   gpu         (--preset medium-gpu, or reduced on CPU with --smoke) imagegpt-medium shape, random weights,
               bf16: images/s and MFU at layer 20 and at full depth, against a bf16 matmul peak measured
               in this process.
@@ -49,15 +51,17 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+from common import note, random_clusters, random_hf, say, timed  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from igpt_batch.inputs import images
-from igpt_batch.model import palette  # noqa: E402
+from igpt_batch.inputs import images  # noqa: E402
+from igpt_batch.model import dtypes, palette  # noqa: E402
 from igpt_batch.model.checkpoint import DEMO_MODEL_DIR  # noqa: E402
 from igpt_batch.model.extractor import Extractor  # noqa: E402
 from igpt_batch.model.transformer import DTYPES, IGPT, load_model, resolve_device  # noqa: E402
 
-SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "gpu")
+SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "dtype", "gpu")
+SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the CPU flags the dtype section prints
 SHAPES = {  # name -> (n_px, n_embd, n_layer, n_head, vocab_size incl. SOS)
     "small": (32, 512, 24, 8, 513),   # openai/imagegpt-small
     "medium": (32, 1024, 36, 8, 513),  # openai/imagegpt-medium
@@ -70,30 +74,6 @@ JPEG_SIZES = (64, 256, 512, 1024)  # longest side of the re-encoded JPEGs
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def say(name: str, value) -> None:
-    """One result line: `name: value` (floats with 4 significant digits)."""
-    if isinstance(value, float):
-        value = f"{value:.4g}"
-    print(f"{name}: {value}", flush=True)
-
-
-def note(text: str) -> None:
-    print(f"# {text}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def best_interleaved(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
@@ -111,17 +91,10 @@ def best_interleaved(fns: dict, reps: int, device: torch.device) -> dict[str, fl
 
 def random_model(shape: tuple, dtype: str = "fp32", device: str | torch.device = "cpu", seed: int = 0) -> IGPT:
     """An IGPT over a randomly initialised HF ImageGPT of the given shape, with a random palette."""
-    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
-
     n_px, n_embd, n_layer, n_head, vocab = shape
-    torch.manual_seed(seed)
-    cfg = ImageGPTConfig(vocab_size=vocab, n_positions=n_px * n_px, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.device(device):
-        hf = ImageGPTForCausalImageModeling(cfg)
-    hf = hf.to(DTYPES[dtype])
-    clusters = np.random.default_rng(seed).uniform(-1, 1, (vocab - 1, 3)).astype(np.float32)
-    return IGPT(hf, clusters)
+    hf = random_hf(dict(vocab_size=vocab, n_positions=n_px * n_px, n_embd=n_embd, n_layer=n_layer, n_head=n_head),
+                   DTYPES[dtype], device, seed)
+    return IGPT(hf, random_clusters(vocab, seed))
 
 
 def describe(model: IGPT) -> str:
@@ -196,8 +169,8 @@ class ProductionShard:
                                  "extract.layers": layers, "run.shard_size": len(uris), "output.contact_sheet": 0})
         task = Extract()
         self.shard, self.rows = Shard(0, 0, len(uris)), len(uris)
-        OutputFolder(cfg.output.path).write_plan(self.shard.name, pa.table({
-            "id": [f"img-{i:06d}" for i in range(len(uris))], "uri": uris}))
+        with OutputFolder(cfg.output.path).plan_writer() as plan:
+            plan.add(self.shard, pa.table({"id": [f"img-{i:06d}" for i in range(len(uris))], "uri": uris}))
         scan = ManifestScan(len(uris), "", kind="uri")  # the plan rows name files to read
         self.worker = ShardWorker(Job(cfg, task, task.resolve(cfg, checkpoint.read_info(ckpt)),
                                       task.plan(cfg, scan)))
@@ -225,6 +198,24 @@ def section_extract(model: IGPT, label: str, batch: int, n_images: int, reps: in
     note(f"{label}: {describe(model)}, layer {layer}, batch {batch}, {n_images} images")
     say(f"extract_{label}_images_per_s", rate)
     return rate
+
+
+def section_dtype(make_model, label: str, batch: int, n_images: int, reps: int, rng) -> float:
+    """fp32 and bf16 bare-model images/s of one model (make_model(dtype) builds it), and the CPU flags seen."""
+    flags = dtypes.cpu_flags()
+    report = dtypes.hardware("cpu")
+    say("cpu_flags", " ".join(f for f in SHOWN_FLAGS if f in flags) or "none")
+    say("dtype_auto_cpu", dtypes.resolve("auto", report))
+    rates = {}
+    for dtype in ("fp32", "bf16"):
+        model = make_model(dtype)
+        tokens = rng.integers(0, model.vocab_size - 1, (n_images, model.n_positions))
+        features_np(model, tokens[:batch], [1])  # warm-up
+        rates[dtype] = bare_images_per_s(model, tokens, batch, [model.n_layer // 2], reps)
+        note(f"dtype {dtype}: {describe(model)}, layer {model.n_layer // 2}, batch {batch}")
+        say(f"dtype_{label}_{dtype}_images_per_s", rates[dtype])
+    say("bf16_over_fp32", rates["bf16"] / rates["fp32"])
+    return rates["bf16"] / rates["fp32"]
 
 
 def section_pipeline(model: IGPT, jpegs: list[bytes], batch: int, n_images: int, reps: int) -> float:
@@ -326,8 +317,10 @@ class ScaleActor:
 
 
 def section_scaling(shape: tuple, batch: int, calls: int, reps: int) -> float:
+    import common
     import ray
 
+    ray.cloudpickle.register_pickle_by_value(common)  # the actors need not find bench/ on their path
     if __name__ != "__main__":  # imported (not run as a script): ship this module's code to the actors
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     started = not ray.is_initialized()
@@ -395,7 +388,8 @@ def section_gpu(shape: tuple, dtype: str, device: torch.device, batch: int, laye
     say(f"{label}_matmul_peak_tflops", peak / 1e12)
     with torch.inference_mode():
         model.features(tokens, [max(layers)])  # warm-up at full size (kernels, allocator)
-        t = best_interleaved({layer: (lambda l=layer: model.features(tokens, [l])) for layer in layers}, reps, device)
+        t = best_interleaved({layer: (lambda l=layer, m=model, x=tokens: m.features(x, [l])) for layer in layers}, reps,
+                             device)
     for layer in layers:
         flops = model_flops_per_image(model.n_positions, model.n_embd, layer) * batch
         say(f"{label}_layer{layer}_images_per_s", batch / t[layer])
@@ -429,9 +423,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions; the best is kept")
     p.add_argument("--tokenize-images", dest="tokenize_images", type=int, default=64)
     p.add_argument("--device", default="cpu", help="device for the main model (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES) + ["auto"],
+                   help="the main model's dtype; auto: bf16 where this hardware computes it natively")
     p.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = dtypes.resolve("auto", dtypes.hardware(args.device))
     if args.batch is None:
         args.batch = 64 if args.preset == "medium-gpu" else 8
     return args
@@ -483,6 +480,11 @@ def main(argv=None) -> None:
             section_scaling((8, 32, 2, 4, 17), batch=4, calls=4, reps=1)
         else:
             section_scaling(SHAPES["scaling"], batch=16, calls=16, reps=reps)
+    if "dtype" not in skip:
+        if args.smoke:
+            section_dtype(lambda dt: random_model(SHAPES["tiny"], dt), "tiny_random", batch, n_images, reps, rng)
+        else:
+            section_dtype(lambda dt: load_named_model(args.model, dt, args.device)[0], label, batch, n_images, reps, rng)
     if "gpu" not in skip and args.smoke:
         # the GPU section's code path, reduced: tiny model, fp32 on CPU, small matmul
         section_gpu(SHAPES["tiny"], "fp32", torch.device("cpu"), 4, [2, SHAPES["tiny"][2]], 1,

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
+from common import copy_gbps, random_hf, timed, timed_cpu  # noqa: E402
 
 from igpt_batch.model.sampling import generate  # noqa: E402
 from igpt_batch.model.transformer import DTYPES, IGPT, kv_cache_bytes, resolve_device  # noqa: E402
@@ -63,42 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_hf(args, device: torch.device) -> ImageGPTForCausalImageModeling:
-    torch.manual_seed(args.seed)
-    cfg = ImageGPTConfig(vocab_size=args.vocab, n_positions=args.positions, n_embd=args.n_embd,
-                         n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.device(device):
-        hf = ImageGPTForCausalImageModeling(cfg)
-    return hf.to(DTYPES[args.dtype]).eval().requires_grad_(False)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    return timed_cpu(fn, device)[0]
-
-
-def timed_cpu(fn, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds incl. system time)."""
-    sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    fn()
-    sync(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start
-
-
-def measure_bandwidth_gbps(device: torch.device) -> float:
-    """Device-to-device copy of 1 GiB (CUDA) / 256 MiB (CPU): read + write bytes per second."""
-    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
-    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
-    dst.copy_(src)
-    seconds = min(timed(lambda: dst.copy_(src), device) for _ in range(5))
-    return 2 * n * 4 / seconds / 1e9
-
-
 def kv_read_bytes_per_image(hf, dtype: torch.dtype) -> int:
     """KV bytes one image's decode must read at least: position p attends over p+1 cached positions."""
     cfg = hf.config
@@ -112,7 +75,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    hf = build_hf(args, device)
+    hf = random_hf(dict(vocab_size=args.vocab, n_positions=args.positions, n_embd=args.n_embd, n_layer=args.n_layer,
+                        n_head=args.n_head), DTYPES[args.dtype], device, args.seed)
     clusters = np.random.default_rng(args.seed).uniform(-1, 1, (args.vocab - 1, 3)).astype(np.float32)
     model = IGPT(hf, clusters)
     if args.compile:
@@ -157,7 +121,7 @@ def main(argv=None) -> None:
             print(f"cpu_time_ratio: {hf_cpu / ours_cpu:.2f}")
 
     if args.preset or args.hbm_gbps or device.type == "cuda":
-        gbps = args.hbm_gbps or measure_bandwidth_gbps(device)
+        gbps = args.hbm_gbps or copy_gbps(device)
         source = "given" if args.hbm_gbps else "measured"
         per_image = kv_read_bytes_per_image(hf, DTYPES[args.dtype])
         floor_images_s = gbps * 1e9 / per_image

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import copy_gbps, random_clusters, random_hf, sync  # noqa: E402
 from sampler_breakdown import greedy_prefix  # noqa: E402
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 
 from igpt_batch.model import batching  # noqa: E402
 from igpt_batch.model.sampling import generate  # noqa: E402
@@ -47,18 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple:
-    torch.manual_seed(seed)
-    cfg = ImageGPTConfig(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.device(device):
-        hf = ImageGPTForCausalImageModeling(cfg)
-    hf = hf.to(dtype).eval().requires_grad_(False)
-    clusters = np.random.default_rng(seed).uniform(-1, 1, (shape["vocab_size"] - 1, 3)).astype(np.float32)
-    return hf, IGPT(hf, clusters)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    hf = random_hf(shape, dtype, device, seed)
+    return hf, IGPT(hf, random_clusters(shape["vocab_size"], seed))
 
 
 def check_greedy_fp32(shape: dict, device: torch.device, n: int = 64, batch: int = 2) -> dict:
@@ -93,20 +83,6 @@ def check_bucketed_bf16(eager: IGPT, compiled: IGPT, batch: int) -> dict:
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     return {"positions": n, "buckets": compiled.decode_buckets, "compiled": compiled._compiled_decode is not None,
             "relative_error": rel, "argmax_agreement": agree, "ok": rel < 2e-2 and agree >= 0.95}
-
-
-def bandwidth_gbps(device: torch.device) -> float:
-    n = (1 << 30 if device.type == "cuda" else 1 << 26) // 4
-    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
-    dst.copy_(src)
-    sync(device)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n * 4 / best / 1e9
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -184,7 +160,7 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(report, indent=2))
         print(f"{name}: {json.dumps(report[name])}", flush=True)
 
-    section("bandwidth", lambda: {"gbps": bandwidth_gbps(device)})
+    section("bandwidth", lambda: {"gbps": copy_gbps(device, cpu_mib=64)})
     section("greedy_fp32_vs_hf", lambda: check_greedy_fp32(shape, device, n=min(64, shape["n_positions"])))
     hf, eager = build(shape, torch.bfloat16, device)
     compiled = IGPT(hf, eager.clusters)

@@ -1,4 +1,5 @@
-"""Command line: igpt-batch extract | generate | complete | refresh | export | neighbors | dedup | inspect | probe | demo."""
+"""Command line: igpt-batch extract | generate | complete | refresh | export | neighbors | dedup | inspect | probe | demo
+| outliers | report."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,8 @@ from igpt_batch.errors import ConfigError
 CONST = {"action": "store_const", "const": True}
 FLAGS = {
     "--model": ("model.name", "demo, a local checkpoint folder, or a hub id", {}),
-    "--dtype": ("model.dtype", "fp32, bf16 or fp16", {}),
+    "--dtype": ("model.dtype", "fp32, bf16, fp16, or auto (bf16 where the hardware computes it natively)",
+                {"choices": ["fp32", "bf16", "fp16", "auto"]}),
     "--device": ("model.device", "auto (CUDA when present), cpu, cuda or cuda:N", {}),
     "--manifest": ("input.manifest", "manifest file, folder or glob (Parquet, CSV, JSONL), or a folder or glob of images", {}),
     "--read-timeout": ("input.read_timeout", "seconds per image fetch", {}),
@@ -29,7 +31,9 @@ FLAGS = {
     "--overwrite": ("output.overwrite", "replace an existing output, also one written with another config", CONST),
     "--write-png-files": ("output.write_png_files", "also write pngs/seed-<seed>.png", CONST),
     "--contact-sheet": ("output.contact_sheet", "grid picture of the first N samples (0 = none)", {"metavar": "N"}),
+    "--no-report": ("output.report", "do not write report.html beside _SUCCESS", {"action": "store_const", "const": False}),
     "--preview": ("output.preview", "extract: the first N inputs beside their quantised versions", {"metavar": "N"}),
+    "--score": ("extract.score", "extract: add nll_bits, the image's mean -log2 p(token) (full depth, same pass)", CONST),
     "--layer": ("extract.layers", "feature layer, repeatable, concatenated in order (none given: n_layer // 2)",
                 {"action": "append", "metavar": "L"}),
     "--num-samples": ("generate.num_samples", "generate seeds seed .. seed+N-1", {}),
@@ -42,7 +46,7 @@ FLAGS = {
     "--workers": ("run.workers", "actors, one model replica each", {}),
     "--shard-size": ("run.shard_size", "rows or seeds per shard: the unit of output, commit and retry", {}),
     "--address": ("run.address", "Ray address (none: RAY_ADDRESS or the job's cluster, else a local Ray)", {}),
-    "--executor": ("run.executor", "ray, or local (in-process, same code path)", {}),
+    "--executor": ("run.executor", "ray, or local (in-process, same code path)", {"choices": ["ray", "local"]}),
     "--cpus-per-worker": ("run.cpus_per_worker", "Ray CPUs per actor (fractional is fine)", {}),
     "--gpus-per-worker": ("run.gpus_per_worker", "Ray GPUs per actor (none: 1 when the cluster has GPUs)", {}),
     "--torch-threads": ("run.torch_threads", "torch threads per actor (0 = torch's choice)", {}),
@@ -56,7 +60,7 @@ FLAGS = {
     "--retry-errors": ("refresh.retry_errors", "refresh: retry failed rows even if their source is unchanged", CONST),
 }
 TASK_FLAGS = {
-    "extract": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview"],
+    "extract": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview", "--score"],
     "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
     "complete": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
                  "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],
@@ -64,7 +68,8 @@ TASK_FLAGS = {
                 "--retry-errors"],
 }
 COMMON = ["--model", "--dtype", "--device", "--output", "--overwrite", "--workers", "--shard-size", "--address",
-          "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction"]
+          "--executor", "--cpus-per-worker", "--gpus-per-worker", "--torch-threads", "--max-retries", "--max-error-fraction",
+          "--no-report"]
 
 
 def _with_default(help_: str, key: str, defaults: config_mod.JobConfig) -> str:
@@ -103,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
         sp.add_argument("--batch-size", help="images (extract) or samples (generate/complete) per model call, or auto; "
                         f"default {defaults.extract.batch_size} / {defaults.generate.batch_size}")
+        _dry_run_options(sp)
         for flag in COMMON + TASK_FLAGS[task]:
-            if task == "refresh" and flag in ("--output", "--overwrite"):  # the store decides where output goes
+            if task == "refresh" and flag in ("--output", "--overwrite", "--no-report"):  # the store decides where output goes
                 continue
             key, help_, extra = FLAGS[flag]
             sp.add_argument(flag, dest=flag[2:].replace("-", "_"), help=_with_default(help_, key, defaults), **extra)
@@ -122,7 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
     i.add_argument("--json", action="store_true", help="print one machine-readable JSON object instead of text")
     _store_commands(sub)
+    from igpt_batch.outliers import add_arguments as outliers_arguments
+
+    outliers_arguments(sub)
+    r = sub.add_parser("report", help="write report.html of an output (summary, throughput, errors, embedding map) "
+                       "or of a refresh store (each night's rows, duration, recall, duplicates; versions, snapshots)")
+    r.add_argument("output", help="an output folder or a refresh store (folder or fsspec URL)")
+    r.add_argument("-o", "--out", help="where to write the page (default OUTPUT/report.html)")
+    r.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
+    for choice in sub._choices_actions:  # `igpt-batch X --help` opens with the line the command list shows for X
+        sub.choices[choice.dest].description = sub.choices[choice.dest].description or choice.help
     return p
+
+
+def _dry_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="scan and plan, print what would run and, with --gpu, its "
+                   "estimated time and cost; writes nothing and starts no model worker")
+    p.add_argument("--gpu", metavar="NAME", help="--dry-run: price the run on run.workers GPUs of this kind "
+                   "(A10G, L40S, A100, H100; docs/CAPACITY.md)")
+    p.add_argument("--gpu-price", type=float, metavar="USD", help="--dry-run: $ per GPU-hour (default: the capacity "
+                   "model's assumed on-demand price)")
 
 
 def _store_options(p: argparse.ArgumentParser) -> None:
@@ -149,10 +174,21 @@ def _store_commands(sub) -> None:
     _store_options(n)
     d = sub.add_parser("dedup", help="groups of near-duplicate live rows of a refresh store, as Parquet")
     d.add_argument("store", help="the refresh store (folder or fsspec URL)")
-    d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity a pair needs; default 0.95")
+    d.add_argument("--threshold", type=float, required=True,
+                   help="cosine similarity a pair needs; required: it depends on the model and layer (docs/REFRESH.md)")
     d.add_argument("--output", help="Parquet file for the groups (path or fsspec URL); default none, summary only")
     d.add_argument("-k", type=int, default=10, help="neighbours queried per row; default 10")
+    d.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where the k-NN tasks over the table's fragments run; default local (this process)")
     _store_options(d)
+    c = sub.add_parser("changes", help="the ids whose embedding changed between two nights of a refresh store")
+    c.add_argument("store", help="the refresh store (folder or fsspec URL)")
+    c.add_argument("--since", required=True, metavar="SNAPSHOT", help="a kept night: changes after it")
+    c.add_argument("--until", metavar="SNAPSHOT", help="a kept night: changes up to it; default the latest")
+    c.add_argument("--version", help="the store version (v-...); default the latest")
+    c.add_argument("--output", metavar="FILE", help="write Parquet (id, kind, night, embedding) here; default: "
+                   "one JSON line per change (without the embedding) on stdout")
+    c.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")
 
 
 def _run_store_command(args: argparse.Namespace) -> int:
@@ -167,7 +203,9 @@ def _run_store_command(args: argparse.Namespace) -> int:
         out = nn.neighbors(args.store, args.row_id, args.image, args.k, args.snapshot, args.version, so,
                            args.contact_sheet, args.device)
     else:
-        out = nn.dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so)
+        from igpt_batch.store.dedup import dedup
+
+        out = dedup(args.store, args.threshold, args.output, args.k, args.snapshot, args.version, so, args.executor)
     print(json.dumps(out), flush=True)
     return 0
 
@@ -224,9 +262,30 @@ def main(argv: list[str] | None = None) -> int:
 
             return inspect(args.output, verify=args.verify, storage_options=_storage_options(args.storage_options),
                            as_json=args.json)
+        if args.command == "changes":
+            from igpt_batch.store.changes import run as changes
+
+            return changes(args, _storage_options(args.storage_options))
+        if args.command == "report":
+            from igpt_batch.store.report import write  # a store's page, or a job output's (run/report.py)
+
+            print(write(args.output, args.out, _storage_options(args.storage_options)))
+            return 0
+        if args.command == "outliers":
+            from igpt_batch.outliers import run as outliers
+
+            return outliers(args, _storage_options(args.storage_options))
         if args.command in ("export", "neighbors", "dedup"):
             return _run_store_command(args)
         cfg = config_from_args(args, args.command)
+        if args.command == "refresh" and cfg.model.dtype == "auto":  # a store keeps one dtype across nights
+            raise ConfigError("refresh does not take --dtype auto: a store keeps one dtype, name it (fp32 or bf16)")
+        if (args.gpu or args.gpu_price) and not args.dry_run:
+            raise ConfigError("--gpu and --gpu-price price a --dry-run; add --dry-run")
+        if args.dry_run:
+            from igpt_batch.store.dry_run import run as dry_run
+
+            return dry_run(cfg, args.command, args.gpu, args.gpu_price)
         if args.command == "refresh":
             from igpt_batch.store.refresh import refresh
 

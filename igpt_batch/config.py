@@ -12,13 +12,17 @@ from typing import Any
 from igpt_batch.errors import ConfigError
 from igpt_batch.redact import redact_secrets, redact_uri
 
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # input.max_bytes (also the fetch functions' default)
+DEFAULT_MAX_PIXELS = 64_000_000  # input.max_pixels (also the decode functions' default)
 MAX_SEED = 2**63  # seeds are int64 on disk and in the sampler's hash
+YAML_MAX_BYTES, YAML_MAX_NODES = 1 << 20, 100_000  # a config file's size, and its values with aliases expanded
 
 
 @dataclass
 class ModelConfig:
     name: str = "demo"  # "demo", a local checkpoint folder, or a hub id such as openai/imagegpt-medium
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the hardware computes it natively, else fp32)
+    dtype_auto_from: str = ""  # set by the driver when dtype was auto: the hardware it resolved from (workers check)
     device: str = "auto"  # auto picks CUDA when present, else cpu; or cpu / cuda / cuda:N
     compile: bool = True  # CUDA only: torch.compile the decode step (falls back to eager on failure)
     decode_buckets: int = 8  # compiled decode attends over the position rounded up to n_positions/N (1 = whole cache)
@@ -28,12 +32,13 @@ class ModelConfig:
 class InputConfig:
     manifest: str | None = None  # Parquet/CSV/JSONL file, folder or glob of them, or a folder/glob of images
     read_timeout: float = 30.0  # seconds per image fetch (HTTP and object storage)
-    max_bytes: int = 64 * 1024 * 1024  # larger image files are rejected as read errors
-    max_pixels: int = 64_000_000  # decompression-bomb limit, checked before decoding
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger image files are rejected as read errors
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit, checked before decoding
     draft: bool = False  # JPEG draft-mode decoding for sources much larger than n_px (approximate, faster)
     id_column: str = "id"  # the manifest's id column (img2dataset: key); absent = the uri is the id
     uri_column: str = "uri"  # the manifest's uri column (img2dataset: url)
     bytes_column: str | None = None  # Parquet column holding the encoded image (jpg, or a struct field: image.bytes)
+    member_column: str | None = None  # Parquet column naming a WebDataset tar member (uri = tar#member); refresh's own
     retries: int = 2  # http(s): retries of 429, 5xx and connection resets (backoff, jitter, Retry-After)
     host_connections: int = 4  # http(s): connections at a time per host, per worker
 
@@ -45,12 +50,14 @@ class OutputConfig:
     write_png_files: bool = False  # generate/complete: also write each sample as pngs/<name>.png
     contact_sheet: int = 64  # generate/complete: put the first N samples in contact_sheet.png (0 = none)
     preview: int = 0  # extract: write preview.png with the first N inputs beside their quantised versions
+    report: bool = True  # write report.html (summary, throughput, errors, embedding map, pictures) beside _SUCCESS
 
 
 @dataclass
 class ExtractConfig:
     layers: list[int] = field(default_factory=list)  # empty = n_layer // 2 (the paper's best probes are mid-network)
     batch_size: int | str = 32  # or "auto": the largest that fits on the GPU
+    score: bool = False  # add nll_bits (mean -log2 p(token) over the image, full depth) from the same pass
 
 
 @dataclass
@@ -90,6 +97,8 @@ class RefreshConfig:
     index_min_rows: int = 100_000  # build the IVF-PQ vector index once the table has this many rows
     compact_fragments: int = 32  # compact when this many fragments are smaller than a full one (0 = never)
     plan_bucket_rows: int = 250_000  # manifest rows per planning bucket (hash of id)
+    dup_threshold: float | None = None  # cosine: search each night's new and updated rows for near-duplicates
+    planning_folder: str = ""  # where planning's _planning/ goes (local to every planning task); empty: in the store
 
 
 @dataclass
@@ -227,11 +236,43 @@ def _read_yaml(p: Path) -> Any:
     if p.is_dir():
         raise ConfigError(f"config file {p} is a folder: pass a YAML file (see configs/)")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if p.stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"config file {p} is over {YAML_MAX_BYTES} bytes: not a config file")
+        loader = yaml.SafeLoader(p.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded(node, {}, set()) > YAML_MAX_NODES:  # before any object is built
+                raise ConfigError(f"config file {p} expands to over {YAML_MAX_NODES} values through its aliases "
+                                  "(an alias bomb?): write the values out")
+            return (loader.construct_document(node) if node is not None else None) or {}
+        finally:
+            loader.dispose()
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or type(e).__name__}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply: not a config file") from None
+
+
+def _expanded(node, sizes: dict, open_: set) -> int:
+    """How many values the YAML node stands for once every alias is copied out; an alias is a shared node, so each
+    is counted once (sizes) however often it is used, and a node inside itself counts as too many."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        return YAML_MAX_NODES + 1
+    open_.add(id(node))
+    items = node.value if isinstance(node.value, list) else []
+    children = [c for item in items for c in (item if isinstance(item, tuple) else (item,))]
+    total = 1
+    for child in children:
+        total += _expanded(child, sizes, open_)
+        if total > YAML_MAX_NODES:
+            break
+    open_.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 def validate(cfg: JobConfig) -> None:
@@ -241,7 +282,8 @@ def validate(cfg: JobConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} {msg}")
 
-    need(cfg.model.dtype in ("fp32", "bf16", "fp16"), "model.dtype", f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}")
+    need(cfg.model.dtype in ("fp32", "bf16", "fp16", "auto"), "model.dtype",
+         f"must be fp32, bf16, fp16 or auto, got {cfg.model.dtype!r}")
     d = cfg.model.device
     need(d in ("auto", "cpu", "cuda") or d.startswith("cuda:"), "model.device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
     need(all(l >= 0 for l in cfg.extract.layers), "extract.layers", f"must be >= 0, got {cfg.extract.layers}")
@@ -285,5 +327,7 @@ def validate(cfg: JobConfig) -> None:
     need(cfg.refresh.index_min_rows >= 1, "refresh.index_min_rows", "must be >= 1")
     need(cfg.refresh.compact_fragments >= 0, "refresh.compact_fragments", "must be >= 0 (0 = never)")
     need(cfg.refresh.plan_bucket_rows >= 1, "refresh.plan_bucket_rows", "must be >= 1")
+    need(cfg.refresh.dup_threshold is None or -1 <= cfg.refresh.dup_threshold <= 1, "refresh.dup_threshold",
+         "must be a cosine similarity in [-1, 1]")
     need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

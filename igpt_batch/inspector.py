@@ -102,7 +102,8 @@ def describe_store(store, verify: bool) -> dict:
     versions, problems = {}, []
     for name in store.versions():
         v = {"info": store.version_info(name), "nights": store.kept_snapshots(name), "snapshots": store.snapshot_outputs(name),
-             "pending": store.pending(name), "failed_by_reason": dict(store.failed_by_reason(name).most_common())}
+             "pending": store.pending(name), "failed_by_reason": dict(store.failed_by_reason(name).most_common()),
+             "vector_index": store.index_info(name)}
         ds = store.open(name)
         try:
             if ds is not None:
@@ -134,6 +135,11 @@ def show_store(r: dict, echo) -> None:
                  f"{v['fragments']} fragments]")
             echo(f"  nights:    {len(nights)} kept as tags ({', '.join(nights) or '-'})")
             echo(f"  index:     {', '.join(v['indices']) or 'none (exact search)'}")
+            vi = v["vector_index"]
+            if vi:
+                echo(f"  recall:    recall@{vi['recall_k']} {vi['recall']} against exact search ({vi['recall_queries']} "
+                     f"queries), measured at its {vi['built']} on {vi['trained_rows']} rows, {vi['partitions']} "
+                     f"partitions, {vi['trained_at']}; re-trained at {4 * vi['trained_rows']} rows")
         elif not nights:
             echo("  current:   none yet (no night has finished)")
         snaps = v["snapshots"]

@@ -3,7 +3,7 @@
     from igpt_batch.probe import probe
     result = probe(embeddings_table, "labels.csv")          # {"accuracy": ..., "per_layer": {...}, ...}
 
-    igpt-batch probe OUTPUT_URL LABELS [--layers 2 4] [--test-size 0.2] [--seed 0]   # the one entry point
+    igpt-batch probe OUTPUT_URL LABELS [--layer 2 --layer 4] [--test-size 0.2] [--seed 0]   # the one entry point
 
 Embeddings: a table with columns id and embedding (a fixed-size or plain list of floats), as the
 extract job writes them; its schema metadata b"layers" ("2,4") names the layers concatenated in
@@ -189,8 +189,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `igpt-batch probe`."""
     p.add_argument("output_url", help="an extract job's output folder (local or fsspec URL)")
     p.add_argument("labels", help="CSV or Parquet with columns id, label")
-    p.add_argument("--layer", "--layers", dest="layers", type=int, nargs="+", action="extend", metavar="L",
-                   help="layer to probe, repeatable (default: all in the embeddings)")
+    p.add_argument("--layer", "--layers", dest="layers", type=int, action="append", metavar="L",
+                   help="layer to probe, repeatable: --layer 2 --layer 4 (default: all in the embeddings)")
     p.add_argument("--storage-options", dest="storage_options",
                    help="JSON fsspec options for the output and the labels, e.g. an S3 endpoint")
     p.add_argument("--test-size", dest="test_size", type=float, default=0.2)

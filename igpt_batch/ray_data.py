@@ -8,25 +8,29 @@
         compute=ray.data.ActorPoolStrategy(size=2), batch_size=64,
         num_cpus=0.5,  # fractional: on a small machine whole-CPU actors can starve the read stage
     )
-    ds.write_parquet("out/")
+    ds.rename_columns({"path": "id"}).write_parquet("out/")  # id, error, embedding: the CLI's columns
 
-Each output batch (a pyarrow Table) is the input batch (all columns, row order kept) plus
+Each output batch (a pyarrow Table) is the input batch (row order kept) without the image bytes column it read
+(unless keep_bytes=True: the CLI's outputs never hold images), plus
   - "embedding": fixed_size_list<float32>[len(layers) * n_embd] as `extract` writes it, the layers concatenated in order
     (the same features as the batch job: mean over positions of ln_1 of block l's input);
-  - "error": "" for rows that worked, else "<stage>: <reason>" (stage "read" or "decode"); such rows
-    carry a NaN embedding. Rows are never dropped.
+  - "error": null for rows that worked (as the CLI's outputs), else "<stage>: <reason>" (stage "read" or
+    "decode"); such rows carry a NaN embedding. Rows are never dropped.
 
 No torch import at module import time: the model is loaded in Embedder.__init__, inside the actor.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from igpt_batch import errors
 from igpt_batch.inputs import fetch, images
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BYTES_TYPES = (bytes, bytearray, memoryview, np.bytes_)
 AUTO_COLUMNS = ("bytes", "path", "uri")
@@ -47,13 +51,14 @@ class Embedder:
     torch_threads: torch intra-op threads in this actor (0 leaves torch's default).
     read_threads: threads decoding (and reading) images of a batch in parallel.
     draft, max_pixels: as in igpt_batch.inputs.images.decode.
+    keep_bytes: keep the input column in the output when it holds image bytes (dropped by default).
     """
 
     def __init__(self, model: str = "demo", layers: list[int] | None = None, dtype: str = "fp32",
                  device: str = "auto", column: str | None = "bytes", model_batch_size: int = 64,
                  torch_threads: int = 0, read_threads: int = 4, storage_options: dict | None = None,
                  read_timeout: float = 30.0, max_bytes: int = fetch.DEFAULT_MAX_BYTES,
-                 max_pixels: int = images.DEFAULT_MAX_PIXELS, draft: bool = False):
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS, draft: bool = False, keep_bytes: bool = False):
         import torch
 
         from igpt_batch.model.checkpoint import resolve_layers
@@ -68,21 +73,21 @@ class Embedder:
         self.column = column
         self.storage_options = dict(storage_options or {})
         self.read_timeout, self.max_bytes = read_timeout, max_bytes
-        self.max_pixels, self.draft = max_pixels, draft
+        self.max_pixels, self.draft, self.keep_bytes = max_pixels, draft, keep_bytes
         self.pool = ThreadPoolExecutor(max_workers=max(1, read_threads), thread_name_prefix="igpt-embed")
 
     # -- one row ---------------------------------------------------------------
-    def _load(self, value: Any) -> tuple[np.ndarray | None, str]:
-        """One cell -> (uint8 (n_px, n_px, 3), "") or (None, "stage: reason"); never raises."""
+    def _load(self, value: Any) -> tuple[np.ndarray | None, str | None]:
+        """One cell -> (uint8 (n_px, n_px, 3), None) or (None, "stage: reason"); never raises."""
         try:
             if isinstance(value, BYTES_TYPES):
                 img = images.decode(bytes(value), max_pixels=self.max_pixels,
                                     draft_size=self.n_px if self.draft else None)
-                return images.resize(img, self.n_px), ""
+                return images.resize(img, self.n_px), None
             if isinstance(value, (str, np.str_)):
                 rgb, _, _ = images.load_rgb(str(value), self.n_px, self.storage_options, timeout=self.read_timeout,
                                             max_bytes=self.max_bytes, max_pixels=self.max_pixels, draft=self.draft)
-                return rgb, ""
+                return rgb, None
             if value is None or (isinstance(value, float) and np.isnan(value)):
                 return None, "read: missing value"
             return None, f"read: unsupported value type {type(value).__name__} (expected bytes or a path/URI string)"
@@ -114,8 +119,11 @@ class Embedder:
         for name in ("embedding", "error"):
             if name in batch:
                 raise ValueError(f"Embedder: the input batch already has a column {name!r}")
-        values = batch[self._pick_column(batch)]
+        name = self._pick_column(batch)
+        values = batch[name]
         results = list(self.pool.map(self._load, list(values)))
+        if not self.keep_bytes and any(isinstance(v, BYTES_TYPES) for v in values):  # images stay out of outputs
+            batch = {k: v for k, v in batch.items() if k != name}
         emb = np.full((len(results), self.dim), np.nan, np.float32)
         ok = [i for i, (rgb, _) in enumerate(results) if rgb is not None]
         if ok:
@@ -143,5 +151,6 @@ def _arrow(columns: dict[str, np.ndarray], emb: np.ndarray) -> "pa.Table":
 
             out[name] = ArrowTensorArray.from_numpy(values)
         else:
-            out[name] = pa.array(list(values) if values.dtype == object else values)
+            out[name] = pa.array(list(values) if values.dtype == object else values,
+                                 type=pa.string() if name == "error" else None)
     return pa.table({**out, "embedding": embedding_array(emb)})

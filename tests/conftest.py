@@ -1,17 +1,22 @@
-"""Shared fixtures: tiny random ImageGPT checkpoints, real image files, a local Ray, a real S3 server."""
+"""Shared fixtures: the one config factory, tiny random ImageGPT checkpoints, real image files, the session's Ray head,
+a real S3 server."""
 from __future__ import annotations
 
-import json
+import functools
+import http.server
+import io
 import os
-import shutil
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from servers import Gate, RayHead, S3Server, free_port, free_ports, http_get  # noqa: F401 (the tests' names)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -47,6 +52,18 @@ def tiny_hf(seed: int = 0, vocab_size: int = 17, n_positions: int = 64, n_embd: 
             else:
                 p.normal_(0.0, 0.3)
     return hf
+
+
+def job_cfg(model, *values, keys=("output.path",), **over):
+    """The tests' one config factory: a job of `model` (a checkpoint path or "demo") that draws no contact sheet.
+    `values` (paths or URIs) fill the dotted `keys` in order; `over` holds dotted keys (**{"run.shard_size": 2}) and
+    storage_options. A test module binds its own defaults once: functools.partial(job_cfg, **{...})."""
+    from igpt_batch import config
+
+    if len(values) > len(keys):
+        raise TypeError(f"job_cfg: {len(values)} paths for the keys {keys}")
+    named = {key: str(v) for key, v in zip(keys, values)}
+    return config.load(None, {"model.name": str(model), "output.contact_sheet": 0, **named, **over})
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +103,20 @@ def image_dir(tmp_path_factory) -> Path:
     return d
 
 
+def make_tar(samples: dict[str, bytes], ext: str = "jpg") -> bytes:
+    """A WebDataset tar: per sample key, its image (`ext`) and a JSON caption."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, data in samples.items():
+            for name, blob in ((f"{key}.{ext}", data), (f"{key}.json", b'{"caption": "x"}')):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tf.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
 def write_manifest(path: Path, uris: list[str], ids: list[str] | None = None) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -96,98 +127,29 @@ def write_manifest(path: Path, uris: list[str], ids: list[str] | None = None) ->
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One isolated local Ray for the whole session (starting Ray costs seconds)."""
+def ray_head(tmp_path_factory):
+    """The session's one Ray head, shared by every single-node test that needs one (drivers, `ray job submit`,
+    metrics). Multi-node and node-loss tests start their own."""
+    head = RayHead(tmp_path_factory.mktemp("rayhead"))
+    head.start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head):
+    """This process joined to the session's Ray head (2 CPUs): drivers run in-process against it."""
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head was started
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address=ray_head.address, configure_logging=False)
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: every socket stays bound until all are chosen, so no two calls hand out one port."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port_with_grpc() -> int:
-    """A free port p whose gRPC twin p + 10000 (SeaweedFS's convention) is free too."""
-    while True:
-        p = free_port()
-        if p >= 55000:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 10000))
-                return p
-            except OSError:
-                continue
-
-
-class S3Server:
-    """A real SeaweedFS S3 server (`weed mini`) on 127.0.0.1 with enforced access keys."""
-
-    key, secret = "igpt-test-key", "igpt-test-secret-value"
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        # every server of its own gets its own ports, so a restarted or second server never meets another's
-        self.ports = {name: free_port_with_grpc() for name in ("master", "volume", "filer", "s3")}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        (root / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
-            {"accessKey": self.key, "secretKey": self.secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        self.proc = None
-
-    def start(self) -> None:
-        weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
-        (self.root / "data").mkdir(exist_ok=True)
-        self.log = open(self.root / "weed.log", "ab")
-        self.proc = subprocess.Popen(
-            [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-s3.config={self.root / 's3.json'}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-             *(f"-{name}.port={port}" for name, port in self.ports.items())],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                self.fs().ls("")
-                return
-            except Exception:
-                time.sleep(0.3)
-        raise RuntimeError(f"weed mini did not start; see {self.root / 'weed.log'}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # by PID (its own process group), never by name
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-
-    def storage_options(self, secret: str | None = None) -> dict:
-        return {"key": self.key, "secret": secret or self.secret, "client_kwargs": {"endpoint_url": self.endpoint}}
-
-    def fs(self, secret: str | None = None):
-        import s3fs
-
-        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options(secret))
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
 
 
 @pytest.fixture(scope="session")
@@ -196,6 +158,142 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+def bench_module(name: str):
+    """bench/<name>.py imported into this process, as the script sees itself (bench/ on sys.path): its smoke runs
+    in-process, without a fresh Python importing torch."""
+    import importlib
+
+    bench = str(REPO / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def torch_threads_kept():
+    """A bench's main() may set torch's thread count; the rest of the session keeps its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def gate():
+    g = Gate()
+    yield g
+    g.close()
+
+
+def wait_for(fn, timeout: float = 120, while_running: subprocess.Popen | None = None):
+    """fn()'s first truthy value, polled until `timeout` (or until `while_running` has exited); None if none came."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (while_running is None or while_running.poll() is None):
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.1)
+    return None
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    """Serves tmp_path on 127.0.0.1."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def http_server(monkeypatch, image_dir):
+    """Serves image_dir on 127.0.0.1; `mode` decides each request: fail once per path (503 or reset), always 429,
+    redirect, or "slow": hold each request until a second is in (or `expect` requests have arrived)."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    state = {"mode": "ok", "seen": set(), "agents": set(), "active": 0, "max_active": 0, "arrived": 0, "expect": 0,
+             "lock": threading.Condition()}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            with state["lock"]:
+                state["agents"].add(self.headers.get("User-Agent"))
+                first = self.path not in state["seen"]
+                state["seen"].add(self.path)
+                state["active"] += 1
+                state["arrived"] += 1
+                state["max_active"] = max(state["max_active"], state["active"])
+                state["lock"].notify_all()
+                if state["mode"] == "slow":  # hold each request until another is in too (or none is to come)
+                    state["lock"].wait_for(lambda: state["active"] >= 2 or state["arrived"] >= state["expect"], 60)
+                # counted out before answering: the client frees its connection only once it has the answer
+                state["active"] -= 1
+            self._answer(state["mode"], first)
+
+        def _answer(self, mode, first):
+            if mode == "429" or (mode == "503" and first):
+                self.send_response(429 if mode == "429" else 503)
+                self.send_header("Retry-After", "3600" if mode == "429" else "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif mode == "reset" and first:  # RST instead of an answer
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+            elif mode == "redirect":
+                self.send_response(302)
+                self.send_header("Location", "file:///etc/hostname")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(image_dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield state, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def encode_image(img, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write_file(path, payload: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(payload)
+    return os.fsdecode(path)
+
+
+def read_err(uri: str, **kw):
+    """The read error fetch.read_bytes(uri) raises (its stage is "read")."""
+    from igpt_batch.errors import ImageError
+    from igpt_batch.inputs import fetch
+
+    with pytest.raises(ImageError) as e:
+        fetch.read_bytes(uri, **kw)
+    assert e.value.stage == "read"
+    return e.value
 
 
 def full_logits(model, ids):

@@ -1,13 +1,8 @@
 """bench/capacity.py: its figures against hand computation, and the doc holds its current output."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import REPO, bench_module
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import capacity as C  # noqa: E402
+C = bench_module("capacity")
 
 MEDIUM = next(m for m in C.MODELS if m.name == "imagegpt-medium")
 H100 = next(g for g in C.GPUS if g.name == "H100")
@@ -37,11 +32,12 @@ def test_ceilings_and_dollars_by_hand():
     assert C.dollars_per_million(1000 / 3600, 2.0) == pytest.approx(2000.0)  # 1,000 images/h at $2/h
 
 
-def test_script_runs_and_the_doc_holds_its_output():
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "capacity.py")], capture_output=True, text=True, check=True).stdout
+def test_script_runs_and_the_doc_holds_its_output(capsys):
+    assert C.main([]) == 0
+    out = capsys.readouterr().out
     assert "| imagegpt-medium | extract | H100 | 1,968.9 |" in out
     doc = (REPO / "docs" / "CAPACITY.md").read_text()
     assert out.strip() in doc, "docs/CAPACITY.md is out of date: paste `python bench/capacity.py` into it"
-    price = subprocess.run([sys.executable, str(REPO / "bench" / "capacity.py"), "--price", "H100=3.44"],
-                           capture_output=True, text=True, check=True).stdout
-    assert "| 3.440 |" in price
+    assert C.main(["--price", "H100=3.44"]) == 0
+    price = capsys.readouterr().out
+    assert "| 3.440 |" in price and f"| {C.dollars_per_million(C.ceilings(MEDIUM, H100)['extract'], 3.44):,.2f} |" in price

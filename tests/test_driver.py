@@ -1,12 +1,13 @@
 """End-to-end jobs through the driver: in-process and on a real local Ray, resume, and config refusal."""
+import functools
+
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_manifest
+from conftest import job_cfg, write_manifest
 
-from igpt_batch import config
 from igpt_batch.errors import JobError
 from igpt_batch.inputs import images
 from igpt_batch.model import palette
@@ -14,11 +15,7 @@ from igpt_batch.model.transformer import load_model
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import OutputFolder, read_output
 
-
-def cfg_for(ckpt, out, **over):
-    base = {"model.name": ckpt, "output.path": str(out), "run.shard_size": 4, "extract.batch_size": 3,
-            "output.contact_sheet": 0}
-    return config.load(None, {**base, **over})
+cfg_for = functools.partial(job_cfg, **{"run.shard_size": 4, "extract.batch_size": 3})  # (ckpt, out, **over)
 
 
 @pytest.fixture(scope="module")

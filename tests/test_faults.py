@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import S3Server, write_manifest
+from conftest import S3Server, job_cfg, wait_for, write_manifest
 from PIL import Image
 from skimage import data
 
-from igpt_batch import config
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import OutputFolder, read_output
 
@@ -99,9 +98,9 @@ def test_bad_input_catalogue_every_row_lands_exactly_once(ray_local, tiny_ckpt, 
     (tmp_path / "in").mkdir()
     uris, expected_bad = bad_input_catalogue(tmp_path / "in", *http_base)
     manifest = write_manifest(tmp_path / "m.parquet", uris, [f"row{i}" for i in range(len(uris))])
-    cfg = config.load(None, {"model.name": tiny_ckpt, "input.manifest": str(manifest), "output.path": str(tmp_path / "o"),
-                             "input.read_timeout": 1.5, "run.shard_size": 5, "extract.layers": [1],
-                             "run.cpus_per_worker": 0.5, "run.workers": 2})
+    cfg = job_cfg(tiny_ckpt, tmp_path / "o", **{"input.manifest": str(manifest), "input.read_timeout": 1.5,
+                                                "run.shard_size": 5, "extract.layers": [1], "run.cpus_per_worker": 0.5,
+                                                "run.workers": 2})
     t0 = time.time()
     s = run_job(cfg, "extract")
     assert time.time() - t0 < 120  # the hanging server is bounded by the timeout
@@ -118,100 +117,129 @@ def test_bad_input_catalogue_every_row_lands_exactly_once(ray_local, tiny_ckpt, 
     assert sizes[str(tmp_path / "in" / "exif-rotated.jpg")] == (32, 64) and sizes[str(tmp_path / "in" / "one-pixel.png")] == (1, 1)
 
 
-def test_actor_sigkill_mid_job_retries_the_shard(ray_local, tiny_ckpt, tmp_path):
+def gated_manifest(path: Path, image_dir: Path, gate_uri: str, before: int, after: int) -> tuple[str, list[str]]:
+    """A manifest of `before` local photos, the gate's photo, then `after` more (ids row0...): one row per shard at
+    shard size 1, so the gate's shard is shard `before`, and no shard after it can commit before the gate opens
+    in an in-process job."""
+    photos = sorted(str(p) for p in image_dir.glob("*-small.png"))
+    uris = [photos[i % len(photos)] for i in range(before)] + [gate_uri] + [photos[i % len(photos)] for i in range(after)]
+    ids = [f"row{i}" for i in range(len(uris))]
+    return str(write_manifest(path, uris, ids)), ids
+
+
+def committed_count(out: Path) -> int:
+    return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
+
+
+def test_actor_sigkill_mid_job_retries_the_shard(ray_local, tiny_ckpt, image_dir, tmp_path, gate):
+    """The actor is SIGKILLed while it waits for the gate's photo, having committed shard 0: a fresh actor retries."""
     out = tmp_path / "o"
-    cfg = config.load(None, {"model.name": tiny_ckpt, "output.path": str(out), "generate.num_samples": 24,
-                             "generate.batch_size": 1, "run.shard_size": 2, "run.cpus_per_worker": 0.5,
-                             "output.contact_sheet": 0})
+    manifest, ids = gated_manifest(tmp_path / "m.parquet", image_dir, gate.uri, before=1, after=4)
+    cfg = job_cfg(tiny_ckpt, out, **{"input.manifest": manifest, "run.shard_size": 1, "run.cpus_per_worker": 0.5,
+                                     "extract.layers": [1], "input.read_timeout": 300})
     killed = []
 
     def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            commits = OutputFolder(str(out)).committed() if (out / "_commits").exists() else {}
-            if commits:
-                pid = next(iter(commits.values()))["worker_pid"]
-                os.kill(pid, signal.SIGKILL)  # the actor is busy with its next shard now
+        try:  # the actor has committed a shard and is now blocked on the gate's: kill it there
+            if wait_for(lambda: gate.requested.is_set() and committed_count(out) >= 1):
+                pid = next(iter(OutputFolder(str(out)).committed().values()))["worker_pid"]
+                os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
-            time.sleep(0.02)
+        finally:
+            gate.open()
 
     t = threading.Thread(target=killer)
     t.start()
-    s = run_job(cfg, "generate")
+    s = run_job(cfg, "extract")
     t.join()
-    assert killed, "the actor was never killed"
-    samples = read_output(str(out), "samples")
-    assert sorted(samples.column("seed").to_pylist()) == list(range(24))  # every seed exactly once
-    pids = {r["worker_pid"] for r in OutputFolder(str(out)).committed().values()}
-    assert killed[0] in pids and len(pids) == 2  # a fresh actor finished the job
-    assert s["shards_run"] == 12
+    assert killed, "the actor never reached the gate"
+    assert sorted(read_output(str(out), "embeddings").column("id").to_pylist()) == sorted(ids)  # each row once
+    pids = {name: r["worker_pid"] for name, r in OutputFolder(str(out)).committed().items()}
+    assert killed[0] in pids.values() and pids["part-00001"] != killed[0]  # a fresh actor did the gate's shard
+    assert s["shards_run"] == len(ids) and s["rows"] == {"embeddings": len(ids), "errors": 0}
 
 
-def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt, tmp_path):
+def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt, image_dir, tmp_path, gate):
     out = tmp_path / "o"
-    cmd = [IGPT, "generate", "--model", tiny_ckpt, "--output", str(out), "--num-samples", "30", "--shard-size", "2",
-           "--batch-size", "1", "--executor", "local", "--contact-sheet", "0"]
+    manifest, ids = gated_manifest(tmp_path / "m.parquet", image_dir, gate.uri, before=3, after=3)
+    cmd = [IGPT, "extract", "--model", tiny_ckpt, "--manifest", manifest, "--output", str(out), "--shard-size", "1",
+           "--layer", "1", "--executor", "local", "--read-timeout", "300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "_commits").glob("*.json")) if (out / "_commits").exists() else []) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:  # in-process shards run in order: 3 commits, then the driver waits for the gate, where it is killed
+        assert wait_for(lambda: gate.requested.is_set() and committed_count(out) == 3, while_running=proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     before = OutputFolder(str(out)).committed()
-    assert 3 <= len(before) < 15 and not (out / "_SUCCESS").exists()
+    assert sorted(before) == ["part-00000", "part-00001", "part-00002"] and not (out / "_SUCCESS").exists()
     # a reader in the meantime sees only committed rows
-    assert read_output(str(out), "samples").num_rows == 2 * len(before)
+    assert sorted(read_output(str(out), "embeddings").column("id").to_pylist()) == ids[:3]
+    gate.open()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     import json
 
     summary = json.loads(r.stdout)
-    assert summary["shards_skipped"] == len(before) and summary["shards_run"] == 15 - len(before)
+    assert summary["shards_skipped"] == 3 and summary["shards_run"] == len(ids) - 3
     after = OutputFolder(str(out)).committed()
     assert all(after[k] == v for k, v in before.items())  # committed shards were not recomputed
-    assert sorted(read_output(str(out), "samples").column("seed").to_pylist()) == list(range(30))
+    assert sorted(read_output(str(out), "embeddings").column("id").to_pylist()) == sorted(ids)
+
+
+@pytest.fixture(scope="module")
+def flaky_s3(tmp_path_factory):
+    """One S3 server for both outages; each case writes to its own bucket."""
+    server = S3Server(tmp_path_factory.mktemp("weed"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize("fault", ["restart", "pause"])
-def test_s3_outage_mid_job_is_survived(tiny_ckpt, tmp_path, fault):
-    server = S3Server(tmp_path / "weed")
-    server.start()
-    try:
-        server.fs().mkdir("igpt-flaky")  # a fresh server per case
-        so = server.storage_options()
-        cfg = config.load(None, {"model.name": tiny_ckpt, "output.path": "s3://igpt-flaky/o", "storage_options": so,
-                                 "generate.num_samples": 40, "generate.batch_size": 1, "run.shard_size": 2,
-                                 "run.executor": "local", "output.contact_sheet": 0})
-        down_s = 2 if fault == "restart" else 3
-        outage = []  # when the store went away
+def test_s3_outage_mid_job_is_survived(flaky_s3, tiny_ckpt, image_dir, tmp_path, gate, fault):
+    """The store goes away while the job waits for the gate's photo; the gate opens during the outage, so the job's
+    next write meets the outage and must wait it out."""
+    server, bucket = flaky_s3, f"igpt-flaky-{fault}"
+    server.fs().mkdir(bucket)
+    so = server.storage_options()
+    manifest, ids = gated_manifest(tmp_path / "m.parquet", image_dir, gate.uri, before=2, after=3)
+    cfg = job_cfg(tiny_ckpt, f"s3://{bucket}/o", storage_options=so,
+                  **{"input.manifest": manifest, "run.shard_size": 1, "run.executor": "local", "extract.layers": [1],
+                     "input.read_timeout": 300})
+    down_s = 2 if fault == "restart" else 3
+    back = []  # when the store was let back
 
-        def restart():
+    def outage():
+        try:
             fs = server.fs()
-            deadline = time.time() + 120
-            while time.time() < deadline:
+
+            def commits() -> int:
                 fs.invalidate_cache()  # s3fs caches listings
-                if len(fs.glob("igpt-flaky/o/_commits/*.json")) >= 2:
-                    break
-                time.sleep(0.05)
-            outage.append(time.time())
+                return len(fs.glob(f"{bucket}/o/_commits/*.json"))
+
+            if not wait_for(lambda: gate.requested.is_set() and commits() == 2):
+                return
             if fault == "restart":
                 server.stop()  # the store goes away mid-job ...
-                time.sleep(down_s)
-                server.start()  # ... and comes back on the same data directory
             else:
                 os.killpg(server.proc.pid, signal.SIGSTOP)  # the store hangs: connections open, no answers ...
-                time.sleep(down_s)
+            gate.open()
+            time.sleep(down_s)  # the outage's length (the job is already blocked on the store)
+            back.append(time.time())
+            if fault == "restart":
+                server.start()  # ... and comes back on the same data directory
+            else:
                 os.killpg(server.proc.pid, signal.SIGCONT)  # ... then wakes up
+        finally:
+            gate.open()
 
-        t = threading.Thread(target=restart)
-        t.start()
-        s = run_job(cfg, "generate")
-        finished = time.time()
-        t.join()
-        # The outage began while the job ran, and the job (whose last step is a write) waited it out.
-        # (Not "finished after start() returned": the job may reconnect the moment the port is back.)
-        assert outage and finished > outage[0] + down_s
-        assert s["rows"] == {"samples": 40} and s["shards_run"] == 20
-        assert sorted(read_output("s3://igpt-flaky/o", "samples", so).column("seed").to_pylist()) == list(range(40))
-    finally:
-        server.stop()
+    t = threading.Thread(target=outage)
+    t.start()
+    s = run_job(cfg, "extract")
+    finished = time.time()
+    t.join()
+    assert back, "the job never reached the gate with 2 commits"
+    assert finished > back[0]  # its last writes came after the gate opened, into the outage: it waited it out
+    assert s["rows"] == {"embeddings": len(ids), "errors": 0} and s["shards_run"] == len(ids)
+    got = read_output(f"s3://{bucket}/o", "embeddings", so).column("id").to_pylist()
+    assert sorted(got) == sorted(ids)

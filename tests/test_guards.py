@@ -1,6 +1,7 @@
 """Trust at the edges, on the job's side: no user file deleted, no two writers, no unusable output, no stale status."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_manifest
+from conftest import job_cfg, write_manifest
 
 from igpt_batch import config
 from igpt_batch.cli import main
@@ -19,10 +20,7 @@ from igpt_batch.errors import ConfigError, JobError
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import LEASE, OutputFolder, read_output
 
-
-def cfg_for(ckpt, out, **over):
-    return config.load(None, {"model.name": ckpt, "output.path": str(out), "run.executor": "local", "run.shard_size": 2,
-                              "output.contact_sheet": 0, "generate.num_samples": 4, **over})
+cfg_for = functools.partial(job_cfg, **{"run.executor": "local", "run.shard_size": 2, "generate.num_samples": 4})
 
 
 def test_overwrite_removes_only_what_igpt_batch_wrote(tiny_ckpt, image_dir, tmp_path):

@@ -1,20 +1,15 @@
 """Tests for igpt_batch.inputs.images on real files, a real HTTP server and the real HF processor."""
 
-import functools
-import http.server
 import io
-import os
 import pickle
-import socket
 import struct
-import threading
 import time
 import warnings
 import zlib
 
-import fsspec
 import numpy as np
 import pytest
+from conftest import encode_image, read_err, write_file
 from PIL import Image
 from skimage import data
 
@@ -22,18 +17,6 @@ from igpt_batch import errors, redact
 from igpt_batch.errors import ImageError
 from igpt_batch.inputs import fetch, images
 from igpt_batch.model import palette
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def _write(path, payload: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(payload)
-    return os.fsdecode(path)
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -53,13 +36,6 @@ def _decode_err(payload: bytes, **kw) -> ImageError:
     return e.value
 
 
-def _read_err(uri: str, **kw) -> ImageError:
-    with pytest.raises(ImageError) as e:
-        fetch.read_bytes(uri, **kw)
-    assert e.value.stage == "read"
-    return e.value
-
-
 def _hf_ids(clusters, arrays, n_px):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision fallback notice
@@ -74,8 +50,8 @@ def _hf_ids(clusters, arrays, n_px):
 
 def test_png_and_jpeg(tmp_path):
     photo = data.astronaut()[::4, ::4]  # (128, 128, 3)
-    png = _write(tmp_path / "a.png", _encode(Image.fromarray(photo), "PNG"))
-    jpg = _write(tmp_path / "a.jpg", _encode(Image.fromarray(photo), "JPEG", quality=95))
+    png = write_file(tmp_path / "a.png", encode_image(Image.fromarray(photo), "PNG"))
+    jpg = write_file(tmp_path / "a.jpg", encode_image(Image.fromarray(photo), "JPEG", quality=95))
     img = images.decode(fetch.read_bytes(png))
     assert img.mode == "RGB" and np.array_equal(np.asarray(img), photo)
     rgb, w, h = images.load_rgb(jpg, 32)
@@ -85,15 +61,15 @@ def test_png_and_jpeg(tmp_path):
 
 
 def test_grayscale_rgba_la_and_palette_transparency():
-    gray = _encode(Image.new("L", (6, 5), 77), "PNG")
+    gray = encode_image(Image.new("L", (6, 5), 77), "PNG")
     assert np.all(np.asarray(images.decode(gray)) == 77)
-    la = _encode(Image.new("LA", (6, 5), (90, 0)), "PNG")
+    la = encode_image(Image.new("LA", (6, 5), (90, 0)), "PNG")
     assert np.all(np.asarray(images.decode(la)) == 90)
 
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[:2] = (10, 20, 30, 0)  # fully transparent: alpha dropped, stored colour kept
     rgba[2:] = (200, 100, 50, 255)
-    payload = _encode(Image.fromarray(rgba, "RGBA"), "PNG")
+    payload = encode_image(Image.fromarray(rgba, "RGBA"), "PNG")
     got = np.asarray(images.decode(payload))
     assert np.array_equal(got, rgba[..., :3])
     with Image.open(io.BytesIO(payload)) as ref:
@@ -101,7 +77,7 @@ def test_grayscale_rgba_la_and_palette_transparency():
 
     pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
     pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
-    payload = _encode(pal, "PNG", transparency=0)
+    payload = encode_image(pal, "PNG", transparency=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "palette images with transparency" warning either
         got = np.asarray(images.decode(payload))
@@ -109,7 +85,7 @@ def test_grayscale_rgba_la_and_palette_transparency():
 
 
 def test_cmyk_jpeg():
-    payload = _encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
+    payload = encode_image(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
     with Image.open(io.BytesIO(payload)) as raw:
         assert raw.mode == "CMYK"
     img = images.decode(payload)
@@ -119,18 +95,18 @@ def test_cmyk_jpeg():
 
 def test_16_bit_png_is_scaled_not_clipped():
     a = np.array([[0, 257, 32896, 65535]], np.uint16)
-    payload = _encode(Image.fromarray(a), "PNG")
+    payload = encode_image(Image.fromarray(a), "PNG")
     with Image.open(io.BytesIO(payload)) as raw:
         assert raw.mode.startswith("I")  # really 16-bit on disk
     got = np.asarray(images.decode(payload))
     assert got.shape == (1, 4, 3)
     assert got[0, :, 0].tolist() == [0, 1, 128, 255] and (got == got[..., :1]).all()
-    full = _encode(Image.fromarray(np.full((3, 3), 65535, np.uint16)), "PNG")
+    full = encode_image(Image.fromarray(np.full((3, 3), 65535, np.uint16)), "PNG")
     assert (np.asarray(images.decode(full)) == 255).all()
 
 
 def test_one_pixel_image(tmp_path):
-    uri = _write(tmp_path / "one.png", _encode(Image.new("RGB", (1, 1), (12, 34, 56)), "PNG"))
+    uri = write_file(tmp_path / "one.png", encode_image(Image.new("RGB", (1, 1), (12, 34, 56)), "PNG"))
     assert images.decode(fetch.read_bytes(uri)).size == (1, 1)
     rgb, w, h = images.load_rgb(uri, 4)
     assert (w, h) == (1, 1) and (rgb == [12, 34, 56]).all()
@@ -138,7 +114,7 @@ def test_one_pixel_image(tmp_path):
 
 def test_animated_gif_first_frame():
     frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
-    payload = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    payload = encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     with Image.open(io.BytesIO(payload)) as raw:
         assert raw.n_frames == 3
     assert (np.asarray(images.decode(payload)) == [255, 0, 0]).all()
@@ -150,7 +126,7 @@ def test_exif_rotated_jpeg(tmp_path):
     a[:, 20:] = (0, 0, 255)  # right half blue
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
-    uri = _write(tmp_path / "rot.jpg", _encode(Image.fromarray(a), "JPEG", quality=95, exif=exif.tobytes()))
+    uri = write_file(tmp_path / "rot.jpg", encode_image(Image.fromarray(a), "JPEG", quality=95, exif=exif.tobytes()))
     img = images.decode(fetch.read_bytes(uri))
     assert img.size == (20, 40)  # width/height swapped
     got = np.asarray(img).astype(int)
@@ -164,13 +140,13 @@ def test_exif_rotated_jpeg(tmp_path):
 
 
 def test_truncated_empty_and_non_image(tmp_path):
-    jpg = _encode(Image.fromarray(data.coffee()), "JPEG", quality=90)
+    jpg = encode_image(Image.fromarray(data.coffee()), "JPEG", quality=90)
     assert "truncated" in str(_decode_err(jpg[: len(jpg) // 2]))
-    empty = _write(tmp_path / "empty.jpg", b"")
+    empty = write_file(tmp_path / "empty.jpg", b"")
     with pytest.raises(ImageError) as e:
         images.load_rgb(empty, 8)
     assert e.value.stage == "decode" and "empty" in str(e.value)
-    text = _write(tmp_path / "notes.jpg", b"this is not a jpeg\n" * 10)
+    text = write_file(tmp_path / "notes.jpg", b"this is not a jpeg\n" * 10)
     with pytest.raises(ImageError) as e:
         images.load_rgb(text, 8)
     assert e.value.stage == "decode" and "not a recognised image" in e.value.reason
@@ -184,7 +160,7 @@ def test_decompression_bomb_rejected_before_decoding():
     assert "too large" in _decode_err(_png_header_only(9_000, 9_000)).reason  # 81M > our 64M default
     assert "too large" in _decode_err(_png_header_only(100_000, 100_000)).reason  # PIL's own bomb error
     # A real, valid 80-megapixel 1-bit PNG (tiny on disk): rejected from its header, fast.
-    payload = _encode(Image.new("1", (20_000, 4_000)), "PNG")
+    payload = encode_image(Image.new("1", (20_000, 4_000)), "PNG")
     assert len(payload) < 1_000_000
     t0 = time.perf_counter()
     err = _decode_err(payload)
@@ -192,112 +168,14 @@ def test_decompression_bomb_rejected_before_decoding():
 
 
 def test_tiny_png_with_low_limit():
-    payload = _encode(Image.new("RGB", (10, 10)), "PNG")
+    payload = encode_image(Image.new("RGB", (10, 10)), "PNG")
     assert images.decode(payload, max_pixels=100).size == (10, 10)
     assert "too large" in _decode_err(payload, max_pixels=99).reason
-
-
-# ----------------------------------------------------------------------------- read errors and paths
-
-
-def test_read_errors(tmp_path):
-    err = _read_err(str(tmp_path / "missing.png"))
-    assert err.reason.startswith("file not found:") and "missing.png" in str(err)
-    assert "is a directory" in _read_err(str(tmp_path)).reason
-    big = _write(tmp_path / "big.png", _encode(Image.new("RGB", (64, 64)), "PNG") + b"\0" * 5000)
-    assert "too large" in _read_err(big, max_bytes=1000).reason
-    assert len(fetch.read_bytes(big, max_bytes=10_000)) > 5000
-
-
-def test_permission_denied(tmp_path):
-    uri = _write(tmp_path / "secret.png", _encode(Image.new("RGB", (2, 2)), "PNG"))
-    os.chmod(uri, 0)
-    try:
-        if os.access(uri, os.R_OK):  # root ignores file modes: then the read must simply work
-            assert images.decode(fetch.read_bytes(uri)).size == (2, 2)
-        else:
-            assert _read_err(uri).reason.startswith("permission denied:")
-    finally:
-        os.chmod(uri, 0o644)
-
-
-def test_paths_with_spaces_and_non_utf8_bytes(tmp_path):
-    png = _encode(Image.new("RGB", (3, 2), (1, 2, 3)), "PNG")
-    spaced = _write(tmp_path / "my photo (1).png", png)
-    assert images.load_rgb(spaced, 2)[1:] == (3, 2)
-    raw = os.path.join(os.fsencode(tmp_path), b"caf\xff image.png")
-    _write(raw, png)
-    name = os.fsdecode(raw)  # str with a surrogate escape for the 0xff byte
-    assert "\udcff" in name
-    assert fetch.read_bytes(name) == png
-    err = _read_err(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"gone\xff.png")))
-    str(err).encode("utf-8")  # the message is printable, surrogates are escaped
-
-
-def test_fsspec_memory_filesystem():
-    fs = fsspec.filesystem("memory")
-    png = _encode(Image.new("RGB", (5, 4), (9, 8, 7)), "PNG")
-    fs.pipe("/igpt-test/x.png", png)
-    try:
-        assert fetch.read_bytes("memory://igpt-test/x.png") == png
-        assert "too large" in _read_err("memory://igpt-test/x.png", max_bytes=10).reason
-        assert "file not found" in _read_err("memory://igpt-test/nope.png").reason
-    finally:
-        fs.rm("/igpt-test", recursive=True)
 
 
 def test_image_error_pickles():
     e = pickle.loads(pickle.dumps(ImageError("read", "file not found: x")))
     assert isinstance(e, ImageError) and (e.stage, e.reason, str(e)) == ("read", "file not found: x", "file not found: x")
-
-
-# ----------------------------------------------------------------------------- HTTP
-
-
-@pytest.fixture
-def http_root(tmp_path, monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_http_ok_404_and_size(http_root):
-    root, base = http_root
-    png = _encode(Image.new("RGB", (7, 3), (40, 50, 60)), "PNG")
-    _write(root / "pic.png", png)
-    assert fetch.read_bytes(f"{base}/pic.png", timeout=5) == png
-    rgb, w, h = images.load_rgb(f"{base}/pic.png", 4, timeout=5)
-    assert (w, h) == (7, 3) and (rgb == [40, 50, 60]).all()
-    err = _read_err(f"{base}/nope.png?X-Amz-Signature=s3cr3t", timeout=5)
-    assert "HTTP 404" in err.reason and "s3cr3t" not in err.reason
-    assert "too large" in _read_err(f"{base}/pic.png", timeout=5, max_bytes=10).reason
-    err = _read_err(f"{base}/nope.png", timeout=5, storage_options={"headers": {"Authorization": "Bearer topsecret"}})
-    assert "topsecret" not in str(err)
-
-
-def test_http_server_that_never_answers_times_out():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)  # the kernel completes the handshake; nobody ever reads or replies
-    try:
-        t0 = time.perf_counter()
-        err = _read_err(f"http://127.0.0.1:{sock.getsockname()[1]}/x.png", timeout=1.5)
-        assert time.perf_counter() - t0 < 6
-        assert "timed out after 1.5s" in err.reason
-    finally:
-        sock.close()
 
 
 # ----------------------------------------------------------------------------- end to end vs HF
@@ -308,7 +186,7 @@ def test_load_rgb_tokens_equal_processor(tmp_path):
     sources = [data.astronaut(), data.coffee(), data.chelsea()[:300, :451], data.rocket()[100:150, 200:237]]
     uris, decoded = [], []
     for i, src in enumerate(sources):
-        uri = _write(tmp_path / f"p{i}.jpg", _encode(Image.fromarray(src), "JPEG", quality=90))
+        uri = write_file(tmp_path / f"p{i}.jpg", encode_image(Image.fromarray(src), "JPEG", quality=90))
         uris.append(uri)
         decoded.append(np.asarray(images.decode(fetch.read_bytes(uri))))
     assert len({d.shape for d in decoded}) == 4  # all different sizes, incl. a 50x37 one
@@ -322,7 +200,7 @@ def test_draft_is_close_to_full_decode(tmp_path):
     big = Image.fromarray(data.astronaut()).resize((2048, 1536), Image.Resampling.BICUBIC)
     exif = Image.Exif()
     exif[0x0112] = 6
-    uri = _write(tmp_path / "big.jpg", _encode(big, "JPEG", quality=90, exif=exif.tobytes()))
+    uri = write_file(tmp_path / "big.jpg", encode_image(big, "JPEG", quality=90, exif=exif.tobytes()))
     payload = fetch.read_bytes(uri)
     drafted = images.decode(payload, draft_size=32)
     assert max(drafted.size) <= 512 and drafted.info["source_size"] == (1536, 2048)
@@ -359,14 +237,14 @@ def test_redact_uri(uri, safe):
 
 def test_reason_classes_of_the_reasons_this_module_gives(tmp_path, http_root):
     root, base = http_root
-    _write(root / "pic.png", _encode(Image.new("RGB", (7, 3)), "PNG"))
-    jpg = _encode(Image.fromarray(data.coffee()), "JPEG", quality=90)
+    write_file(root / "pic.png", encode_image(Image.new("RGB", (7, 3)), "PNG"))
+    jpg = encode_image(Image.fromarray(data.coffee()), "JPEG", quality=90)
     got = {
-        "missing": _read_err(str(tmp_path / "secret-folder" / "gone.png")).reason,
-        "dir": _read_err(str(tmp_path)).reason,
-        "big": _read_err(f"{base}/pic.png", timeout=5, max_bytes=10).reason,
-        "404": _read_err(f"{base}/nope.png?sig=abc", timeout=5).reason,
-        "protocol": _read_err("nosuchproto://bkt/x.png").reason,
+        "missing": read_err(str(tmp_path / "secret-folder" / "gone.png")).reason,
+        "dir": read_err(str(tmp_path)).reason,
+        "big": read_err(f"{base}/pic.png", timeout=5, max_bytes=10).reason,
+        "404": read_err(f"{base}/nope.png?sig=abc", timeout=5).reason,
+        "protocol": read_err("nosuchproto://bkt/x.png").reason,
         "truncated": _decode_err(jpg[: len(jpg) // 2]).reason,
         "bomb": _decode_err(_png_header_only(100, 100), max_pixels=9_999).reason,
         "pil bomb": _decode_err(_png_header_only(100_000, 100_000), max_pixels=50_000_000).reason,
@@ -390,39 +268,3 @@ def test_bomb_reason_names_the_flag_and_its_value():
     assert "--max-pixels 64000000" in err.reason and "9000x9000 = 81000000 pixels" in err.reason
 
 
-def test_unknown_protocols_and_bad_storage_options_are_read_errors():
-    assert "unknown protocol" in _read_err("nosuchproto://bkt/x.png").reason
-    err = _read_err("memory://igpt-test/x.png", storage_options={"nonsense_option": "zzz-secret-value"})
-    assert "zzz-secret-value" not in err.reason
-
-
-def test_missing_credentials_are_read_errors(monkeypatch):
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup over the network
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    so = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "skip_instance_cache": True}
-    assert "access denied" in _read_err("s3://bkt/x.png", storage_options=so, timeout=20).reason
-
-
-def test_refused_connections_are_read_errors():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert _read_err(f"http://127.0.0.1:{port}/x.png", timeout=5).reason.startswith("cannot connect (")
-    so = {"key": "k", "secret": "zzz-secret-value", "skip_instance_cache": True,
-          "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "config_kwargs": {"retries": {"max_attempts": 1}}}
-    err = _read_err("s3://bkt/x.png", storage_options=so, timeout=20)
-    assert "zzz-secret-value" not in err.reason and errors.reason_class(err.reason) in (
-        "cannot connect (EndpointConnectionError)", "cannot connect (ClientConnectorError)")
-
-
-def test_local_names_with_double_colons_are_files(tmp_path):
-    png = _encode(Image.new("RGB", (2, 2)), "PNG")
-    path = _write(tmp_path / "shot::2024.png", png)
-    assert fetch.read_bytes(path) == png
-    assert fetch.read_bytes("file://" + path) == png

@@ -1,30 +1,20 @@
 """Inputs users already have: mapped columns, images inside Parquet, WebDataset tars (local and S3), flaky HTTP."""
 import functools
-import http.server
-import io
-import socket
-import struct
-import tarfile
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import job_cfg, make_tar
 
-from igpt_batch import __version__, config, errors
+from igpt_batch import __version__, config
 from igpt_batch.errors import ManifestError
-from igpt_batch.inputs import fetch
 from igpt_batch.inputs.manifest import Columns, iter_manifest, scan_manifest
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import read_output
 
-
-def cfg_for(ckpt, out, **over):
-    base = {"model.name": ckpt, "output.path": str(out), "run.shard_size": 3, "extract.batch_size": 4,
-            "output.contact_sheet": 0, "run.executor": "local", "extract.layers": [1]}
-    return config.load(None, {**base, **over})
+cfg_for = functools.partial(job_cfg, **{"run.shard_size": 3, "extract.batch_size": 4, "run.executor": "local",
+                                        "extract.layers": [1]})  # (ckpt, out, **over)
 
 
 @pytest.fixture
@@ -114,17 +104,6 @@ def test_bytes_fingerprint_follows_the_images_and_mapped_csv_jsonl(photos, tmp_p
 # ----------------------------------------------------------------------------- WebDataset
 
 
-def make_tar(samples: dict[str, bytes], ext: str = "jpg") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for key, data in samples.items():
-            for name, blob in ((f"{key}.{ext}", data), (f"{key}.json", b'{"caption": "x"}')):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tf.addfile(info, io.BytesIO(blob))
-    return buf.getvalue()
-
-
 def test_webdataset_tars_brace_range_and_glob(wired, tiny_ckpt, photos, reference, tmp_path):
     keys = list(photos)
     (tmp_path / "shards").mkdir()
@@ -160,59 +139,7 @@ def test_webdataset_on_s3(s3_server, tiny_ckpt, photos, reference, tmp_path):
     np.testing.assert_allclose(emb, np.stack([reference[i] for i in ids]), atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- flaky HTTP
-
-
-@pytest.fixture
-def http_server(monkeypatch, image_dir):
-    """Serves image_dir on 127.0.0.1; `mode` decides each request: fail once per path (503 or reset), always 429..."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    state = {"mode": "ok", "seen": set(), "agents": set(), "active": 0, "max_active": 0, "lock": threading.Lock()}
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            with state["lock"]:
-                state["agents"].add(self.headers.get("User-Agent"))
-                first = self.path not in state["seen"]
-                state["seen"].add(self.path)
-                state["active"] += 1
-                state["max_active"] = max(state["max_active"], state["active"])
-            try:
-                self._answer(state["mode"], first)
-            finally:
-                with state["lock"]:
-                    state["active"] -= 1
-
-        def _answer(self, mode, first):
-            if mode == "429" or (mode == "503" and first):
-                self.send_response(429 if mode == "429" else 503)
-                self.send_header("Retry-After", "3600" if mode == "429" else "0")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            elif mode == "reset" and first:  # RST instead of an answer
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.close_connection = True
-            elif mode == "redirect":
-                self.send_response(302)
-                self.send_header("Location", "file:///etc/hostname")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            else:
-                if mode == "slow":
-                    time.sleep(0.2)
-                super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(image_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+# ----------------------------------------------------------------------------- flaky HTTP (the server: conftest.http_server)
 
 
 @pytest.mark.parametrize("mode", ["503", "reset"])
@@ -230,27 +157,3 @@ def test_flaky_urls_are_retried_and_counted(wired, http_server, tiny_ckpt, photo
     assert state["agents"] == {f"igpt-batch/{__version__}"}
 
 
-def test_always_429_gives_up_after_the_retries_honouring_a_capped_retry_after(http_server):
-    state, base = http_server
-    state["mode"] = "429"
-    counter, t0 = [], time.perf_counter()
-    with pytest.raises(errors.ImageError) as e:
-        fetch.read_bytes(f"{base}/coffee.jpg", timeout=2, retries=2, counter=counter)
-    elapsed = time.perf_counter() - t0
-    assert e.value.stage == "read" and errors.reason_class(e.value.reason) == "HTTP 429" and counter == [2]
-    assert 4 <= elapsed < 10  # Retry-After: 3600 honoured, capped at the read timeout (2 s) per retry
-
-
-def test_redirects_to_file_are_refused_and_hosts_are_limited(http_server):
-    state, base = http_server
-    state["mode"] = "redirect"
-    with pytest.raises(errors.ImageError, match="redirect refused"):
-        fetch.read_bytes(f"{base}/coffee.jpg", timeout=5)
-    state["mode"] = "slow"
-    threads = [threading.Thread(target=fetch.read_bytes, args=(f"{base}/{n}.jpg",),
-                                kwargs={"timeout": 5, "host_connections": 2}) for n in ("coffee", "rocket") * 3]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert state["max_active"] == 2

@@ -46,7 +46,7 @@ def test_bytes_column_keeps_every_row(embedder, tiny_model, image_dir):
              "path": np.array([str(f) for f in files], dtype=object),
              "n": np.arange(len(files))}
     out = cols(embedder(batch))
-    assert set(out) == {"bytes", "path", "n", "embedding", "error"}
+    assert set(out) == {"path", "n", "embedding", "error"}  # the images are not carried into the output
     assert out["path"].tolist() == batch["path"].tolist() and out["n"].tolist() == list(range(len(files)))
     emb, err = out["embedding"], out["error"]
     assert emb.dtype == np.float32 and emb.shape == (len(files), len(LAYERS) * tiny_model.n_embd)
@@ -56,7 +56,7 @@ def test_bytes_column_keeps_every_row(embedder, tiny_model, image_dir):
         if f.name in bad:
             assert err[i].startswith("decode: ") and np.isnan(emb[i]).all(), (f.name, err[i])
         else:
-            assert err[i] == "" and np.isfinite(emb[i]).all(), (f.name, err[i])
+            assert err[i] is None and np.isfinite(emb[i]).all(), (f.name, err[i])
     ref = expected_features(tiny_model, [files[i] for i in good], LAYERS)
     np.testing.assert_allclose(emb[good], ref, atol=1e-5, rtol=0)
 
@@ -67,7 +67,7 @@ def test_path_column_reports_read_errors(tiny_ckpt, tiny_model, image_dir):
     uris = [str(pngs[0]), str(image_dir / "missing.png"), "file://" + str(pngs[1]), None]
     out = cols(emb({"uri": np.array(uris, dtype=object)}))
     err = out["error"].tolist()
-    assert err[0] == "" and err[2] == ""
+    assert err[0] is None and err[2] is None
     assert err[1].startswith("read: file not found") and err[3] == "read: missing value"
     assert np.isnan(out["embedding"][[1, 3]]).all()
     np.testing.assert_allclose(out["embedding"][[0, 2]], expected_features(tiny_model, pngs[:2], [2]), atol=1e-5)
@@ -78,7 +78,7 @@ def test_auto_column_default_layer_and_bad_column(tiny_ckpt, image_dir):
     assert emb.layers == [emb.model.n_layer // 2]
     png = sorted(image_dir.glob("*.png"))[0]
     out = cols(emb({"path": np.array([str(png)], dtype=object)}))
-    assert out["error"].tolist() == [""] and out["embedding"].shape == (1, emb.model.n_embd)
+    assert out["error"].tolist() == [None] and out["embedding"].shape == (1, emb.model.n_embd)
     out = cols(emb({"path": np.array([], dtype=object)}))
     assert out["embedding"].shape == (0, emb.model.n_embd) and len(out["error"]) == 0
     with pytest.raises(KeyError, match="none of the columns"):
@@ -87,7 +87,7 @@ def test_auto_column_default_layer_and_bad_column(tiny_ckpt, image_dir):
         Embedder(model=tiny_ckpt, device="cpu", column="bytes")({"path": np.array([str(png)], dtype=object)})
 
 
-def test_map_batches_on_actor_pool(ray_local, tiny_ckpt, tiny_model, image_dir):
+def test_map_batches_on_actor_pool(ray_local, tiny_ckpt, tiny_model, image_dir, tmp_path):
     import ray
 
     pngs = sorted(str(p) for p in image_dir.glob("*.png"))
@@ -106,6 +106,13 @@ def test_map_batches_on_actor_pool(ray_local, tiny_ckpt, tiny_model, image_dir):
     assert len(rows) == len(pngs)
     by_name = {Path(r["path"]).name: r for r in rows}
     assert sorted(by_name) == sorted(Path(p).name for p in pngs)
-    assert all(r["error"] == "" for r in rows)
+    assert all(r["error"] is None for r in rows)
     got = np.stack([np.asarray(by_name[Path(p).name]["embedding"]) for p in pngs])
     np.testing.assert_allclose(got, expected_features(tiny_model, pngs, LAYERS), atol=1e-5, rtol=0)
+    # the README's example: what it writes has the CLI's columns (an id to join on, no image bytes, null errors)
+    import pyarrow.parquet as pq
+
+    ds.rename_columns({"path": "id"}).write_parquet(str(tmp_path / "out"))
+    t = pq.read_table(tmp_path / "out")
+    assert sorted(t.column_names) == ["embedding", "error", "id"] and t.column("error").null_count == len(pngs)
+    assert t.schema.field("error").type == pa.string() and sorted(t.column("id").to_pylist()) == pngs

@@ -1,13 +1,13 @@
 """neighbors and dedup over a refresh store of real photos with planted copies (exact; the index: test_index.py)."""
+import functools
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_manifest
+from conftest import job_cfg, write_manifest
 from PIL import Image
 
-from igpt_batch import config
 from igpt_batch.cli import main
 from igpt_batch.store.refresh import refresh
 
@@ -28,9 +28,8 @@ def photo(name: str) -> Image.Image:
     return Image.fromarray(getattr(data, name)()).convert("RGB")
 
 
-def cfg_for(store, m, **extra):
-    return config.load(None, {"model.name": "demo", "input.manifest": str(m), "refresh.store": str(store),
-                              "run.executor": "local", "run.shard_size": 64, "extract.layers": [0], **extra})
+cfg_for = functools.partial(job_cfg, "demo", keys=("refresh.store", "input.manifest"),  # (store, manifest, **over)
+                            **{"run.executor": "local", "run.shard_size": 64, "extract.layers": [0]})
 
 
 def family(row_id: str) -> str:
@@ -105,7 +104,7 @@ def test_bad_input_exits_2(store, tmp_path, capsys):
         rc, _, err = cli(capsys, "neighbors", str(store / "store"), *argv)
         assert rc == 2 and "igpt-batch: error:" in err and words in err
     (tmp_path / "empty").mkdir()
-    rc, _, err = cli(capsys, "dedup", str(tmp_path / "empty"))
+    rc, _, err = cli(capsys, "dedup", str(tmp_path / "empty"), "--threshold", "0.99")
     assert rc == 2 and "no refresh versions" in err
 
 

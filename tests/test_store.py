@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 from conftest import S3Server
 
+from igpt_batch.run.storage import OutputFolder
 from igpt_batch.store.layout import FAILED_SCHEMA, Store, current_schema, lance_options
 
 V = "v-0123456789ab"
@@ -42,7 +43,7 @@ def test_a_reader_never_sees_a_night_in_flight(tmp_path):
     store = Store(str(tmp_path / "store"))
     store.create_version(V, {})
     night(store, "20260101T000000Z", rows(["a", "b"], "20260101T000000Z"))
-    store.write_snapshot_manifest(V, "20260102T000000Z", pa.table({"id": ["c"], "uri": ["/img/c.jpg"]}))
+    OutputFolder(store.snapshot_url(V, "20260102T000000Z")).start_job({"compat": {"rows": 1}})  # its extract began
     assert store.pending(V) == {"snapshot": "20260102T000000Z", "rows": 1}
     ds = store.open(V)
     builder = ds.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()

@@ -7,11 +7,10 @@ import os
 import stat
 
 from igpt_batch import uris
+from igpt_batch.config import DEFAULT_MAX_BYTES
 from igpt_batch.errors import ImageError, too_large
 from igpt_batch.redact import redact_uri, scrub_secrets
 from igpt_batch.uris import call_with_deadline
-
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 def _os_error(e: OSError, where: str) -> ImageError:

@@ -50,6 +50,7 @@ def read_http(url: str, opts: dict, timeout: float, max_bytes: int, where: str, 
     from igpt_batch import __version__
 
     headers = {"User-Agent": f"igpt-batch/{__version__}", **(opts.get("headers") or {})}
+    url = _basic_auth(url, headers)
     t = urllib3.Timeout(connect=timeout, read=timeout)
     try:
         resp = _pool(host_connections).request("GET", url, headers=headers, timeout=t, retries=_retry(retries, timeout),
@@ -80,10 +81,27 @@ def read_http(url: str, opts: dict, timeout: float, max_bytes: int, where: str, 
     except (u3.HTTPError, OSError) as e:
         raise ImageError("read", f"HTTP read failed ({type(e).__name__}): {where}") from None
     finally:
-        resp.release_conn() if done else resp.close()  # only a fully read body goes back to the pool
+        if not done:  # an error, or a body not read to its end: this connection is not reused...
+            resp.close()
+        resp.release_conn()  # ...but its slot goes back to the blocking pool, or the host dies after a few errors
     if not done:
         raise too_large(len(data), max_bytes, where)
     return data
+
+
+def _basic_auth(url: str, headers: dict) -> str:
+    """`user:pass@` in the URL is sent as HTTP Basic auth (percent-decoded, as curl does) and taken out of the URL;
+    urllib3 drops the header on a redirect to another host."""
+    import urllib.parse
+
+    from urllib3.util import make_headers, parse_url
+
+    u = parse_url(url)
+    if not u.auth:
+        return url
+    user, _, password = u.auth.partition(":")
+    headers.update(make_headers(basic_auth=f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"))
+    return u._replace(auth=None).url
 
 
 def _count(counter: list | None, n: int) -> None:

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from igpt_batch.config import DEFAULT_MAX_PIXELS
 from igpt_batch.errors import ImageError
 from igpt_batch.inputs.fetch import DEFAULT_MAX_BYTES, read_bytes
-
-DEFAULT_MAX_PIXELS = 64_000_000
-
 
 # ----------------------------------------------------------------------------- decoding
 
@@ -136,9 +134,11 @@ def load(
     return load_bytes(data, n_px, max_bytes=max_bytes, max_pixels=max_pixels, draft=draft)
 
 
-def load_bytes(data: bytes, n_px: int, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+def load_bytes(data: bytes | None, n_px: int, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                draft: bool = False, where: str = "embedded image") -> Loaded:
     """Encoded bytes already in hand (a manifest's bytes column, a tar member) -> Loaded; max_bytes applies too."""
+    if data is None:  # a null in the manifest's bytes column
+        raise ImageError("read", f"no image: the bytes column is null in this row: {where}")
     if len(data) > max_bytes:
         raise ImageError("read", f"too large: {len(data)} bytes > max_bytes {max_bytes}: {where}")
     img = decode(data, max_pixels=max_pixels, draft_size=n_px if draft else None)

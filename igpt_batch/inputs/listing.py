@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import fsspec
 
-from igpt_batch.errors import ManifestError
+from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs import tars
+from igpt_batch.inputs.manifest_files import name_of, redact_text
 from igpt_batch.redact import redact_uri, scrub_secrets
 
 MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 OUTPUT_MARKER = "_job.json"  # a folder holding it is an igpt-batch output: never read as input
 
 
@@ -37,6 +38,9 @@ def list_inputs(spec: str, storage_options: dict) -> Listing:
         why = scrub_secrets(f"{type(e).__name__}: {e}", storage_options)
         raise ManifestError(f"cannot open manifest {redact_uri(spec)} ({why}): check the URL and the storage options "
                             "(their names and types)") from None
+    except Exception as e:  # a dropped connection while listing (aiohttp's errors are not OSErrors): not the input
+        why = redact_text(scrub_secrets(f"{type(e).__name__}: {e}", storage_options))
+        raise JobError(f"cannot read manifest {redact_uri(spec)} ({why})") from None
 
 
 def _hidden(name: str) -> bool:
@@ -53,7 +57,7 @@ def _list(spec: str, storage_options: dict) -> Listing:
             raise ManifestError(f"{len(missing)} of {len(urls)} tars not found (e.g. {redact_uri(missing[0])})")
         return _classify(fs, spec, posixpath.dirname(first), paths, paths)
     fs, path = fsspec.core.url_to_fs(spec, **storage_options)
-    if any(c in path for c in "*?["):
+    if any(c in (path if "://" not in path else path.partition("?")[0]) for c in "*?["):  # a URL's ?query: no glob
         base = path[:min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
         outputs: dict[str, bool] = {}
         found = [f for f in sorted(fs.glob(path)) if not _excluded(fs, f, base, outputs)]
@@ -103,8 +107,8 @@ def _walk(fs: fsspec.AbstractFileSystem, root: str, spec: str) -> tuple[list[str
 
 def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> Listing:
     """Manifest files when the top level holds them and no images; else images (at any depth); else tars."""
-    is_manifest = lambda f: f.lower().endswith(MANIFEST_EXTS)  # noqa: E731
-    is_image = lambda f: f.lower().endswith(IMAGE_EXTS)  # noqa: E731
+    is_manifest = lambda f: name_of(f).endswith(MANIFEST_EXTS)  # noqa: E731
+    is_image = lambda f: name_of(f).endswith(IMAGE_FILE_EXTS)  # noqa: E731
     top_manifests, top_images = [f for f in top if is_manifest(f)], [f for f in top if is_image(f)]
     if top_manifests and top_images:
         names = lambda fs_: ", ".join(posixpath.basename(f) for f in fs_[:3]) + (", ..." if len(fs_) > 3 else "")  # noqa: E731
@@ -118,7 +122,7 @@ def _classify(fs, spec: str, base: str, top: list[str], found: list[str]) -> Lis
         return Listing(fs, "manifests", manifests, base)
     if images:
         return Listing(fs, "images", images, base)
-    tar_files = [f for f in found if f.lower().endswith(tars.TAR_EXTS)]
+    tar_files = [f for f in found if name_of(f).endswith(tars.TAR_EXTS)]
     if tar_files:
         return Listing(fs, "tars", tar_files, base)  # in the order named (brace ranges) or listed
     raise ManifestError(f"no manifest or image files found at {redact_uri(spec)}")

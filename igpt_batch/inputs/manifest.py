@@ -19,10 +19,18 @@ import pyarrow as pa
 from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs import tars
 from igpt_batch.inputs.listing import Listing, list_inputs
-from igpt_batch.inputs.manifest_files import ColumnHash, Columns, file_uri, read_batches, relative_id, resolve_uris
+from igpt_batch.inputs.manifest_files import (
+    BATCH_ROWS,
+    JSON_BLOCK_BYTES,
+    ColumnHash,
+    Columns,
+    file_uri,
+    read_batches,
+    relative_id,
+    resolve_uris,
+)
+from igpt_batch.redact import redact_uri
 
-BATCH_ROWS = 65_536  # manifest rows held at a time while planning
-JSON_BLOCK_BYTES = 8 << 20  # JSONL is read in blocks of this size
 KINDS = ("uri", "bytes", "tar")  # the input kind: how a worker gets a row's image (fetch the uri; decode the bytes the
 # plan rows carry; read the member of the tar its uri names)
 
@@ -48,7 +56,8 @@ def plan_shards(n: int, shard_size: int, first: int = 0) -> list[Shard]:
     return [Shard(i, first + s, first + min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
 
 
-def iter_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> Iterator[pa.Table]:
+def iter_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns(),
+                  digest: bool = False) -> Iterator[pa.Table]:
     """Yield the manifest as tables of string columns `id` and `uri`, a batch at a time, never all at once.
 
     `spec` is a manifest file, a folder or glob of manifest files, a folder or glob of image files, or WebDataset
@@ -56,9 +65,9 @@ def iter_manifest(spec: str, storage_options: dict | None = None, columns: Colum
     `member` column). `columns` names the id, uri and image-bytes columns (then a binary `bytes` column comes too, and a
     missing uri is `<manifest>#<row>`). A missing `id` is the uri itself; an image's id is its path relative to the
     folder (or the glob's fixed part), so moving the mount does not change ids. Relative local uris are resolved
-    against the manifest's folder.
+    against the manifest's folder. With `digest`, a tar's tables carry each image's `sha256` too.
     """
-    yield from _tables(list_inputs(spec, storage_options or {}), columns, digest=False)
+    yield from _tables(list_inputs(spec, storage_options or {}), columns, digest=digest)
 
 
 def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Table]:
@@ -78,9 +87,10 @@ def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Tabl
                 uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
             ids = t.column("id") if "id" in t.column_names else uris
             if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
-                raise ManifestError(f"manifest {path} has empty '{columns.uri}' or '{columns.id}' values")
+                raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
             row += t.num_rows
-            yield pa.table({"id": ids, "uri": uris, **({"bytes": t.column("bytes")} if columns.bytes else {})})
+            extra = {c: t.column(c) for c in ("bytes", "member") if c in t.column_names}
+            yield pa.table({"id": ids, "uri": uris, **extra})
 
 
 def _has_empty(column: pa.ChunkedArray) -> bool:
@@ -145,12 +155,13 @@ def _scan(spec: str, listing: Listing, columns: Columns, keep: Callable[[pa.Tabl
         if keep is not None:
             keep(t.drop_columns([c for c in ("sha256",) if c in t.column_names]))
     if rows == 0:
-        raise ManifestError(f"manifest {spec} is empty: no rows to process")
+        raise ManifestError(f"manifest {redact_uri(spec)} is empty: no rows to process")
     _check_duplicates(spec, np.concatenate(hashes), again)
-    kind = "tar" if listing.holds == "tars" else "bytes" if columns.bytes else "uri"
+    # tars, or a Parquet manifest naming tar members (input.member_column: refresh's night manifest)
+    kind = "tar" if listing.holds == "tars" or columns.member else "bytes" if columns.bytes else "uri"
     content = h_content.digest() if kind != "uri" else b""
     fingerprint = hashlib.sha256(h_id.digest() + h_uri.digest() + content).hexdigest()[:16]
-    return ManifestScan(rows, fingerprint, tuple(groups) if kind == "tar" else (), kind)
+    return ManifestScan(rows, fingerprint, tuple(groups) if listing.holds == "tars" else (), kind)
 
 
 def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterator[pa.Table]]) -> None:
@@ -166,7 +177,7 @@ def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterat
                     seen.add(i)
         if dups:
             names = ", ".join(repr(v) for v in list(dups)[:5])
-            raise ManifestError(f"manifest {spec} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
+            raise ManifestError(f"manifest {redact_uri(spec)} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
 
 
 class Inputs:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import urllib.parse
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
@@ -13,11 +14,13 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from igpt_batch.errors import ManifestError
+from igpt_batch.errors import JobError, ManifestError
+from igpt_batch.redact import redact_uri
 
 BATCH_ROWS = 65_536  # Parquet rows read at a time
 JSON_BLOCK_BYTES = 8 << 20  # JSONL is read in blocks of this size
 BYTES_BATCH_ROWS = 256  # Parquet rows read at a time when they carry the images themselves
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 @dataclass(frozen=True)
@@ -27,32 +30,51 @@ class Columns:
     id: str = "id"
     uri: str = "uri"
     bytes: str | None = None  # a column, or a struct's field as a dotted path (image.bytes)
+    member: str | None = None  # Parquet: the tar member of each row (its uri is tar#member), read as `member`
 
     @classmethod
     def of(cls, input_cfg) -> "Columns":
-        """From the config's `input` section (id_column, uri_column, bytes_column)."""
-        return cls(input_cfg.id_column, input_cfg.uri_column, input_cfg.bytes_column)
+        """From the config's `input` section (id_column, uri_column, bytes_column, member_column)."""
+        return cls(input_cfg.id_column, input_cfg.uri_column, input_cfg.bytes_column, input_cfg.member_column)
+
+
+def name_of(path: str) -> str:
+    """A listed file or URL as its kind is judged by the suffix: lower case, and for a URL (http, a presigned
+    object) without its ?query or #fragment, so `.../m.csv?X-Amz-Signature=...` is a CSV."""
+    if "://" in path:
+        path = path.partition("#")[0].partition("?")[0]
+    return path.lower()
 
 
 def read_batches(fs: fsspec.AbstractFileSystem, path: str, batch_rows: int = BATCH_ROWS,
                  json_block_bytes: int = JSON_BLOCK_BYTES, columns: Columns = Columns()) -> Iterator[pa.Table]:
     """Stream one manifest file as tables with a string `uri` column and, when the file has one, a string `id`;
     with columns.bytes (Parquet only) a binary `bytes` column too, and `uri` only when the file has one."""
-    ext = path.lower().rpartition(".")[2]
+    ext = name_of(path).rpartition(".")[2]
+    where = redact_uri(path)  # every message names the manifest without its credentials
     if columns.bytes and ext != "parquet":
-        raise ManifestError(f"manifest {path}: input.bytes_column needs a Parquet manifest")
+        raise ManifestError(f"manifest {where}: input.bytes_column needs a Parquet manifest")
     try:
         with fs.open(path, "rb") as f:
             if ext == "parquet":
-                yield from _parquet(f, path, batch_rows, columns)
+                yield from _parquet(f, where, batch_rows, columns)
             elif ext == "csv":
-                yield from _csv(f, path, columns)
+                yield from _csv(f, where, columns)
             else:
-                yield from _jsonl(f, path, json_block_bytes, columns)
-    except PermissionError as e:
-        raise ManifestError(f"cannot read manifest {path}: permission denied") from e
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ManifestError(f"cannot read manifest {path}: {e}") from e
+                yield from _jsonl(f, where, json_block_bytes, columns)
+    except ManifestError:
+        raise
+    except PermissionError:
+        raise ManifestError(f"cannot read manifest {where}: permission denied") from None
+    except (pa.ArrowInvalid, FileNotFoundError, IsADirectoryError) as e:  # the file itself
+        raise ManifestError(f"cannot read manifest {where}: {redact_text(str(e))}") from None
+    except Exception as e:  # the connection or the store failed mid-read (a dropped HTTP read, a reset): exit 1
+        raise JobError(f"cannot read manifest {where} ({type(e).__name__}: {redact_text(str(e)) or 'no detail'})") from None
+
+
+def redact_text(text: str) -> str:
+    """Free text (an exception's message) with every URL in it redacted."""
+    return _URL.sub(lambda m: redact_uri(m.group(0)), text)
 
 
 def _stringy(tp: pa.DataType) -> bool:
@@ -71,7 +93,11 @@ def _parquet(f: BinaryIO, path: str, batch_rows: int, columns: Columns) -> Itera
     names = {"id": columns.id, "uri": columns.uri}
     if columns.uri not in schema.names and not columns.bytes:
         raise ManifestError(f"manifest {path} has no '{columns.uri}' column (columns: {', '.join(schema.names) or 'none'})")
-    cols = [c for c in ("id", "uri") if names[c] in schema.names]
+    if columns.id != "id" and columns.id not in schema.names:  # a misspelt id column is refused, not ignored
+        raise ManifestError(f"manifest {path} has no '{columns.id}' column (columns: {', '.join(schema.names) or 'none'})")
+    if columns.member:
+        names["member"] = columns.member
+    cols = [c for c in names if names[c] in schema.names]
     for c in cols:
         tp = schema.field(names[c]).type
         if not (_stringy(tp) or (c == "id" and pa.types.is_integer(tp))):
@@ -143,6 +169,8 @@ def _csv(f: BinaryIO, path: str, columns: Columns) -> Iterator[pa.Table]:
         uri, id_ = batch.column(columns.uri), batch.column(columns.id)
         if len(uri) and uri.null_count == len(uri):  # present string columns are never null in CSV
             raise ManifestError(f"manifest {path} has no '{columns.uri}' column")
+        if columns.id != "id" and len(id_) and id_.null_count == len(id_):  # a misspelt id column: refused
+            raise ManifestError(f"manifest {path} has no '{columns.id}' column")
         yield pa.table({"id": id_, "uri": uri} if len(id_) and not id_.null_count else {"uri": uri})
 
 
@@ -196,6 +224,8 @@ def _json_row(raw: bytes, path: str, line: int, state: dict, ids: list, uris: li
     if type(uri) is not str:
         raise ManifestError(f"{where}: '{u}' must be a string, got {_JSON_TYPES.get(type(uri), 'a number')}")
     state.setdefault("has_id", k in row)
+    if k != "id" and not state["has_id"]:  # a misspelt id column is refused, not ignored
+        raise ManifestError(f"{where} has no '{k}'")
     if state["has_id"] != (k in row):
         raise ManifestError(f"{where} has no '{k}'" if state["has_id"] else f"{where} has an '{k}' but earlier rows have none")
     if state["has_id"]:
@@ -221,7 +251,7 @@ class ColumnHash:
 
         for chunk in column.chunks:
             chunk = chunk.cast(pa.large_binary())  # one layout (int64 offsets) whatever the reader produced
-            self.lengths.update(pc.binary_length(chunk).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+            self.lengths.update(pc.binary_length(chunk).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
             offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)
             lo, hi = int(offsets[chunk.offset]), int(offsets[chunk.offset + len(chunk)])
             if hi > lo:

@@ -3,6 +3,7 @@ disk, one LIST on an object store), a HEAD (or os.stat) only for rows whose pref
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import os
 import posixpath
 from collections import Counter, defaultdict
@@ -17,6 +18,7 @@ from igpt_batch.uris import local_path
 
 THREADS = 16  # concurrent HEADs and listings
 LIST_MIN = 4  # a prefix holding at least this many rows is listed once instead of stat-ed row by row
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 STAT_SCHEMA = pa.schema([("size", pa.int64()), ("mtime", pa.string()), ("etag", pa.string())])
 
 
@@ -31,12 +33,37 @@ def is_web(uris: pa.Array) -> pa.Array:
     return pc.match_substring_regex(uris, "^https?://", ignore_case=True)
 
 
+def timestamp(value) -> str | None:
+    """A modification time as every backend records it: UTC ISO 8601 with nanoseconds, 2026-12-05T08:00:00.123456789Z.
+    From nanoseconds (int, os.stat), a datetime (S3), epoch seconds (float), an ISO string (GCS, Azure) or an HTTP
+    date (Last-Modified); None when there is none or it cannot be read (the source is then decided by its bytes)."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                value = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+    if isinstance(value, dt.datetime):
+        value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        value = (value - EPOCH) // dt.timedelta(microseconds=1) * 1000
+    elif isinstance(value, float):
+        value = round(value * 1e9)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    seconds, ns = divmod(value, 10**9)
+    return f"{EPOCH + dt.timedelta(seconds=seconds):%Y-%m-%dT%H:%M:%S}.{ns:09d}Z"
+
+
 def _from_info(info: dict) -> dict:
     """{size, mtime, etag} from an fsspec info or listing entry (the same values either way)."""
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    mtime = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "Last-Modified")
+                  if info.get(k) is not None), None)
+    if isinstance(mtime, (int, float)) and not isinstance(mtime, bool):  # a listing's number is epoch seconds
+        mtime = float(mtime)
     etag = info.get("ETag") or info.get("etag")
-    return {"size": info.get("size"), "mtime": mtime.isoformat() if isinstance(mtime, dt.datetime) else
-            (None if mtime is None else str(mtime)), "etag": None if etag is None else str(etag).strip('"')}
+    return {"size": info.get("size"), "mtime": timestamp(mtime), "etag": None if etag is None else str(etag).strip('"')}
 
 
 def _fs_for(uri: str, options: dict):
@@ -52,7 +79,7 @@ def stat_one(uri: str, options: dict, timeout: float) -> dict | None:
         path = local_path(uri)
         if path is not None:
             st = os.stat(path)
-            return {"size": st.st_size, "mtime": str(st.st_mtime_ns), "etag": None}
+            return {"size": st.st_size, "mtime": timestamp(st.st_mtime_ns), "etag": None}
         fs, path = _fs_for(uri, options)
         fs.invalidate_cache(path)  # object stores cache listings; tonight's answer must be fresh
         return _from_info(_with_deadline(lambda: fs.info(path), timeout, uri))
@@ -80,7 +107,7 @@ def _listing(prefix: str, wanted: set[str], options: dict, timeout: float) -> di
 def _entry_stat(entry: os.DirEntry) -> dict | None:
     try:
         st = entry.stat()
-        return {"size": st.st_size, "mtime": str(st.st_mtime_ns), "etag": None}
+        return {"size": st.st_size, "mtime": timestamp(st.st_mtime_ns), "etag": None}
     except OSError:
         return None
 

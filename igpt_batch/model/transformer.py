@@ -42,7 +42,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def load_model(name: str, dtype: str = "fp32", device: str = "auto") -> "IGPT":
-    """Load a checkpoint ('demo', local folder or hub id) from safetensors only; never remote code."""
+    """Load a checkpoint ('demo', local folder or hub id) from safetensors only; never remote code.
+    dtype 'auto' resolves on this process's hardware (model/dtypes.py)."""
+    if dtype == "auto":
+        from igpt_batch.model import dtypes
+
+        dtype = dtypes.resolve("auto", dtypes.hardware(device))
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     from transformers import ImageGPTForCausalImageModeling
@@ -92,8 +97,8 @@ def conv1d(x: torch.Tensor, mod) -> torch.Tensor:
 
 def row_major_conv1d(mod) -> None:
     """Re-store a Conv1D weight (in, out) as the transpose of a contiguous (out, in) tensor, in place: the same
-    parameter, values and shape for transformers, but F.linear then reads it row by row. On the project's AVX2
-    CPU that makes a decode step's matmuls 1.5x faster in fp32 and 15x in bf16 (docs/BENCHMARKS.md)."""
+    parameter, values and shape for transformers, but F.linear then reads it row by row, which makes a CPU decode
+    step's matmuls faster, bf16 most of all (figures: docs/BENCHMARKS.md)."""
     if not mod.weight.t().is_contiguous():
         mod.weight.data = mod.weight.data.t().contiguous().t()
 
@@ -213,21 +218,38 @@ class IGPT(torch.nn.Module):
     def features(self, tokens: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """Mean over all positions of block l's ln_1(input) (ln_f output for l == n_layer), on the
         shifted input [SOS] + tokens[:-1]. Runs only blocks 0..max(layers)-1. -> (B, len(layers)*C) f32."""
-        layers = self._check_layers(layers)
+        return self.features_and_scores(tokens, layers, score=False)[0]
+
+    @torch.no_grad()
+    def features_and_scores(self, tokens: torch.Tensor, layers: list[int], score: bool = True):
+        """One pass: (features as in `features`, or None without layers; nll_bits (B,) f64 or None).
+        With score the pass runs to full depth, pooling the features at their layers on the way, and ends in
+        the head: nll_bits is the mean over the n_px^2 tokens of -log2 p(token_t | SOS, tokens_<t)."""
+        layers = self._check_layers(layers) if (layers or not score) else []
         tokens = torch.as_tensor(tokens).to(self.device, torch.long)
         if tokens.ndim != 2 or tokens.shape[1] != self.n_positions:
             raise ValueError(f"tokens must have shape (B, {self.n_positions}), got {tuple(tokens.shape)}")
         sos = torch.full_like(tokens[:, :1], self.sos_id)
         x = self.embed(torch.cat([sos, tokens[:, :-1]], dim=1))  # (B, P, C)
         pooled: dict[int, torch.Tensor] = {}
-        deepest = max(layers)
+        deepest = self.n_layer if score else max(layers)
         for i in range(deepest + 1):
             if i in layers:
                 ln = self.transformer.ln_f if i == self.n_layer else self.transformer.h[i].ln_1
                 pooled[i] = rms_norm(x, ln).mean(dim=1, dtype=torch.float32)  # (B, C)
             if i < deepest:
                 x = self.block(i, x)
-        return torch.cat([pooled[layer] for layer in layers], dim=1)
+        feats = torch.cat([pooled[layer] for layer in layers], dim=1) if layers else None
+        return feats, (self.nll_bits(x, tokens) if score else None)
+
+    def nll_bits(self, x: torch.Tensor, tokens: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Last block's output x (B, P, C) and the tokens it predicts (B, P) -> (B,) f64 mean -log2 p(token).
+        The head runs `chunk` images at a time, so its (chunk, P, V-1) f32 logits stay small beside the pass."""
+        out = []
+        for s in range(0, x.shape[0], chunk):
+            logp = torch.log_softmax(self.head(x[s:s + chunk]), dim=-1)  # (b, P, V-1) f32
+            out.append(logp.gather(-1, tokens[s:s + chunk, :, None]).squeeze(-1).double().sum(dim=1))
+        return -torch.cat(out) / (self.n_positions * math.log(2))
 
     # ----------------------------------------------------------------- sampling primitives
     def new_cache(self, batch_size: int) -> KVCache:

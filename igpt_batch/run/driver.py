@@ -12,7 +12,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, Inputs, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import guards, sizing, tasks
+from igpt_batch.run import dtype_auto, guards, report, sizing, tasks
 from igpt_batch.run.context import Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason
@@ -21,15 +21,16 @@ from igpt_batch.run.tasks import Plan, Task
 log = logging.getLogger("igpt_batch")
 
 
-def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None) -> Job:
+def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None, dry_run: bool = False) -> Job:
     """The job, with everything that can fail fast checked before a model is loaded: output, checkpoint files,
     inputs (listed and read once), plan, and an output that overlaps the inputs. `info` is a checkpoint already read
-    by the caller (refresh reads, and so hashes, the weights once a night). Close the job (`with`) when done."""
+    by the caller (refresh reads, and so hashes, the weights once a night). Close the job (`with`) when done.
+    `dry_run` (run/dry_run.py): the output is checked without writing into it."""
     if not cfg.output.path:
         raise ConfigError("output.path is required (--output)")
     if task.reads_manifest and not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
-    guards.check_output_usable(cfg.output.path)
+    guards.check_output_usable(cfg.output.path, write_probe=not dry_run)
     info = info or checkpoint.read_info(cfg.model.name)
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)
@@ -58,10 +59,12 @@ def sized(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo) -> JobCon
 
         return worker_gpus(cfg) > 0
 
-    try:
-        previous = OutputFolder(cfg.output.path, cfg.storage_options).read_job()
-    except PermissionError:
-        raise access_denied(cfg) from None
+    previous = None
+    if cfg.output.path and not cfg.output.overwrite:  # --overwrite replaces the output: sized afresh
+        try:
+            previous = OutputFolder(cfg.output.path, cfg.storage_options).read_job()
+        except PermissionError:
+            raise access_denied(cfg) from None
     return sizing.resolve(cfg, task.name, task.part_row_bytes(cfg, info), previous, gpu)
 
 
@@ -122,6 +125,7 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
             on_mismatch: str = "refuse") -> dict:
     """Run one job end to end; returns the _SUCCESS summary. Raises JobError if shards fail or too many rows are bad."""
     t0 = time.time()
+    cfg = dtype_auto.resolve_job(cfg)  # --dtype auto: resolved once, recorded and compared as resolved
     with prepare(cfg, tasks.get(task), info) as job:
         lease = Lease(OutputFolder(cfg.output.path, cfg.storage_options), cfg.run.lease_timeout,
                       force=cfg.output.overwrite)
@@ -149,10 +153,12 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
     write_plan_files(job, out, todo)
     records = _execute(job, todo, committed)
     summary = summarise(out, task, plan, committed, records, time.time() - t0)
+    commits = {**committed, **records}  # every committed shard's record, in hand: none is read again
     try:
-        task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None, {**committed, **records})
+        task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None, commits)
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
         log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
+    report.maybe_write(cfg, out, summary, commits=commits)  # report.html beside _SUCCESS (output.report); never raises
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
         out.finish(summary, ok=False)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -60,6 +62,8 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return bool(_STARTED_RAY) and _STARTED_RAY[-1] == ray.get_runtime_context().gcs_address
+    if not sys.stderr.isatty() and not os.environ.get("RAY_COLOR_PREFIX"):  # the driver prints worker log lines:
+        os.environ["RAY_COLOR_PREFIX"] = "0"  # no colour codes into a log file or a pipe
     if address:
         ray.init(address=address)
     elif os.environ.get("RAY_ADDRESS"):
@@ -69,8 +73,10 @@ def init_ray(address: str | None) -> bool:
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
             lambda record: "Token authentication is enabled" not in record.getMessage())
         # a node we own and that dies is noticed in seconds, not the default half minute
-        ray.init(address="local", include_dashboard=False, configure_logging=False,
-                 _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
+        with warnings.catch_warnings():  # Ray starts its processes by fork and exec: nothing of lance's runs there
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            ray.init(address="local", include_dashboard=False, configure_logging=False,
+                     _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
         _STARTED_RAY.append(ray.get_runtime_context().gcs_address)
         return True
     return False

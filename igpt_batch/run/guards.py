@@ -29,8 +29,9 @@ def _overlaps(a: tuple[str, str], b: tuple[str, str]) -> bool:
     return x == y or x.startswith(y.rstrip("/") + "/") or y.startswith(x.rstrip("/") + "/")
 
 
-def check_output_usable(url: str) -> None:
-    """A local output must be a folder (or creatable) that this process can write; refused with a message if not."""
+def check_output_usable(url: str, write_probe: bool = True) -> None:
+    """A local output must be a folder (or creatable) that this process can write; refused with a message if not.
+    Without write_probe (a dry run) an existing folder's permissions are checked instead of writing into it."""
     protocol, path = _norm(url)
     if protocol != "file":
         return  # object stores answer for themselves (access denied is a clear JobError at the first read)
@@ -42,6 +43,10 @@ def check_output_usable(url: str) -> None:
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"output {url} cannot be created: {parent} is not a writable folder")
+        return
+    if not write_probe:
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"output {url} is not writable (permission denied)")
         return
     probe = os.path.join(path, f".igpt-write-probe.{uuid.uuid4().hex}")
     try:

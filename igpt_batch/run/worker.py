@@ -54,12 +54,14 @@ class ShardWorker:
         import torch
         from transformers.utils import logging as hf_logging
 
+        from igpt_batch.model import dtypes
         from igpt_batch.model.transformer import load_model
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in actors
         hf_logging.disable_progress_bar()  # one line below says the model loaded, not a bar per actor
         if self.cfg.run.torch_threads:
             torch.set_num_threads(self.cfg.run.torch_threads)
+        dtypes.check_worker(self.cfg.model)  # --dtype auto: this worker's hardware must resolve as the job's did
         t0 = time.perf_counter()
         self.model = load_model(self.resolved.info.path, self.cfg.model.dtype, self.cfg.model.device)
         log.info("model %s (%s) loaded on %s in %.1f s", self.cfg.model.name, self.cfg.model.dtype, self.model.device,
@@ -76,7 +78,7 @@ class ShardWorker:
     def run(self, shard: Shard) -> dict:
         """Process one shard and commit it; returns the commit record (with its stage seconds and http retries)."""
         self.load()
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         stats = Stats()
         rows = self.out.read_plan(shard) if self.reader else None  # written by the driver
         tables = self.runner(shard, rows, stats)
@@ -92,6 +94,8 @@ class ShardWorker:
             "errors_by_reason": dict(errors_by_reason(tables["errors"])) if "errors" in tables else {},
             "fingerprint": self.fingerprint, "worker_pid": os.getpid(),
             "stats": stats.seconds(), "http_retries": stats.http_retries,
+            # wall clock (unix s): the report's timeline
+            "started_at": round(started_at, 3), "committed_at": round(time.time(), 3),
         }
         self.out.commit(shard.name, record)
         metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray

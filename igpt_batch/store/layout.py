@@ -15,6 +15,10 @@ from igpt_batch.run.storage import OutputFolder, errors_by_reason
 log = logging.getLogger("igpt_batch")
 TABLE = "current.lance"  # the current table of a version, a Lance dataset
 FAILED = "failed.parquet"  # rows that could not be embedded, kept beside the table
+NIGHT = "_night"  # a night's working files that hold fetchable uris: removed when it ends, swept by the next
+NIGHTS = "nights"  # one summary record per night: nights/<start>.json
+WORKING = (NIGHT, "_planning", "manifests")  # swept at the start of a night (manifests/: stores from before 0.x)
+INDEX_INFO = "_index.json"  # the vector index: rows it was trained on, its partitions, its measured recall
 FRAGMENT_ROWS = 1024 * 1024  # Lance's target fragment size: smaller fragments count towards compaction
 SNAPSHOT_PROPERTY = "igpt_snapshot"  # the Lance transaction property naming the snapshot a commit publishes
 SNAPSHOT_FORMAT = "%Y%m%dT%H%M%SZ"  # snapshot ids are UTC times, so they sort by time
@@ -74,12 +78,14 @@ class Store:
         """The extract output of the rows a snapshot computed."""
         return f"{self.url}/{version}/snapshots/{snapshot}"
 
-    def manifest_url(self, version: str, snapshot: str) -> str:
-        return f"{self.url}/{version}/manifests/{snapshot}.parquet"
+    def night_manifest_url(self, version: str, snapshot: str) -> str:
+        """A night's to-compute manifest: fetchable uris (credentials included), so removed when the night ends."""
+        return f"{self.url}/{version}/{NIGHT}/{snapshot}.parquet"
 
-    def planning(self, version: str) -> OutputFolder:
-        """The night plan's bucket files (removed when the night is planned)."""
-        return OutputFolder(f"{self.url}/{version}/_planning", self.storage_options)
+    def planning(self, version: str, folder: str = "") -> OutputFolder:
+        """The night plan's bucket files (removed when the night is planned): under the version, or under `folder`
+        (refresh.planning_folder: a dry run's temporary folder)."""
+        return OutputFolder(f"{folder.rstrip('/') if folder else f'{self.url}/{version}'}/_planning", self.storage_options)
 
     @staticmethod
     def bucket_file(kind: str, bucket: int) -> str:
@@ -129,22 +135,50 @@ class Store:
         """Every snapshot that ran the model (snapshots/<id>/, never deleted), oldest first."""
         return self._list(version, "snapshots")
 
-    def write_snapshot_manifest(self, version: str, snapshot: str, table: pa.Table) -> str:
-        """A snapshot's to-compute manifest: written before its extract run, it marks the snapshot in flight."""
-        self.folder(version).write_table(f"manifests/{snapshot}.parquet", table)
-        return self.manifest_url(version, snapshot)
+    def write_night_manifest(self, version: str, snapshot: str, tables) -> str:
+        """Stream a night's to-compute rows (an iterator of tables of one schema) into its working manifest."""
+        v, rel = self.folder(version), f"{NIGHT}/{snapshot}.parquet"
+        v.fs.makedirs(v.path(NIGHT), exist_ok=True)
+        writer = None
+        with v.fs.open(v.path(rel), "wb") as sink:
+            for t in tables:
+                writer = writer or pq.ParquetWriter(sink, t.schema)
+                writer.write_table(t)
+            if writer:
+                writer.close()
+        return self.night_manifest_url(version, snapshot)
+
+    def sweep(self, version: str) -> None:
+        """A night's first step, under the lease: remove the working files a killed night left (they hold fetchable
+        uris) and a current table that was never committed."""
+        v = self.folder(version)
+        for sub in WORKING:
+            v.remove(sub)
+        self.clear_uncommitted(version)
+
+    def end_night(self, version: str) -> None:
+        """A night's last step, whether it succeeded or failed: its working files go."""
+        self.folder(version).remove(NIGHT)
 
     def pending(self, version: str) -> dict | None:
-        """A snapshot in flight: a to-compute manifest newer than the last kept snapshot. {"snapshot", "rows"}."""
+        """A snapshot in flight: an extract output newer than the last kept snapshot. {"snapshot", "rows"}."""
         kept = self.kept_snapshots(version)
         last = max(kept) if kept else ""
-        mine = [m[: -len(".parquet")] for m in self._list(version, "manifests") if m.endswith(".parquet")]
-        newer = [s for s in mine if s > last]
-        if not newer:
-            return None
+        for snapshot in reversed([s for s in self.snapshot_outputs(version) if s > last]):
+            job = self.folder(version).read_json(f"snapshots/{snapshot}/_job.json")  # none: killed before any work
+            if job:
+                return {"snapshot": snapshot, "rows": (job.get("compat") or {}).get("rows")}
+        return None
+
+    # -- night records -------------------------------------------------------------
+    def save_night(self, version: str, record: dict) -> None:
+        """One night's record (its summary, start, end, status), named by its start; never rewritten by others."""
+        self.folder(version).write_json(f"{NIGHTS}/{_stamp(record['started_at'])}.json", record)
+
+    def night_summaries(self, version: str) -> list[dict]:
+        """Every night's record of a version, oldest first (docs/REFRESH.md, "Night records")."""
         v = self.folder(version)
-        rows = pq.read_metadata(v.path("manifests", f"{newer[-1]}.parquet"), filesystem=v.fs).num_rows
-        return {"snapshot": newer[-1], "rows": rows}
+        return [v.read_json(f"{NIGHTS}/{name}") for name in self._list(version, NIGHTS) if name.endswith(".json")]
 
     def taken(self, version: str, snapshot: str) -> bool:
         return snapshot in self.kept_snapshots(version) or self.folder(version).exists(f"snapshots/{snapshot}")
@@ -157,7 +191,40 @@ class Store:
         if not self.folder(version).exists(TABLE):
             return None
         opts = lance_options(self.url, self.storage_options)
-        return lance.dataset(self.table_url(version), version=snapshot, storage_options=opts)
+        try:
+            return lance.dataset(self.table_url(version), version=snapshot, storage_options=opts)
+        except ValueError:  # Lance's "not found": a table never committed is no table yet
+            if not self.committed(version):
+                return None
+            raise
+
+    def committed(self, version: str) -> bool:
+        """Whether the current table exists with a committed version: a first night killed inside Lance's create
+        leaves data/ without _versions/, a table never committed (clear_uncommitted removes it)."""
+        v = self.folder(version)
+        if not v.exists(TABLE):
+            return False
+        v.fs.invalidate_cache(v.path(TABLE, "_versions"))
+        return v.exists(f"{TABLE}/_versions") and bool(v.fs.ls(v.path(TABLE, "_versions"), detail=False))
+
+    def clear_uncommitted(self, version: str) -> bool:
+        """Remove a current table that was never committed (ours: no reader could ever open it). Under the lease."""
+        if self.folder(version).exists(TABLE) and not self.committed(version):
+            log.warning("refresh %s: %s was never committed (a first night killed while writing it); removing it",
+                        version, TABLE)
+            self.folder(version).remove(TABLE)
+            return True
+        return False
+
+    def repair_latest(self, version: str) -> None:
+        """Point _LATEST.json at the version's newest kept snapshot when it says otherwise (a night killed between
+        its tag and the pointer, or the first night of this version after another)."""
+        kept = self.kept_snapshots(version)
+        latest = self.latest()
+        if kept and (latest.get("version"), latest.get("snapshot")) != (version, max(kept)):
+            log.info("refresh %s: _LATEST.json named %s/%s; now %s", version, latest.get("version"),
+                     latest.get("snapshot"), max(kept))
+            self.set_latest(version, max(kept))
 
     def kept_snapshots(self, version: str) -> dict[str, int]:
         """Published snapshots still kept as tags: snapshot id -> table_version of its commit, oldest first."""
@@ -247,17 +314,47 @@ class Store:
                 problems.append(f"{version}: night {snapshot} (Lance version {table_version}) cannot be read: {e}")
         return problems
 
+    # -- indices and near-duplicates (store/index.py, store/dedup.py) ---------------
+    def index_info(self, version: str) -> dict:
+        """What the vector index was last (re-)trained on and its measured recall ({} before it exists)."""
+        return self.folder(version).read_json(INDEX_INFO) or {}
+
+    def set_index_info(self, version: str, info: dict) -> None:
+        self.folder(version).write_json(INDEX_INFO, info)
+
+    def scratch_url(self, version: str, name: str) -> str:
+        """A folder for one `dedup` run's pair files (removed by it when done)."""
+        return f"{self.url}/{version}/_scratch/{name}"
+
+    def write_duplicates(self, version: str, snapshot: str, table: pa.Table) -> None:
+        """A night's near-duplicate pairs (id, duplicate_of, cosine) found for its new and updated rows."""
+        self.folder(version).write_table(f"duplicates/{snapshot}.parquet", table)
+
+    def read_duplicates(self, version: str, snapshot: str) -> pa.Table | None:
+        v = self.folder(version)
+        return v.read_table(f"duplicates/{snapshot}.parquet") if v.exists(f"duplicates/{snapshot}.parquet") else None
+
     # -- failed rows ---------------------------------------------------------------
     def read_failed(self, version: str) -> pa.Table:
         v = self.folder(version)
         return v.read_table(FAILED).cast(FAILED_SCHEMA) if v.exists(FAILED) else FAILED_SCHEMA.empty_table()
 
     def write_failed(self, version: str, table: pa.Table) -> None:
+        """The failed-rows record; its uris are redacted (no credential is kept in a store)."""
+        from igpt_batch.redact import redact_uri
+
+        uris = pa.array([None if u is None else redact_uri(u) for u in table.column("uri").to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index("uri"), "uri", uris)
         self.folder(version).write_table(FAILED, table.cast(FAILED_SCHEMA))
 
     def failed_by_reason(self, version: str) -> Counter:
         t = self.read_failed(version)
         return errors_by_reason(t.rename_columns([{"reason": "error"}.get(c, c) for c in t.column_names]))
+
+
+def _stamp(iso: str) -> str:
+    """An ISO time as a file name that sorts by time: 2026-01-02T03:04:05.678901+00:00 -> 20260102T030405.678901+0000."""
+    return iso.replace("-", "").replace(":", "")
 
 
 def _sql_id_in(ids: pa.Array) -> str:

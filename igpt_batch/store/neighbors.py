@@ -1,43 +1,15 @@
-"""Nearest neighbours and near-duplicates over a refresh store's current table: Lance vector search by cosine."""
+"""Nearest neighbours over a refresh store's current table: Lance vector search by cosine (dedup: store/dedup.py)."""
 from __future__ import annotations
 
 import logging
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
-from igpt_batch.store.index import has_index
-from igpt_batch.store.layout import LIVE, Store
+from igpt_batch.store.index import check_k, has_index, knn, open_table
 
 log = logging.getLogger("igpt_batch")
-REFINE = 4  # with an IVF-PQ index, re-rank refine_factor * k candidates by their exact cosine distance
-QUERY_ROWS = 256  # dedup: query vectors per batch nearest-neighbour query
 THUMB = 64  # contact-sheet tile side, px
-GROUPS_SCHEMA = pa.schema([("group", pa.int64()), ("id", pa.string()), ("uri", pa.string()),
-                           ("group_size", pa.int64()), ("score", pa.float32())])
-
-
-def open_table(store_url: str, snapshot: str | None, version: str | None, storage_options: dict | None):
-    """(Store, version, lance dataset as of the kept `snapshot`); FileNotFoundError/ValueError for bad input."""
-    store = Store(store_url, storage_options)
-    version = store.resolve(version)
-    if store.open(version) is None:
-        raise FileNotFoundError(f"{store_url}/{version} has no current table: no refresh has finished there yet")
-    kept = store.kept_snapshots(version)
-    if snapshot is not None and snapshot not in kept:
-        raise ValueError(f"snapshot {snapshot!r} is not a kept night of {version} (kept: {', '.join(kept)})")
-    return store, version, store.open(version, snapshot)
-
-
-def knn(ds, q: np.ndarray, k: int) -> pa.Table:
-    """The k nearest live rows of each query vector (float32 (dim,) or (Q, dim)) by cosine: id, uri, _distance
-    (1 - cosine), plus query_index for a batch. Exact without an index; IVF-PQ candidates re-ranked exactly with one."""
-    nearest = {"column": "embedding", "q": np.asarray(q, np.float32), "k": int(k), "metric": "cosine"}
-    if has_index(ds):
-        nearest["refine_factor"] = REFINE
-    return ds.to_table(columns=["id", "uri", "_distance"], nearest=nearest, prefilter=True, filter=LIVE,
-                       disable_scoring_autoprojection=True)
 
 
 def store_model(store, version: str, device: str = "auto"):
@@ -86,8 +58,7 @@ def neighbors(store_url: str, row_id: str | None = None, image: str | None = Non
     """The k nearest live rows to a row of the table (`row_id`) or to an image embedded with the store's model."""
     if (row_id is None) == (image is None):
         raise ValueError("give exactly one of --id and --image")
-    if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
+    check_k(k, 1)
     store, version, ds = open_table(store_url, snapshot, version, storage_options)
     if row_id is not None:
         q, uri = row_vector(ds, row_id)
@@ -124,77 +95,3 @@ def write_sheet(path: str, uris: list[str], storage_options: dict | None) -> str
     with fsspec.open(path, "wb", **(storage_options or {})) as f:
         f.write(png)
     return path
-
-
-class _Groups:
-    """Union-find over row positions."""
-
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def dedup(store_url: str, threshold: float = 0.95, output: str | None = None, k: int = 10,
-          snapshot: str | None = None, version: str | None = None, storage_options: dict | None = None) -> dict:
-    """Groups of live ids whose embeddings have cosine >= threshold: a k-NN query per row (through the index when
-    the table has one), pairs above the threshold joined by union-find. Writes them as Parquet to `output`."""
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
-    if k < 2:
-        raise ValueError(f"-k must be >= 2 (a row's nearest neighbour is itself), got {k}")
-    store, version, ds = open_table(store_url, snapshot, version, storage_options)
-    live = ds.to_table(columns=["id", "uri"], filter=LIVE)
-    pos = {i: n for n, i in enumerate(live.column("id").to_pylist())}
-    groups, best, pairs = _Groups(live.num_rows), np.zeros(live.num_rows, np.float32), 0
-    for batch in ds.to_batches(columns=["id", "embedding"], filter=LIVE, batch_size=QUERY_ROWS):
-        if not batch.num_rows:
-            continue
-        q = batch.column("embedding").values.to_numpy().reshape(batch.num_rows, -1)
-        hits = knn(ds, q, k)
-        src = [pos[i] for i in batch.column("id").to_pylist()]
-        for qi, hid, d in zip(hits.column("query_index").to_pylist(), hits.column("id").to_pylist(),
-                              hits.column("_distance").to_pylist()):
-            a, b, score = src[qi], pos[hid], 1.0 - d
-            if a != b and score >= threshold:
-                groups.union(a, b)
-                best[a], best[b], pairs = max(best[a], score), max(best[b], score), pairs + 1
-    table = _group_table(live, groups, best)
-    summary = {"version": version, "snapshot": snapshot or max(store.kept_snapshots(version)), "index": has_index(ds),
-               "threshold": threshold, "k": k, "live_rows": live.num_rows, "pairs": pairs,
-               "groups": len(set(table.column("group").to_pylist())),
-               "duplicates": table.num_rows - len(set(table.column("group").to_pylist())), "output": output}
-    if output:
-        _write(output, table, storage_options)
-    return summary
-
-
-def _group_table(live: pa.Table, groups: _Groups, best: np.ndarray) -> pa.Table:
-    """One row per id in a group of 2 or more: group (numbered from 0, by its first id), id, uri, group_size,
-    score (its highest cosine to another member)."""
-    roots = np.array([groups.find(i) for i in range(live.num_rows)], np.int64)
-    _, inverse, counts = np.unique(roots, return_inverse=True, return_counts=True)
-    size = counts[inverse]
-    keep = np.flatnonzero(size > 1)
-    order = keep[np.lexsort((np.asarray(live.column("id").to_pylist(), dtype=object)[keep].astype(str), roots[keep]))]
-    _, number = np.unique(roots[order], return_inverse=True)
-    return pa.table({"group": number.astype(np.int64), "id": live.column("id").take(order),
-                     "uri": live.column("uri").take(order), "group_size": size[order].astype(np.int64),
-                     "score": best[order]}, schema=GROUPS_SCHEMA)
-
-
-def _write(path: str, table: pa.Table, storage_options: dict | None) -> None:
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(path, "wb", **(storage_options or {})) as f:
-        pq.write_table(table, f, compression="zstd")

@@ -7,6 +7,7 @@ and those tasks write their stats grouped by hash bucket of id; the decide tasks
 metadata columns, split by the same hash of id."""
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,19 +18,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from igpt_batch.config import JobConfig
+from igpt_batch.inputs.manifest_files import Columns
 from igpt_batch.inputs.stat import STAT_SCHEMA, is_web, prefix_of, stat_table
 from igpt_batch.store.decide import Bucket, Counts, as_mask, decide
 from igpt_batch.store.layout import SOURCE, Store, current_schema
 
 META = (*(name for name, _ in SOURCE), "deleted")  # the current table's columns planning reads
-STATED = pa.schema([("id", pa.string()), ("uri", pa.string()), *STAT_SCHEMA, ("bucket", pa.int64())])  # stat files
+# a manifest row as planning reads it: `row` its position; `sha256` the content of an image inside the manifest (a
+# bytes column, a tar member: hashed while planning, never held), null for a uri to stat; `member` a tar member
+PLANNED = pa.schema([("id", pa.string()), ("uri", pa.string()), ("row", pa.int64()), ("sha256", pa.string()),
+                     ("member", pa.string())])
+STATED = pa.schema([*PLANNED, *STAT_SCHEMA, ("bucket", pa.int64())])  # stat files
 
 
 @dataclass
 class NightPlan:
     """A night's decision for every manifest row, from its buckets."""
 
-    compute: pa.Table  # id, uri, size, mtime, etag of the rows to embed, in the order they are embedded
+    compute: pa.Table  # PLANNED and STAT_SCHEMA columns of the rows to embed, in manifest order (uris unredacted)
     buckets: list[Bucket]
     stat: Counter = field(default_factory=Counter)  # lists and heads made by the stat round (inputs.stat)
 
@@ -78,28 +84,61 @@ def bucket_of(ids: pa.Array, n: int) -> np.ndarray:
 
 def plan_night(cfg: JobConfig, store: Store, version: str, failed: pa.Table, pending: str | None) -> NightPlan:
     """Decide every manifest row. Up to refresh.plan_bucket_rows rows are planned here; more in two rounds of
-    bucket tasks (Ray tasks with the ray executor; see the module's docstring), through the planning folder."""
-    from igpt_batch.inputs.manifest import iter_manifest, scan_manifest
+    bucket tasks (Ray tasks with the ray executor; see the module's docstring), through the planning folder, which
+    holds fetchable uris and is removed when planning ends, whether it succeeded or not."""
+    from igpt_batch.inputs.manifest import scan_manifest
 
-    rows = scan_manifest(cfg.input.manifest, cfg.storage_options).rows  # the checks: empty, duplicate ids
+    rows = scan_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)).rows  # empty, duplicate ids
     n = max(1, -(-rows // cfg.refresh.plan_bucket_rows))
     if n == 1:
         prev = store.read(version, columns=list(META))
         prev = prev if prev.num_rows or prev.num_columns else _empty_meta()
-        man = pa.concat_tables(iter_manifest(cfg.input.manifest, cfg.storage_options))
-        st, io = stat_table(man.column("uri").combine_chunks(), cfg.storage_options, cfg.input.read_timeout)
-        man = pa.table({"id": man.column("id"), "uri": man.column("uri"), **{c: st.column(c) for c in st.column_names}})
+        man = pa.concat_tables(manifest_rows(cfg))
+        st, io = stat_rows(man, cfg)
+        man = pa.table({**{c: man.column(c) for c in man.column_names}, **{c: st.column(c) for c in st.column_names}})
         bucket, compute = decide(man, prev, failed, cfg, pending)
         return NightPlan(compute, [bucket], io)
-    planning = store.planning(version)
+    planning = store.planning(version, cfg.refresh.planning_folder)
     planning.remove("")
-    _split(cfg, store, version, n)
-    where = (cfg, store.url, store.storage_options, version, n)
-    io = sum(_run(cfg, stat_bucket, [(*where, b) for b in range(n)]), Counter())
-    buckets = _run(cfg, decide_bucket, [(*where, b, failed, pending) for b in range(n)])
-    compute = pa.concat_tables([planning.read_table(store.bucket_file("compute", b)) for b in range(n)])
-    planning.remove("")
-    return NightPlan(compute, buckets, io)
+    try:
+        _split(cfg, store, version, n)
+        where = (cfg, store.url, store.storage_options, version, n)
+        io = sum(_run(cfg, stat_bucket, [(*where, b) for b in range(n)]), Counter())
+        buckets = _run(cfg, decide_bucket, [(*where, b, failed, pending) for b in range(n)])
+        compute = pa.concat_tables([planning.read_table(store.bucket_file("compute", b)) for b in range(n)])
+    finally:
+        planning.remove("")
+    return NightPlan(compute.sort_by("row"), buckets, io)
+
+
+def manifest_rows(cfg: JobConfig) -> Iterator[pa.Table]:
+    """The user's manifest (its id, uri, bytes and member columns as configured) as PLANNED tables, a batch at a
+    time: images inside the manifest are hashed here, and their bytes dropped."""
+    from igpt_batch.inputs.manifest import iter_manifest
+
+    row = 0
+    for t in iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input), digest=True):
+        n, cols = t.num_rows, t.column_names
+        if "bytes" in cols:
+            sha = pa.array([None if b is None else hashlib.sha256(b).hexdigest() for b in t.column("bytes").to_pylist()],
+                           pa.string())
+        else:
+            sha = t.column("sha256") if "sha256" in cols else pa.nulls(n, pa.string())
+        yield pa.table({"id": t.column("id"), "uri": t.column("uri"), "row": pa.array(np.arange(row, row + n)),
+                        "sha256": sha, "member": t.column("member") if "member" in cols else pa.nulls(n, pa.string())},
+                       schema=PLANNED)
+        row += n
+
+
+def stat_rows(t: pa.Table, cfg: JobConfig) -> tuple[pa.Table, Counter]:
+    """stat_table of the rows whose content is not known already (null sha256); the others get null stats."""
+    need = as_mask(pc.is_null(t.column("sha256")))
+    if need.all():
+        return stat_table(t.column("uri").combine_chunks(), cfg.storage_options, cfg.input.read_timeout)
+    st, io = stat_table(t.column("uri").filter(pa.array(need)).combine_chunks(), cfg.storage_options,
+                        cfg.input.read_timeout)
+    at = pa.array(np.cumsum(need) - 1, mask=~need)
+    return st.take(at), io
 
 
 def _run(cfg: JobConfig, fn, args: list[tuple]) -> list:
@@ -142,13 +181,10 @@ def _split(cfg: JobConfig, store, version: str, n: int) -> None:
     """Stream the manifest into n stat bucket files and the current table's metadata columns into n id bucket files."""
     import pyarrow.parquet as pq
 
-    from igpt_batch.inputs.manifest import iter_manifest
-
-    planning = store.planning(version)
+    planning = store.planning(version, cfg.refresh.planning_folder)
     planning.fs.makedirs(planning.path(""), exist_ok=True)
     ds = store.open(version)
-    ids = pa.schema([STATED.field("id"), STATED.field("uri")])
-    manifest = (t.select(ids.names).cast(ids) for t in iter_manifest(cfg.input.manifest, cfg.storage_options))
+    manifest = manifest_rows(cfg)
     sources = {"manifest": (manifest, lambda t: _stat_bucket_of(t, n)),
                "current": ((pa.Table.from_batches([b]) for b in ds.to_batches(columns=list(META), batch_size=65536,
                                                                                  fragment_readahead=1, batch_readahead=1))
@@ -174,16 +210,16 @@ def stat_bucket(cfg, url, storage_options, version, n, b) -> Counter:
     import pyarrow.parquet as pq
 
     store = Store(url, storage_options)
-    planning, io = store.planning(version), Counter()
+    planning, io = store.planning(version, cfg.refresh.planning_folder), Counter()
     with planning.fs.open(planning.path(store.bucket_file("stat", b)), "wb") as sink, \
             pq.ParquetWriter(sink, STATED) as writer, planning.fs.open(planning.path(store.bucket_file("manifest", b))) as f:
         # twice a bucket's rows at a time: a stat bucket holds plan_bucket_rows on average, so nearly all are stat-ed
         # in one slice (every folder listed once), and the stat columns are a fraction of a decide bucket's
         for batch in pq.ParquetFile(f).iter_batches(batch_size=2 * cfg.refresh.plan_bucket_rows):
-            st, c = stat_table(batch.column("uri"), cfg.storage_options, cfg.input.read_timeout)
+            st, c = stat_rows(pa.Table.from_batches([batch]), cfg)
             io.update(c)
             bucket = bucket_of(batch.column("id"), n)
-            t = pa.table({"id": batch.column("id"), "uri": batch.column("uri"), **{k: st.column(k) for k in st.column_names},
+            t = pa.table({**{k: batch.column(k) for k in PLANNED.names}, **{k: st.column(k) for k in st.column_names},
                           "bucket": bucket}, schema=STATED)
             for _, part in _by_bucket(t, bucket, n):
                 if part.num_rows:
@@ -197,7 +233,7 @@ def decide_bucket(cfg, url, storage_options, version, n, b, failed, pending) -> 
     import pyarrow.dataset as pads
 
     store = Store(url, storage_options)
-    planning = store.planning(version)
+    planning = store.planning(version, cfg.refresh.planning_folder)
     stats = pads.dataset([planning.path(store.bucket_file("stat", s)) for s in range(n)], schema=STATED,
                          format="parquet", filesystem=planning.fs)
     man = stats.to_table(filter=pc.field("bucket") == b).drop_columns(["bucket"])

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, JobError, LeaseError
 from igpt_batch.inputs.stat import STAT_SCHEMA
 from igpt_batch.model import checkpoint
+from igpt_batch.redact import redact_uri, scrub_secrets
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.storage import Folder, Lease, OutputFolder, read_output
 from igpt_batch.store.decide import TOUCH
@@ -95,7 +97,7 @@ def start_night(cfg: JobConfig, store: Store, version: str, info, layers) -> Nig
 
 def run_extract(cfg: JobConfig, night: Night) -> None:
     """Step 2: embed the rows to compute into snapshots/<snapshot>/ with the ordinary driver (resuming a killed
-    night)."""
+    night), from the night's working manifest (removed when the night ends: it holds fetchable uris)."""
     compute = night.plan.compute
     if not compute.num_rows:
         return
@@ -103,7 +105,10 @@ def run_extract(cfg: JobConfig, night: Night) -> None:
 
     store, version, snapshot = night.store, night.version, night.snapshot
     sub = copy.deepcopy(cfg)
-    sub.input.manifest = store.write_snapshot_manifest(version, snapshot, compute)
+    sub.input.manifest = store.write_night_manifest(version, snapshot, night_rows(cfg, compute))
+    sub.input.id_column, sub.input.uri_column = "id", "uri"  # the night manifest's own columns, whatever the user's
+    sub.input.bytes_column = "bytes" if cfg.input.bytes_column else None
+    sub.input.member_column = "member" if compute.column("member").null_count < compute.num_rows else None
     sub.output.path, sub.output.overwrite = store.snapshot_url(version, snapshot), False
     sub.run.max_error_fraction = 1.0  # the night's fraction counts against the whole manifest, below
     result = run_job(sub, Extract(), info=night.info, on_mismatch="overwrite")
@@ -114,6 +119,24 @@ def run_extract(cfg: JobConfig, night: Night) -> None:
     if night.errors.num_rows / rows > cfg.run.max_error_fraction:
         raise JobError(f"{night.errors.num_rows} of {rows} manifest rows failed tonight, over run.max_error_fraction="
                        f"{cfg.run.max_error_fraction}; nothing published, the next run resumes snapshot {snapshot}")
+
+
+def night_rows(cfg: JobConfig, compute: pa.Table):
+    """The night manifest's tables: id, uri (and member for tar rows), in manifest order; with a bytes column, the
+    images of those rows, read again from the user's manifest (planning never holds them)."""
+    cols = ["id", "uri"] + (["member"] if compute.column("member").null_count < compute.num_rows else [])
+    if not cfg.input.bytes_column:
+        yield compute.select(cols)
+        return
+    from igpt_batch.inputs.manifest import iter_manifest
+    from igpt_batch.inputs.manifest_files import Columns
+
+    want, row = compute.column("row"), 0
+    for t in iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)):
+        mine = pc.is_in(pa.array(np.arange(row, row + t.num_rows)), value_set=want)
+        row += t.num_rows
+        if pc.any(mine).as_py():
+            yield t.filter(mine).select(["id", "uri", "bytes"])
 
 
 def merge(cfg: JobConfig, night: Night) -> tuple[pa.RecordBatchReader, pa.Array | None]:
@@ -141,17 +164,18 @@ def merge(cfg: JobConfig, night: Night) -> tuple[pa.RecordBatchReader, pa.Array 
         touch = plan.touch.append_column("deleted", pa.array(np.zeros(plan.touch.num_rows, bool)))
         updates = pa.concat_tables([touch, pa.table({"id": marks, "deleted": pa.array(np.ones(len(marks), bool))})],
                                    promote_options="default")
+        table = night.store.open(night.version) if updates.num_rows else None  # one open: its index pages cached
         for s in range(0, updates.num_rows, TAKE):
-            yield _updated(night, updates.slice(s, TAKE), schema).to_batches()
+            yield _updated(table, updates.slice(s, TAKE), schema).to_batches()
 
     reader = pa.RecordBatchReader.from_batches(schema, (b for bs in batches() for b in bs))
     return reader, (gone.column("id") if night.dropped else None)
 
 
-def _updated(night: Night, updates: pa.Table, schema: pa.Schema) -> pa.Table:
+def _updated(table, updates: pa.Table, schema: pa.Schema) -> pa.Table:
     """The previous rows of `updates`' ids with their new uri/size/mtime/etag (a deletion mark, with a null uri,
-    keeps them) and deleted flag."""
-    old = night.store.read(night.version, filter=pc.field("id").isin(updates.column("id")))
+    keeps them) and deleted flag. `table` is the current table; the ids are looked up through its BTREE on id."""
+    old = table.to_table(filter=pc.field("id").isin(updates.column("id")))
     new = updates.take(pc.index_in(old.column("id"), value_set=updates.column("id")))
     touched = pc.is_valid(new.column("uri"))
     for c in (*TOUCH[1:], "deleted"):
@@ -180,7 +204,8 @@ def failed_record(night: Night) -> pa.Table:
         return kept
     st = plan.compute.take(pc.index_in(err.column("id"), value_set=computed))
     first = plan.failed.column("first_night").take(pc.index_in(err.column("id"), value_set=plan.failed.column("id")))
-    tonight = pa.table({"id": err.column("id"), "uri": st.column("uri"), "sha256": pa.nulls(err.num_rows, pa.string()),
+    # sha256: the content of an image inside the manifest (so an unchanged one is not retried), else unknown
+    tonight = pa.table({"id": err.column("id"), "uri": st.column("uri"), "sha256": st.column("sha256"),
                         **{c: st.column(c) for c in STAT_SCHEMA.names}, "stage": err.column("stage"),
                         "reason": err.column("error"), "first_night": pc.fill_null(first, snapshot),
                         "last_night": pa.array([snapshot] * err.num_rows, pa.string())})
@@ -192,7 +217,21 @@ def prune(cfg: JobConfig, night: Night) -> None:
     from igpt_batch.store.index import update_index
 
     night.summary["pruned"] = night.store.prune(night.version, cfg.refresh.keep_current, cfg.refresh.compact_fragments)
-    update_index(night.store, night.version, cfg.refresh.index_min_rows)
+    trained = update_index(night.store, night.version, cfg.refresh.index_min_rows)
+    if trained:
+        night.summary["index"] = trained
+
+
+def find_duplicates(cfg: JobConfig, night: Night) -> None:
+    """Step 6, with refresh.dup_threshold: tonight's embedded rows searched for near-duplicates (store/dedup.py)."""
+    from igpt_batch.store.dedup import night_duplicates
+
+    if cfg.refresh.dup_threshold is None:
+        return
+    ids = night.plan.compute.column("id")
+    ids = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=night.errors.column("id"))))
+    night.summary["duplicates"] = night_duplicates(night.store, night.version, night.snapshot, ids,
+                                                   cfg.refresh.dup_threshold)
 
 
 def refresh(cfg: JobConfig) -> dict:
@@ -204,24 +243,53 @@ def refresh(cfg: JobConfig) -> dict:
     info = checkpoint.read_info(cfg.model.name)  # read once a night: the weights are hashed once
     try:  # one night at a time per store: a second refresh is refused, naming the first
         with Lease(Folder(cfg.refresh.store, cfg.storage_options), cfg.run.lease_timeout):
-            return _night(cfg, info)
+            return _recorded_night(cfg, info)
     except LeaseError as e:
         raise JobError(str(e)) from None
 
 
-def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
-    layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)
+def _recorded_night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
+    """A night with its record saved in the store (Store.night_summaries) and its working files removed, whether
+    it succeeded or failed; first the repairs a killed night needs."""
     version, keys = version_of(cfg, info)
     store = Store(cfg.refresh.store, cfg.storage_options)
-    store.finish_interrupted(version)
+    record = {"started_at": _iso_now(), "status": "failed", "version": version}
+    try:
+        store.sweep(version)  # working files of a killed night; a table never committed
+        store.finish_interrupted(version)
+        store.repair_latest(version)
+        s = _night(cfg, info, store, version, keys)
+        record |= {"status": "ok", "summary": {k: v for k, v in s.items() if k not in ("computed_ids", "failed_ids")}}
+        return s
+    except BaseException as e:
+        record["error"] = _safe(f"{type(e).__name__}: {e}", cfg.storage_options)
+        raise
+    finally:
+        try:
+            store.end_night(version)
+            store.save_night(version, record | {"ended_at": _iso_now()})
+        except Exception as e:  # noqa: BLE001 - the night's own outcome (or error) is what the user must see
+            log.warning("refresh %s: could not remove the night's working files or save its record: %s", version,
+                        _safe(str(e), cfg.storage_options))
+
+
+def _iso_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _safe(text: str, storage_options: dict) -> str:
+    """A message as safe to keep in the store: every URL in it redacted, every storage option value '***'."""
+    return scrub_secrets(re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_uri(m.group()), text), storage_options)
+
+
+def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo, store: Store, version: str, keys: dict) -> dict:
+    layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)
     night = start_night(cfg, store, version, info, layers)
     s = night.summary
     if night.snapshot is None:
         s["message"] = f"nothing to embed: {s['unchanged']} rows unchanged"
         log.info("refresh %s: %s", version, s["message"])
-        kept = store.kept_snapshots(version)
-        if kept and store.latest().get("version") != version:
-            store.set_latest(version, max(kept))
+        find_duplicates(cfg, night)  # nothing new: searches nothing
         return s
     log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, night.snapshot,
              s["new"], s["changed"], s["unchanged"], s["deleted"], s["computed"])
@@ -230,6 +298,7 @@ def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo) -> dict:
     run_extract(cfg, night)
     publish(cfg, night, *merge(cfg, night))
     prune(cfg, night)
+    find_duplicates(cfg, night)
     log.info("refresh done: %s", s)
     if night.plan.compute.num_rows <= SMALL:
         s["computed_ids"] = night.plan.compute.column("id").to_pylist()

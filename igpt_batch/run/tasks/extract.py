@@ -11,6 +11,7 @@ from igpt_batch.run.storage import OutputFolder
 from igpt_batch.run.tasks.base import NIGHTLY, Plan, Task, error_row, error_table
 
 POOLING = "mean(ln_1(h[l]))"
+SCORE = "mean over tokens of -log2 p(token | SOS, tokens before), full depth, float64"
 
 
 class Extract(Task):
@@ -22,10 +23,12 @@ class Extract(Task):
     def resolve(self, cfg: JobConfig, info: CheckpointInfo) -> Resolved:
         base = super().resolve(cfg, info)
         layers = tuple(resolve_layers(cfg.extract.layers, info.n_layer))
-        return Resolved(info, layers, base.meta | {"layers": ",".join(map(str, layers)), "pooling": POOLING})
+        meta = base.meta | {"layers": ",".join(map(str, layers)), "pooling": POOLING}
+        return Resolved(info, layers, meta | ({"nll_bits": SCORE} if cfg.extract.score else {}))
 
     def keys(self, cfg: JobConfig, resolved: Resolved) -> dict:
-        return {"layers": list(resolved.layers)}
+        # score only when on: outputs written before the key existed keep resuming
+        return {"layers": list(resolved.layers)} | ({"score": True} if cfg.extract.score else {})
 
     def part_row_bytes(self, cfg: JobConfig, info: CheckpointInfo) -> int:
         return 4 * info.n_embd * len(resolve_layers(cfg.extract.layers, info.n_layer)) + 256  # float32s, id, uri, sha
@@ -55,10 +58,12 @@ class ExtractRunner:
         from igpt_batch.model import batching
         from igpt_batch.model.extractor import Extractor
 
-        layers = ctx.resolved.layers
-        self.ctx, self.meta = ctx, ctx.resolved.meta
-        bs = batching.extract_batch_size(ctx.model, list(layers), ctx.cfg.extract.batch_size)
-        self.extractor = Extractor(ctx.model, layers, bs, lock=ctx.model_lock)
+        resolved = ctx.resolved
+        self.ctx, self.meta = ctx, resolved.meta
+        score = ctx.cfg.extract.score
+        probe = list(resolved.layers) + ([ctx.model.n_layer] if score else [])  # scoring runs the full depth
+        bs = batching.extract_batch_size(ctx.model, probe, ctx.cfg.extract.batch_size)
+        self.extractor = Extractor(ctx.model, resolved.layers, bs, lock=ctx.model_lock, score=score)
 
     def __call__(self, shard, rows: pa.Table, stats: Stats) -> dict[str, pa.Table]:
         from igpt_batch.errors import ImageError
@@ -68,13 +73,17 @@ class ExtractRunner:
         bs = self.extractor.batch_size
         ok: dict[str, list] = {"id": [], "uri": [], "width": [], "height": [], "sha256": []}
         embs: list[np.ndarray] = [np.zeros((0, self.extractor.dim), np.float32)]
+        scores: list[np.ndarray] = [np.zeros(0, np.float64)]
         errors: list[dict] = []
         batch: list = []
 
         def flush() -> None:
             seconds: dict[str, float] = {}  # the extractor's preprocess_s and model_s
-            embs.append(self.extractor(np.stack([got.rgb for got in batch]), seconds))
+            emb, nll = self.extractor.embed(np.stack([got.rgb for got in batch]), seconds)
             stats.add_seconds(seconds)
+            embs.append(emb)
+            if nll is not None:
+                scores.append(nll)
             for got in batch:
                 for key in ("width", "height", "sha256"):
                     ok[key].append(getattr(got, key))
@@ -89,12 +98,15 @@ class ExtractRunner:
                 flush()
         if batch:
             flush()
-        table = pa.table({
+        columns = {
             "id": pa.array(ok["id"], pa.string()),
             "uri": pa.array(ok["uri"], pa.string()),
             "embedding": embedding_array(np.concatenate(embs)),
             "width": pa.array(ok["width"], pa.int32()),
             "height": pa.array(ok["height"], pa.int32()),
             "sha256": pa.array(ok["sha256"], pa.string()),
-        }).replace_schema_metadata(self.meta)
+        }
+        if self.extractor.score:
+            columns["nll_bits"] = pa.array(np.concatenate(scores), pa.float64())
+        table = pa.table(columns).replace_schema_metadata(self.meta)
         return {"embeddings": table, "errors": error_table(errors)}
