@@ -18,6 +18,7 @@ from igpt_batch.run.storage import PICTURES, REPORT, OutputFolder
 log = logging.getLogger("igpt_batch")
 SAMPLE_ROWS = 2000  # embeddings drawn on the map
 THUMBS = 24  # of which this many as thumbnails
+MAP_FILES = 2  # embeddings parts read for the map, at most
 FIGURES = ("input_rows", "errors", "shards", "shards_run", "shards_skipped", "wall_s", "rows_per_s", "http_retries")
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:1000px}h1{font-size:22px}
 h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}table{border-collapse:collapse}
@@ -132,13 +133,14 @@ def bars(items: list[tuple[str, float]], unit: str, w: int = 640) -> str:
 
 
 def _sample(out: OutputFolder, commits: dict, n: int):
-    """Up to n embedding rows spread over the committed files (id, uri, embedding)."""
+    """Up to n embedding rows from at most MAP_FILES committed files spread over the shards (id, uri, embedding)."""
     import pyarrow as pa
 
     files = out.committed_files("embeddings", commits)
     per_file = max(1, max(f["rows"] for rec in commits.values() for f in rec.get("files", [])
                           if f["path"].startswith("embeddings/")))
-    take = files[::max(1, len(files) // max(1, -(-n // per_file)))]
+    k = min(len(files), MAP_FILES, -(-n // per_file))  # a few parts, spread over the shards: reads do not grow with them
+    take = [files[i] for i in sorted(set(np.linspace(0, len(files) - 1, k).astype(int)))]
     table = pa.concat_tables([out.read_table(f, columns=["id", "uri", "embedding"]) for f in take])
     return table.take(np.linspace(0, table.num_rows - 1, min(n, table.num_rows)).astype(int))
 
