@@ -68,7 +68,10 @@ def build(out: OutputFolder, summary: dict, status: str, storage_options: dict, 
                                                    if k != "total_s"), "s"),
              "<h2>Errors by reason</h2>", bars(list(summary.get("errors_by_reason", {}).items()), "rows")]
     if any(f["path"].startswith("embeddings/") for rec in commits.values() for f in rec.get("files", [])):
-        parts += ["<h2>Embeddings (PCA)</h2>", embedding_map(out, commits, int(job.get("n_px", 8)), storage_options)]
+        # thumbnails load each image by its uri: not when the images were inside the manifest or its tars
+        thumbs = job.get("input_kind", "uri") == "uri"
+        parts += ["<h2>Embeddings (PCA)</h2>",
+                  embedding_map(out, commits, int(job.get("n_px", 8)), storage_options, thumbs=thumbs)]
     for name in PICTURES:
         if out.exists(name):
             data = base64.b64encode(out.fs.cat_file(out.path(name))).decode()
@@ -158,7 +161,7 @@ def _thumb(uri: str, n_px: int, storage_options: dict) -> str | None:
 
 
 def embedding_map(out: OutputFolder, commits: dict, n_px: int, storage_options: dict, w: int = 640,
-                  h: int = 480) -> str:
+                  h: int = 480, thumbs: bool = True) -> str:
     """The first two principal components of a sample of the embeddings, with thumbnails of some of them."""
     from sklearn.decomposition import PCA
 
@@ -172,8 +175,8 @@ def embedding_map(out: OutputFolder, commits: dict, n_px: int, storage_options: 
     px = 20 + (xy - lo) / span * np.array([w - 60, h - 60])
     dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#2a6fdb" fill-opacity=".55"/>' for x, y in px)
     uris = table.column("uri").to_pylist()
-    thumbs = ""
-    for i in np.linspace(0, len(px) - 1, min(THUMBS, len(px))).astype(int):
+    n_thumbs, thumbs = (min(THUMBS, len(px)) if thumbs else 0), ""
+    for i in np.linspace(0, len(px) - 1, n_thumbs).astype(int):
         data = _thumb(uris[i], n_px, storage_options)
         if data is not None:
             thumbs += (f'<image x="{px[i, 0] - 12:.1f}" y="{px[i, 1] - 12:.1f}" width="24" height="24" '
