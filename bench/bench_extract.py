@@ -169,8 +169,8 @@ class ProductionShard:
                                  "extract.layers": layers, "run.shard_size": len(uris), "output.contact_sheet": 0})
         task = Extract()
         self.shard, self.rows = Shard(0, 0, len(uris)), len(uris)
-        OutputFolder(cfg.output.path).write_plan(self.shard.name, pa.table({
-            "id": [f"img-{i:06d}" for i in range(len(uris))], "uri": uris}))
+        with OutputFolder(cfg.output.path).plan_writer() as plan:
+            plan.add(self.shard, pa.table({"id": [f"img-{i:06d}" for i in range(len(uris))], "uri": uris}))
         scan = ManifestScan(len(uris), "", kind="uri")  # the plan rows name files to read
         self.worker = ShardWorker(Job(cfg, task, task.resolve(cfg, checkpoint.read_info(ckpt)),
                                       task.plan(cfg, scan)))

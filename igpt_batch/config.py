@@ -75,7 +75,8 @@ class GenerateConfig:
 @dataclass
 class RunConfig:
     workers: int = 1  # actors, each holding one model replica
-    shard_size: int = 1024  # rows (or seeds) per shard: the unit of output, commit and retry
+    shard_size: int | str = "auto"  # rows (or seeds) per shard: the unit of output, commit and retry; auto = parts of
+    # about 128 MiB for GPU workers, 1024 rows on CPU (resolved once, recorded in _job.json, reused on resume)
     address: str | None = None  # Ray address; None joins RAY_ADDRESS / the job's cluster, else starts a local Ray
     executor: str = "ray"  # ray | local (in-process, no Ray: same code path, for debugging)
     cpus_per_worker: float = 1.0  # Ray CPU resources per actor (fractional is fine)
@@ -300,7 +301,8 @@ def validate(cfg: JobConfig) -> None:
     need(g.samples_per_image >= 1, "generate.samples_per_image", "must be >= 1")
     r = cfg.run
     need(r.workers >= 1, "run.workers", "must be >= 1")
-    need(r.shard_size >= 1, "run.shard_size", "must be >= 1")
+    need(r.shard_size == "auto" or (isinstance(r.shard_size, int) and r.shard_size >= 1), "run.shard_size",
+         f"must be an integer >= 1 or 'auto', got {r.shard_size!r}")
     need(r.executor in ("ray", "local"), "run.executor", f"must be ray or local, got {r.executor!r}")
     need(0 < r.cpus_per_worker < math.inf, "run.cpus_per_worker", "must be finite and > 0")
     need(r.gpus_per_worker is None or 0 <= r.gpus_per_worker < math.inf, "run.gpus_per_worker", "must be finite and >= 0")

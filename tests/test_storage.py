@@ -118,3 +118,20 @@ def test_duckdb_scans_the_committed_dataset_without_loading_it(output_url):
     out.write_part("embeddings", "part-00002", table(["stale"]))  # not committed: never counted
     emb = output_dataset(url, "embeddings", so)  # noqa: F841  (DuckDB finds it by name)
     assert duckdb.sql("select count(*), sum(x) from emb where id <> 'a'").fetchall() == [(2, 2)]
+
+
+def test_parts_are_written_in_row_groups_of_about_row_group_bytes(tmp_path, monkeypatch):
+    """Row groups sized by bytes, not one per write: large enough for DuckDB, Spark and Ray Data readers."""
+    import pyarrow.parquet as pq
+
+    from igpt_batch.run import storage
+
+    out = OutputFolder(str(tmp_path / "o"))
+    table = pa.table({"x": pa.array(range(1000), pa.int64())})  # 8 bytes a row
+    out.write_part("embeddings", "part-00000", table)
+    assert pq.read_metadata(tmp_path / "o" / "embeddings" / "part-00000.parquet").num_row_groups == 1
+    monkeypatch.setattr(storage, "ROW_GROUP_BYTES", 3000)  # 375 rows a group
+    out.write_part("embeddings", "part-00001", table)
+    meta = pq.read_metadata(tmp_path / "o" / "embeddings" / "part-00001.parquet")
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [375, 375, 250]
+    assert out.read_table("embeddings/part-00001.parquet").equals(table)

@@ -58,11 +58,44 @@ def test_reading_keeps_row_order_and_turns_failures_into_errors(tiny_ckpt, image
 def test_an_extract_shard_reads_its_plan_rows(tiny_ckpt, image_dir, tmp_path):
     worker, _ = make(tiny_ckpt, tmp_path / "o", "extract")
     out = OutputFolder(str(tmp_path / "o"))
-    out.write_plan("part-00000", pa.table({"id": ["a", "b"], "uri": [str(image_dir / "coffee.jpg"), "nope.jpg"]}))
+    with out.plan_writer() as plan:
+        plan.add(Shard(0, 0, 2), pa.table({"id": ["a", "b"], "uri": [str(image_dir / "coffee.jpg"), "nope.jpg"]}))
     rec = worker.run(Shard(0, 0, 2))
     assert rec["rows"] == {"embeddings": 1, "errors": 1}
+    [(reason, n)] = rec["errors_by_reason"].items()  # by stage and class, as the summary counts them
+    assert reason.startswith("read: ") and n == 1
     emb = out.read_table("embeddings/part-00000.parquet")
     assert emb.column("id").to_pylist() == ["a"] and emb.schema.metadata[b"layers"] == b"1"
+
+
+def test_plan_files_hold_many_shards_and_a_shard_without_errors_writes_no_errors_part(tiny_ckpt, image_dir,
+                                                                                      tmp_path, monkeypatch):
+    """The driver's plan: a few files, each shard's rows in its own row groups, read back by shard in one ranged
+    read; a shard whose rows all load commits no errors part (its record says 0 error rows)."""
+    from igpt_batch.run import planfile
+    from igpt_batch.run.storage import read_output
+
+    monkeypatch.setattr(planfile, "PLAN_SHARDS_PER_FILE", 2)
+    worker, _ = make(tiny_ckpt, tmp_path / "o", "extract")
+    out = OutputFolder(str(tmp_path / "o"))
+    shards = [Shard(0, 0, 1), Shard(2, 2, 4), Shard(3, 4, 5)]  # shard 1 is committed already: not in the plan
+    coffee, rocket = str(image_dir / "coffee.jpg"), str(image_dir / "rocket.jpg")
+    with out.plan_writer() as plan:
+        for s, uris in zip(shards, [[coffee], [rocket, coffee], ["nope.jpg"]]):
+            plan.add(s, pa.table({"id": [f"r{i}" for i in range(s.start, s.stop)], "uri": uris}))
+    assert sorted(p.name for p in (tmp_path / "o" / "_plan").iterdir()) == [
+        "plan-000000000000.parquet", "plan-000000000003.parquet"]  # two shards a file
+    assert OutputFolder(str(tmp_path / "o")).read_plan(shards[1]).column("id").to_pylist() == ["r2", "r3"]
+    recs = [worker.run(s) for s in shards]
+    assert [r["rows"] for r in recs] == [{"embeddings": 1, "errors": 0}, {"embeddings": 2, "errors": 0},
+                                         {"embeddings": 0, "errors": 1}]
+    assert [f["path"] for f in recs[1]["files"]] == ["embeddings/part-00002.parquet"]  # no empty errors part
+    assert recs[1]["errors_by_reason"] == {} and sum(recs[2]["errors_by_reason"].values()) == 1
+    assert sorted(p.name for p in (tmp_path / "o" / "errors").iterdir()) == ["part-00003.parquet"]
+    assert read_output(str(tmp_path / "o"), "errors").column("id").to_pylist() == ["r4"]
+    assert read_output(str(tmp_path / "o"), "embeddings").column("id").to_pylist() == ["r0", "r2", "r3"]
+    with pytest.raises(FileNotFoundError, match="part-00001"):
+        OutputFolder(str(tmp_path / "o")).read_plan(Shard(1, 1, 2))
 
 
 def test_a_model_that_cannot_load_fails_every_shard_with_the_same_error(tiny_ckpt, tmp_path):

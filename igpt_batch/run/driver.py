@@ -13,10 +13,10 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, Inputs, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import dtype_auto, guards, report, tasks
+from igpt_batch.run import dtype_auto, guards, report, sizing, tasks
 from igpt_batch.run.context import Stats
 from igpt_batch.run.job import Job
-from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason, read_output
+from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason
 from igpt_batch.run.tasks import Plan, Task
 
 log = logging.getLogger("igpt_batch")
@@ -36,9 +36,11 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     task.check(cfg, info)
     resolved = task.resolve(cfg, info)
     if not task.reads_manifest:
+        cfg = sized(cfg, task, info)
         return Job(cfg, task, resolved, task.plan(cfg, None))
     inputs = Inputs(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
     try:
+        cfg = sized(cfg, task, info)
         job = Job(cfg, task, resolved, task.plan(cfg, inputs.scan), inputs)
         # images inside the inputs (a bytes column, tar members) live where the manifest is: its check is enough
         guards.check_not_inputs(cfg.output.path, cfg.input.manifest, inputs.tables() if job.kind == "uri" else [])
@@ -46,6 +48,30 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
         inputs.close()
         raise
     return job
+
+
+def sized(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo) -> JobConfig:
+    """cfg with run.shard_size: auto resolved, once per output: a resume reads the size from _job.json."""
+    if cfg.run.shard_size != "auto":
+        return cfg
+
+    def gpu() -> bool:
+        from igpt_batch.run.executors import worker_gpus  # asks the Ray cluster (starting Ray) when it must
+
+        return worker_gpus(cfg) > 0
+
+    previous = None
+    if cfg.output.path and not cfg.output.overwrite:  # --overwrite replaces the output: sized afresh
+        try:
+            previous = OutputFolder(cfg.output.path, cfg.storage_options).read_job()
+        except PermissionError:
+            raise access_denied(cfg) from None
+    return sizing.resolve(cfg, task.name, task.part_row_bytes(cfg, info), previous, gpu)
+
+
+def access_denied(cfg: JobConfig) -> JobError:
+    """The message never carries storage options: they hold the keys."""
+    return JobError(f"access denied to output {cfg.output.path}: check the storage credentials")
 
 
 def open_output(cfg: JobConfig, keys: dict, job: dict, on_mismatch: str) -> OutputFolder:
@@ -112,8 +138,8 @@ def run_job(cfg: JobConfig, task: "Task | str", *, info: checkpoint.CheckpointIn
                     lease.folder.end_job(lease.fence)  # plan files (fetchable URLs) go however the job ends
         except LeaseError as e:
             raise JobError(str(e)) from None
-        except PermissionError:  # the message never carries storage options: they hold the keys
-            raise JobError(f"access denied to output {cfg.output.path}: check the storage credentials") from None
+        except PermissionError:
+            raise access_denied(cfg) from None
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -131,11 +157,12 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
     write_plan_files(job, out, todo)
     records = _execute(job, todo, committed)
     summary = summarise(out, task, plan, committed, records, time.time() - t0)
+    commits = {**committed, **records}  # every committed shard's record, in hand: none is read again
     try:
-        task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None)
+        task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None, commits)
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
         log.warning("could not draw the %s pictures (%s: %s); the output is complete", task.name, type(e).__name__, e)
-    report.maybe_write(cfg, out, summary)  # report.html beside _SUCCESS (output.report); never raises
+    report.maybe_write(cfg, out, summary, commits=commits)  # report.html beside _SUCCESS (output.report); never raises
     n_rows = summary["input_rows"]
     if n_rows and summary["errors"] / n_rows > cfg.run.max_error_fraction:
         out.finish(summary, ok=False, lease=job.resolved.lease)
@@ -148,13 +175,15 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
 
 
 def write_plan_files(job: Job, out: OutputFolder, todo: list) -> None:
-    """Each shard to run gets its input rows in the output's plan files, from the rows the scan kept; the kept rows
-    are released after (the pictures need only the head)."""
+    """The shards to run get their input rows in the output's plan files (a few files, a row group per shard: the
+    driver's PUTs do not grow with shards), from the rows the scan kept; the kept rows are released after (the
+    pictures need only the head)."""
     if job.inputs is None or not todo:
         job.close()
         return
     try:
-        write_plan(job.inputs.tables(), todo, lambda s, rows: out.write_plan(s.name, rows))
+        with out.plan_writer() as plan:
+            write_plan(job.inputs.tables(), todo, plan.add)
     except OSError as e:
         raise JobError(guards.plan_write_error(e, job.cfg.output.path)) from None
     finally:
@@ -188,11 +217,19 @@ def _execute(job: Job, todo: list, committed: dict) -> dict[str, dict]:
 
 
 def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: dict, wall_s: float) -> dict:
-    rows = Counter()
-    for rec in {**before, **records}.values():  # every committed shard: earlier runs' and this run's
+    """The _SUCCESS summary from the commit records in hand (read once at the start, and handed back by the
+    executor): no per-shard reads, except the errors parts of earlier runs' shards whose records predate
+    `errors_by_reason`."""
+    rows, by_reason, older = Counter(), Counter(), []
+    for name, rec in {**before, **records}.items():  # every committed shard: earlier runs' and this run's
         rows.update(rec.get("rows", {}))
-    errors = read_output(out.url, "errors", out.fs.storage_options) if rows.get("errors") else None
-    by_reason = errors_by_reason(errors) if errors is not None else Counter()
+        if rec.get("rows", {}).get("errors"):
+            if "errors_by_reason" in rec:
+                by_reason.update(rec["errors_by_reason"])
+            else:
+                older.append(rec)
+    for part in out.committed_files("errors", {r["shard"]: r for r in older}):
+        by_reason.update(errors_by_reason(out.read_table(part, ["stage", "error"])))
     stats = sum((Stats.of(rec) for rec in records.values()), Stats())  # this run's shards
     new_rows = sum(r["stop"] - r["start"] for r in records.values())
     return {

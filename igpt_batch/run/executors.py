@@ -52,13 +52,16 @@ def execute_local(job: Job, shards: list[Shard], done: Done) -> dict[str, str]:
     return failed
 
 
+_STARTED_RAY = []  # the Ray this process started itself (a local one), once it has
+
+
 def init_ray(address: str | None) -> bool:
     """Join the given cluster, the job's cluster (RAY_ADDRESS under `ray job submit`), or start an isolated local Ray.
-    Returns True when this process started (and so owns) the Ray instance."""
+    Returns True when this process started (and so owns) the Ray instance, on a later call too."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return bool(_STARTED_RAY) and _STARTED_RAY[-1] == ray.get_runtime_context().gcs_address
     if not sys.stderr.isatty() and not os.environ.get("RAY_COLOR_PREFIX"):  # the driver prints worker log lines:
         os.environ["RAY_COLOR_PREFIX"] = "0"  # no colour codes into a log file or a pipe
     if address:
@@ -74,8 +77,27 @@ def init_ray(address: str | None) -> bool:
             warnings.filterwarnings("ignore", message="lance is not fork-safe")
             ray.init(address="local", include_dashboard=False, configure_logging=False,
                      _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
+        _STARTED_RAY.append(ray.get_runtime_context().gcs_address)
         return True
     return False
+
+
+def worker_gpus(cfg) -> float:
+    """GPUs each worker asks for: run.gpus_per_worker, else 1 when the device is not cpu and there is a GPU (the
+    cluster's, on the Ray executor; this machine's, in-process)."""
+    if cfg.run.gpus_per_worker is not None:
+        return cfg.run.gpus_per_worker
+    if cfg.model.device == "cpu":
+        return 0
+    if cfg.run.executor == "local":
+        import torch
+
+        return 1 if torch.cuda.is_available() else 0
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(cfg.run.address)
+    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 
 def _call_with_deadline(fn, timeout: float, default):
@@ -168,9 +190,7 @@ class RayPool:
     def _make_actor_class(self, ray) -> None:
         from igpt_batch.run.worker import ShardWorker
 
-        gpus = self.cfg.run.gpus_per_worker
-        if gpus is None:
-            gpus = 1 if self.cfg.model.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = worker_gpus(self.cfg)
         self.request = {"CPU": self.cfg.run.cpus_per_worker, "GPU": gpus}
         self.actor_cls = ray.remote(ShardWorker).options(num_cpus=self.cfg.run.cpus_per_worker, num_gpus=gpus,
                                                          max_concurrency=IN_FLIGHT)

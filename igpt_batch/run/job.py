@@ -43,7 +43,8 @@ class Job:
         return {"task": self.task.name, "config": self.cfg.to_dict(redact=True), "compat": self.keys,
                 "model": self.cfg.model.name, "weights_fingerprint": info.weights_fingerprint,
                 "palette_hash": info.palette_hash, "layers": list(self.resolved.layers), "n_px": info.n_px,
-                "shards": len(self.plan.shards), "versions": versions()}
+                "shards": len(self.plan.shards), "shard_size": self.cfg.run.shard_size, "input_kind": self.kind,
+                "versions": versions()}
 
     def for_workers(self) -> "Job":
         """This job without the driver's copy of the input rows (workers read their plan files)."""

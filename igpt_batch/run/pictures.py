@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import io
+from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from igpt_batch.inputs import images
 from igpt_batch.model import palette
-from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.run.storage import OutputFolder
 
 
 def grid(tiles: list[np.ndarray], ncols: int, scale: int = 4, pad: int = 2) -> np.ndarray:
@@ -58,9 +61,28 @@ def _write_grid(out: OutputFolder, name: str, pics: list[np.ndarray], ncols: int
     return name
 
 
-def write_contact_sheet(out: OutputFolder, n: int, name: str = "contact_sheet.png") -> str | None:
-    """A grid of the first n samples (by seed), upscaled with nearest-neighbour so pixels stay crisp."""
-    samples = read_output(out.url, "samples", out.fs.storage_options)
+def first_rows(out: OutputFolder, kind: str, commits: dict[str, dict] | None, columns: list[str],
+               enough: Callable[[pa.Table], bool]) -> pa.Table:
+    """The committed rows of `kind` in shard order, read a row group at a time until enough(rows so far) holds:
+    a picture reads the rows it shows, not the whole output."""
+    import pyarrow.parquet as pq
+
+    got: list[pa.Table] = []
+    for rel in out.committed_files(kind, commits):
+        with out.fs.open(out.path(rel), "rb") as f:
+            part = pq.ParquetFile(f)
+            for g in range(part.num_row_groups):
+                got.append(part.read_row_group(g, columns=columns))
+                if enough(pa.concat_tables(got)):
+                    return pa.concat_tables(got)
+    return pa.concat_tables(got) if got else pa.table({})
+
+
+def write_contact_sheet(out: OutputFolder, n: int, commits: dict[str, dict] | None = None,
+                        name: str = "contact_sheet.png") -> str | None:
+    """A grid of the first n samples (by seed), upscaled with nearest-neighbour so pixels stay crisp. Shards hold
+    seeds in order, so the first shards' first rows are read, up to n."""
+    samples = first_rows(out, "samples", commits, ["seed", "png"], lambda t: t.num_rows >= n)
     if not samples.num_rows:
         return None
     samples = samples.sort_by("seed").slice(0, n)
@@ -91,9 +113,12 @@ def write_preview(out: OutputFolder, cfg, clusters: np.ndarray, table, n_px: int
 
 
 def write_completion_sheet(out: OutputFolder, cfg, clusters: np.ndarray, table, n_px: int, n: int,
-                           name: str = "contact_sheet.png") -> str | None:
-    """One row per prompt: original | quantised prompt (rest grey) | its K completions; first n prompts."""
-    samples = read_output(out.url, "samples", out.fs.storage_options)
+                           commits: dict[str, dict] | None = None, name: str = "contact_sheet.png") -> str | None:
+    """One row per prompt: original | quantised prompt (rest grey) | its K completions; first n prompts. Shards
+    hold prompts in manifest order, so the first shards are read until n prompts have all their K samples."""
+    k = cfg.generate.samples_per_image
+    enough = lambda t: pc.sum(pc.equal(pc.value_counts(t.column("prompt_id")).field("counts"), k)).as_py() >= n  # noqa: E731
+    samples = first_rows(out, "samples", commits, ["prompt_id", "sample_index", "png"], enough)
     if not samples.num_rows:
         return None
     samples = samples.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])

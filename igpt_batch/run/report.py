@@ -19,6 +19,7 @@ from igpt_batch.run.storage import PICTURES, REPORT, OutputFolder
 log = logging.getLogger("igpt_batch")
 SAMPLE_ROWS = 2000  # embeddings drawn on the map
 THUMBS = 24  # of which this many as thumbnails
+MAP_FILES = 2  # embeddings parts read for the map, at most
 FIGURES = ("input_rows", "errors", "shards", "shards_run", "shards_skipped", "wall_s", "rows_per_s", "http_retries")
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:1000px}h1{font-size:22px}
 h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}table{border-collapse:collapse}
@@ -26,12 +27,13 @@ td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}td.n{text-al
 svg text{font:11px system-ui,sans-serif;fill:#444}.muted{color:#888}img.sheet{max-width:100%;image-rendering:pixelated}"""
 
 
-def maybe_write(cfg, out: OutputFolder, summary: dict, status: str = "succeeded") -> None:
-    """The job's report.html, unless output.report is off; any failure is a warning, never a failed job."""
+def maybe_write(cfg, out: OutputFolder, summary: dict, status: str = "succeeded", commits: dict | None = None) -> None:
+    """The job's report.html, unless output.report is off; any failure is a warning, never a failed job. `commits`:
+    the commit records the driver has in hand (else they are read)."""
     if not cfg.output.report:
         return
     try:
-        out.write_bytes(REPORT, build(out, summary, status, cfg.storage_options).encode())
+        out.write_bytes(REPORT, build(out, summary, status, cfg.storage_options, commits).encode())
     except Exception as e:  # noqa: BLE001 - a report is a convenience: the output is complete without it
         log.warning("could not write %s (%s: %s); the output is complete", REPORT, type(e).__name__, e)
 
@@ -53,11 +55,11 @@ def write(url: str, path: str | None = None, storage_options: dict | None = None
     return path
 
 
-def build(out: OutputFolder, summary: dict, status: str, storage_options: dict) -> str:
+def build(out: OutputFolder, summary: dict, status: str, storage_options: dict, commits: dict | None = None) -> str:
     from igpt_batch.redact import redact_uri
 
     job = out.read_job() or {}
-    commits = out.committed()
+    commits = out.committed() if commits is None else commits
     parts = [f"<h1>igpt-batch {html.escape(job.get('task', '?'))}: {html.escape(status)}</h1>",
              f"<p class=muted>{html.escape(redact_uri(out.url))} &middot; model {html.escape(str(job.get('model')))}"
              f" &middot; dtype {html.escape(str(job.get('compat', {}).get('dtype')))}</p>",
@@ -67,7 +69,10 @@ def build(out: OutputFolder, summary: dict, status: str, storage_options: dict) 
                                                    if k != "total_s"), "s"),
              "<h2>Errors by reason</h2>", bars(list(summary.get("errors_by_reason", {}).items()), "rows")]
     if any(f["path"].startswith("embeddings/") for rec in commits.values() for f in rec.get("files", [])):
-        parts += ["<h2>Embeddings (PCA)</h2>", embedding_map(out, commits, int(job.get("n_px", 8)), storage_options)]
+        # thumbnails load each image by its uri: not when the images were inside the manifest or its tars
+        thumbs = job.get("input_kind", "uri") == "uri"
+        parts += ["<h2>Embeddings (PCA)</h2>",
+                  embedding_map(out, commits, int(job.get("n_px", 8)), storage_options, thumbs=thumbs)]
     for name in PICTURES:
         if out.exists(name):
             data = base64.b64encode(out.fs.cat_file(out.path(name))).decode()
@@ -132,13 +137,14 @@ def bars(items: list[tuple[str, float]], unit: str, w: int = 640) -> str:
 
 
 def _sample(out: OutputFolder, commits: dict, n: int):
-    """Up to n embedding rows spread over the committed files (id, uri, embedding)."""
+    """Up to n embedding rows from at most MAP_FILES committed files spread over the shards (id, uri, embedding)."""
     import pyarrow as pa
 
     files = out.committed_files("embeddings", commits)
     per_file = max(1, max(f["rows"] for rec in commits.values() for f in rec.get("files", [])
                           if f["path"].startswith("embeddings/")))
-    take = files[::max(1, len(files) // max(1, -(-n // per_file)))]
+    k = min(len(files), MAP_FILES, -(-n // per_file))  # a few parts, spread over the shards: reads do not grow with them
+    take = [files[i] for i in sorted(set(np.linspace(0, len(files) - 1, k).astype(int)))]
     table = pa.concat_tables([out.read_table(f, columns=["id", "uri", "embedding"]) for f in take])
     return table.take(np.linspace(0, table.num_rows - 1, min(n, table.num_rows)).astype(int))
 
@@ -156,7 +162,7 @@ def _thumb(uri: str, n_px: int, storage_options: dict) -> str | None:
 
 
 def embedding_map(out: OutputFolder, commits: dict, n_px: int, storage_options: dict, w: int = 640,
-                  h: int = 480) -> str:
+                  h: int = 480, thumbs: bool = True) -> str:
     """The first two principal components of a sample of the embeddings, with thumbnails of some of them."""
     from sklearn.decomposition import PCA
 
@@ -170,8 +176,8 @@ def embedding_map(out: OutputFolder, commits: dict, n_px: int, storage_options: 
     px = 20 + (xy - lo) / span * np.array([w - 60, h - 60])
     dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#2a6fdb" fill-opacity=".55"/>' for x, y in px)
     uris = table.column("uri").to_pylist()
-    thumbs = ""
-    for i in np.linspace(0, len(px) - 1, min(THUMBS, len(px))).astype(int):
+    n_thumbs, thumbs = (min(THUMBS, len(px)) if thumbs else 0), ""
+    for i in np.linspace(0, len(px) - 1, n_thumbs).astype(int):
         data = _thumb(uris[i], n_px, storage_options)
         if data is not None:
             thumbs += (f'<image x="{px[i, 0] - 12:.1f}" y="{px[i, 1] - 12:.1f}" width="24" height="24" '

@@ -1,10 +1,12 @@
 """The fsspec output folder: the one owner of an output's layout (parts, commit markers, plan, job and status files)."""
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import posixpath
 import re
+import threading
 import uuid
 from typing import Any
 
@@ -14,6 +16,7 @@ import pyarrow.parquet as pq
 
 from igpt_batch.errors import OutputError
 from igpt_batch.inputs.manifest import shard_name, shard_width
+from igpt_batch.run import planfile
 from igpt_batch.run.lease import LEASE, Fence, Lease, check_fence
 from igpt_batch.run.records import errors_by_reason, read_record
 
@@ -23,6 +26,9 @@ JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS = "_job.json", "_SUCCESS", "_FAILED", 
 PICTURES = ("contact_sheet.png", "preview.png")
 REPORT = "report.html"  # run/report.py
 OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES, REPORT)  # all that --overwrite may remove (not the lease)
+ROW_GROUP_BYTES = 128 << 20  # parts' row groups, uncompressed: large enough for DuckDB, Spark and Ray Data
+MAX_ROW_GROUP_ROWS = 1 << 20
+_PLAN_LOCK = threading.Lock()
 _TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
 _SHARD = re.compile(r"^part-(\d+)\.json$")
 __all__ = ["Folder", "OutputFolder", "Lease", "LEASE", "errors_by_reason", "output_dataset", "output_files",
@@ -88,9 +94,9 @@ class Folder:
         return bool(self.fs.exists(self.path(rel)))
 
     def write_table(self, rel: str, table: pa.Table) -> dict:
-        """One whole Parquet file (zstd); returns {path, rows}."""
+        """One whole Parquet file (zstd) in row groups of about ROW_GROUP_BYTES; returns {path, rows}."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows(table))
         self.write_bytes(rel, sink.getvalue().to_pybytes())
         return {"path": rel, "rows": table.num_rows}
 
@@ -186,14 +192,42 @@ class OutputFolder(Folder):
         n = int((self.read_job() or {}).get("shards", 0))
         return [shard_name(i, self.width) for i in range(n)]
 
-    def write_plan(self, shard_name: str, rows: pa.Table) -> None:
-        self.write_table(f"{PLAN}/{shard_name}.parquet", rows)
+    def plan_writer(self) -> "planfile.PlanWriter":
+        """The plan of the shards to run: a few Parquet files under _plan/ (an earlier run's removed first), each
+        shard's rows in their own row groups. Use as a context manager; `add(shard, rows)` in shard order."""
+        self.remove(PLAN)
+        return planfile.PlanWriter(lambda first, data: self.write_bytes(f"{PLAN}/plan-{first:012d}.parquet", data))
 
-    def read_plan(self, shard_name: str) -> pa.Table:
-        return self.read_table(f"{PLAN}/{shard_name}.parquet")
+    def read_plan(self, shard) -> pa.Table:
+        """A shard's plan rows: its row groups of the plan file that holds it, in one ranged read. The listing of
+        _plan/ and each file's footer are read once per OutputFolder (a worker's)."""
+        with _PLAN_LOCK:  # a worker's two shards in flight share one listing and footer
+            found = self._plan_footer(shard)
+        return planfile.read_shard(self.fs, *found, shard.name)
+
+    def _plan_footer(self, shard) -> tuple:
+        if getattr(self, "_plan_files", None) is None or not self._plan_file(shard.shard_id):
+            self.fs.invalidate_cache(self.path(PLAN))  # a listing cached by an earlier job in this process
+            listed = self.fs.ls(self.path(PLAN), detail=True)
+            self._plan_files = sorted((int(m.group(1)), f["name"], f["size"]) for f in listed
+                                      if (m := re.fullmatch(r"plan-(\d+)\.parquet", posixpath.basename(f["name"]))))
+            self._plan_footers = {}
+        found = self._plan_file(shard.shard_id)
+        if not found:
+            raise FileNotFoundError(f"no plan file under {self.path(PLAN)} holds {shard.name}")
+        _, path, size = found
+        if path not in self._plan_footers:  # one file's footer at a time
+            self._plan_footers = {path: planfile.read_footer(self.fs, path, size)}
+        return (path, size, *self._plan_footers[path])
+
+    def _plan_file(self, shard_id: int) -> tuple | None:
+        """The listed plan file whose first shard id is the largest <= shard_id."""
+        i = bisect.bisect_right(self._plan_files, (shard_id, "\uffff"))
+        return self._plan_files[i - 1] if i else None
 
     def write_part(self, kind: str, shard_name: str, table: pa.Table) -> dict:
-        """Write one shard's Parquet file for `kind`; a retried shard replaces the same name."""
+        """Write one shard's Parquet file for `kind` (row groups of about ROW_GROUP_BYTES); a retried shard replaces
+        the same name."""
         return self.write_table(f"{kind}/{shard_name}.parquet", table)
 
     def write_png(self, seed: int, png: bytes) -> None:
@@ -253,6 +287,13 @@ def output_files(url: str, kind: str = "embeddings", storage_options: dict | Non
     """The full URLs of the committed Parquet files of one kind, in shard order: for DuckDB, Polars, Ray Data."""
     out = _output(url, kind, storage_options)
     return [out.fs.unstrip_protocol(out.path(f)) for f in out.committed_files(kind)]
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per row group so that one holds about ROW_GROUP_BYTES of `table` (uncompressed), at most 1Mi rows."""
+    per_row = max(1, table.nbytes // max(1, table.num_rows))
+    return max(1, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_BYTES // per_row))
+
 
 
 def output_dataset(url: str, kind: str = "embeddings", storage_options: dict | None = None):

@@ -93,10 +93,12 @@ class ShardWorker:
         self.load()
         t0, started_at = time.perf_counter(), time.time()
         stats = Stats()
-        rows = self.out.read_plan(shard.name) if self.reader else None  # written by the driver
+        rows = self.out.read_plan(shard) if self.reader else None  # written by the driver
         tables = self.runner(shard, rows, stats)
         tw = time.perf_counter()
-        files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()]
+        # a shard without errors writes no errors part (its record says 0 error rows)
+        files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()
+                 if t.num_rows or kind != "errors"]
         stats.write_s = time.perf_counter() - tw
         stats.total_s = time.perf_counter() - t0
         record = make_record(shard, files, tables, fingerprint=self.fingerprint, started_at=started_at)  # v2

@@ -41,6 +41,7 @@ def dry_night(cfg: JobConfig, gpu: str | None = None, price: float | None = None
         sub.refresh.planning_folder, sub.run.executor = scratch, "local"  # scratch is this machine's
         plan = plan_night(sub, store, version, store.read_failed(version), pending and pending["snapshot"])
     s = _summary(cfg, version, plan)
+    cfg = _sized(cfg, store, version, pending, info)  # the shard size tonight's extract would use
     shards = plan_shards(s["computed"], cfg.run.shard_size)
     done = _committed(store, version, pending, s["computed"], cfg) if s["computed"] else set()
     todo = sum(len(x) for x in shards if x.name not in done)
@@ -56,6 +57,24 @@ def dry_night(cfg: JobConfig, gpu: str | None = None, price: float | None = None
         layer = info.n_layer if cfg.extract.score else max(layers)
         result["estimate"] = estimate(info, cfg, "refresh", todo, g, price, layer)
     return result
+
+
+def _sized(cfg: JobConfig, store, version: str, pending: dict | None, info) -> JobConfig:
+    """cfg with run.shard_size resolved as the night's extract resolves it (driver.sized): an interrupted night's
+    recorded size, else from the workers' resources."""
+    from igpt_batch.run.driver import sized
+    from igpt_batch.run.tasks.extract import Extract
+
+    if cfg.run.shard_size != "auto":
+        return cfg
+    sub = copy.deepcopy(cfg)
+    if pending:
+        sub.output.path = store.snapshot_url(version, pending["snapshot"])
+    else:
+        sub.output.path, sub.output.overwrite = None, True  # a new night: no earlier size to reuse
+    out = copy.deepcopy(cfg)
+    out.run.shard_size = sized(sub, Extract(), info).run.shard_size
+    return out
 
 
 def _committed(store, version: str, pending: dict | None, rows: int, cfg: JobConfig) -> set[str]:

@@ -21,6 +21,14 @@ ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("stage", 
 NIGHTLY = ("rows", "manifest_fingerprint", "shard_size")  # compat keys that may differ between nights of one store
 
 
+def shard_size(cfg: JobConfig) -> int:
+    """run.shard_size as the driver resolved it (driver.prepare); an unresolved "auto" (a job built by hand, as in
+    tests) is the CPU size."""
+    from igpt_batch.run.sizing import CPU_SHARD
+
+    return CPU_SHARD if cfg.run.shard_size == "auto" else cfg.run.shard_size
+
+
 def error_table(rows: list[dict]) -> pa.Table:
     """The errors/ kind: one row per input that could not be used."""
     return pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
@@ -67,16 +75,20 @@ class Task:
 
     def plan(self, cfg: JobConfig, scan: ManifestScan | None) -> Plan:
         """The shards of the scanned manifest (None for a task that reads none); shards never span two tar files."""
-        return Plan(scan.rows, scan.shards(cfg.run.shard_size), scan)
+        return Plan(scan.rows, scan.shards(shard_size(cfg)), scan)
 
     def outputs_per_row(self, cfg: JobConfig) -> int:
         return 1
+
+    def part_row_bytes(self, cfg: JobConfig, info: CheckpointInfo) -> int:
+        """About how many output bytes one shard row makes (run.shard_size: auto sizes parts from it)."""
+        return 256
 
     def compat_keys(self, cfg: JobConfig, resolved: Resolved, plan: Plan) -> dict:
         """Everything that decides what a shard contains; a rerun must match these to reuse committed shards."""
         info = resolved.info
         keys = {"task": self.name, "weights_fingerprint": info.weights_fingerprint, "palette_hash": info.palette_hash,
-                "dtype": cfg.model.dtype, "shard_size": cfg.run.shard_size, "rows": plan.rows,
+                "dtype": cfg.model.dtype, "shard_size": shard_size(cfg), "rows": plan.rows,
                 "manifest_fingerprint": plan.manifest_fingerprint}
         if self.reads_manifest:  # these decide which rows decode and to what pixels
             i = cfg.input
@@ -90,6 +102,8 @@ class Task:
         """Built inside the worker once the model has loaded: a callable (shard, rows, stats) -> {kind: Table}."""
         raise NotImplementedError
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
-        """The task's pictures, drawn from the committed output after the job; `head` holds the first input rows'
-        id and uri (None for a task that reads no manifest)."""
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None,
+                 commits: dict[str, dict]) -> None:
+        """The task's pictures, drawn from the committed output after the job, reading only the rows they show;
+        `head` holds the first input rows' id and uri (None for a task that reads no manifest); `commits` the commit
+        records in hand, by shard name."""

@@ -30,6 +30,9 @@ class Extract(Task):
         # score only when on: outputs written before the key existed keep resuming
         return {"layers": list(resolved.layers)} | ({"score": True} if cfg.extract.score else {})
 
+    def part_row_bytes(self, cfg: JobConfig, info: CheckpointInfo) -> int:
+        return 4 * info.n_embd * len(resolve_layers(cfg.extract.layers, info.n_layer)) + 256  # float32s, id, uri, sha
+
     def version_keys(self, cfg: JobConfig, info: CheckpointInfo) -> dict:
         """A refresh store's version: the compatibility keys minus what may differ between nights."""
         keys = self.compat_keys(cfg, self.resolve(cfg, info), Plan(0, []))
@@ -38,7 +41,8 @@ class Extract(Task):
     def runner(self, ctx: ShardContext) -> "ExtractRunner":
         return ExtractRunner(ctx)
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None,
+                 commits: dict[str, dict]) -> None:
         if cfg.output.preview:
             from igpt_batch.model.checkpoint import read_clusters
             from igpt_batch.run import pictures

@@ -12,7 +12,7 @@ from igpt_batch.inputs.manifest import ManifestScan, plan_shards
 from igpt_batch.model.checkpoint import CheckpointInfo
 from igpt_batch.run.context import Resolved, ShardContext, Stats
 from igpt_batch.run.storage import OutputFolder
-from igpt_batch.run.tasks.base import Plan, Task, error_row, error_table
+from igpt_batch.run.tasks.base import Plan, Task, error_row, error_table, shard_size
 
 
 class _Sampling(Task):
@@ -23,6 +23,10 @@ class _Sampling(Task):
         meta = super().resolve(cfg, info).meta | {
             "temperature": str(g.temperature), "top_k": str(g.top_k), "top_p": str(g.top_p), "n_px": str(info.n_px)}
         return Resolved(info, (), meta)
+
+    def part_row_bytes(self, cfg: JobConfig, info: CheckpointInfo) -> int:
+        per_sample = 2 * info.n_px * info.n_px + 3 * info.n_px * info.n_px // 2 + 64  # uint16 tokens, PNG, ids
+        return per_sample * self.outputs_per_row(cfg)
 
     def keys(self, cfg: JobConfig, resolved: Resolved) -> dict:
         g = cfg.generate  # write_png_files: a rerun that asks for PNGs the committed shards lack is refused
@@ -38,16 +42,17 @@ class Generate(_Sampling):
 
     def plan(self, cfg: JobConfig, scan: ManifestScan | None) -> Plan:
         n = cfg.generate.num_samples
-        return Plan(n, plan_shards(n, cfg.run.shard_size, first=cfg.generate.seed))
+        return Plan(n, plan_shards(n, shard_size(cfg), first=cfg.generate.seed))
 
     def runner(self, ctx: ShardContext) -> "SampleRunner":
         return SampleRunner(ctx)
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None,
+                 commits: dict[str, dict]) -> None:
         if cfg.output.contact_sheet:
             from igpt_batch.run import pictures
 
-            pictures.write_contact_sheet(out, cfg.output.contact_sheet)
+            pictures.write_contact_sheet(out, cfg.output.contact_sheet, commits)
 
 
 class Complete(_Sampling):
@@ -77,13 +82,14 @@ class Complete(_Sampling):
     def runner(self, ctx: ShardContext) -> "CompleteRunner":
         return CompleteRunner(ctx)
 
-    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None) -> None:
+    def pictures(self, cfg: JobConfig, resolved: Resolved, out: OutputFolder, head: pa.Table | None,
+                 commits: dict[str, dict]) -> None:
         if cfg.output.contact_sheet:
             from igpt_batch.model.checkpoint import read_clusters
             from igpt_batch.run import pictures
 
             pictures.write_completion_sheet(out, cfg, read_clusters(resolved.info.path), head, resolved.info.n_px,
-                                            cfg.output.contact_sheet)
+                                            cfg.output.contact_sheet, commits)
 
 
 class SampleRunner:
