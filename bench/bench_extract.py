@@ -56,8 +56,8 @@ from PIL import Image  # noqa: E402
 
 from igpt_batch.inputs import images  # noqa: E402
 from igpt_batch.model import dtypes, palette  # noqa: E402
-from igpt_batch.model.resolve import DEMO_MODEL_DIR  # noqa: E402
 from igpt_batch.model.extractor import Extractor  # noqa: E402
+from igpt_batch.model.resolve import DEMO_MODEL_DIR  # noqa: E402
 from igpt_batch.model.transformer import DTYPES, IGPT, load_model, resolve_device  # noqa: E402
 
 SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "dtype", "gpu")

@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     a = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from igpt_batch.run.storage import read_output
+    from igpt_batch.run.readers import read_output
 
     with tempfile.TemporaryDirectory() as tmp:
         results = {}

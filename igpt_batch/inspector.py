@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from igpt_batch.errors import OutputError
-from igpt_batch.run.storage import KINDS, PICTURES, OutputFolder, errors_by_reason, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import KINDS, PICTURES, OutputFolder, errors_by_reason
 
 
 def inspect(url: str, verify: bool = False, storage_options: dict | None = None, echo=print,

@@ -202,7 +202,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> dict:
     """`igpt-batch probe`: read the committed embeddings of an extract output, probe them, print a table."""
-    from igpt_batch.run.storage import read_output
+    from igpt_batch.run.readers import read_output
 
     so = json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
     table = read_output(args.output_url, "embeddings", so)

@@ -10,7 +10,7 @@ from conftest import write_manifest
 from igpt_batch import config
 from igpt_batch.cli import main
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 from igpt_batch.store.index import MAX_K
 from igpt_batch.store.refresh import refresh
 

@@ -71,7 +71,7 @@ def local_embeddings(inputs, image_dir, tmp_path_factory):
     """The oracle: the same rows, read from local files, embedded in-process by the demo model."""
     from igpt_batch import config
     from igpt_batch.run.driver import run_job
-    from igpt_batch.run.storage import read_output
+    from igpt_batch.run.readers import read_output
 
     names = ["astronaut.jpg", "coffee.jpg", "chelsea.jpg", "rocket.jpg"]
     d = tmp_path_factory.mktemp("local")
@@ -87,7 +87,7 @@ def embeddings(table) -> dict[str, np.ndarray]:
 
 
 def assert_same_embeddings(inputs, out: str, expected: dict) -> None:
-    from igpt_batch.run.storage import read_output
+    from igpt_batch.run.readers import read_output
 
     got = embeddings(read_output(f"s3://{BUCKET}/{out}", "embeddings", inputs["so"]))
     assert sorted(got) == sorted(expected)
@@ -241,7 +241,7 @@ def test_an_actor_killed_and_a_node_lost_mid_job_lose_no_row(cluster, inputs, ga
     err = open(cluster.root / "driver.err").read()
     # both losses reached the pool (a lost node's actor may report before the node is declared dead)
     assert err.count("worker died") + err.count("worker's node died") >= 2, err[-3000:]
-    from igpt_batch.run.storage import read_output
+    from igpt_batch.run.readers import read_output
 
     ids = read_output(f"s3://{BUCKET}/faults", "embeddings", inputs["so"]).column("id").to_pylist()
     assert sorted(ids) == [f"r{i:02d}" for i in range(n)]  # every row exactly once

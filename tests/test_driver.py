@@ -13,7 +13,8 @@ from igpt_batch.inputs import images
 from igpt_batch.model import palette
 from igpt_batch.model.transformer import load_model
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import OutputFolder
 
 cfg_for = functools.partial(job_cfg, **{"run.shard_size": 4, "extract.batch_size": 3})  # (ckpt, out, **over)
 

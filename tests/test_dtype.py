@@ -11,7 +11,7 @@ from igpt_batch.errors import ConfigError, JobError
 from igpt_batch.model import dtypes
 from igpt_batch.run import dtype_auto
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 
 X86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 {extra}\nbogomips\t: 4000\n\n" \
       "processor\t: 1\nflags\t\t: fpu sse2 avx2 {extra}\n"

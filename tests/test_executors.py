@@ -13,9 +13,11 @@ import pytest
 
 from igpt_batch import config
 from igpt_batch.errors import JobError
+from igpt_batch.run.cluster import check_resources
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.executors import ActorState, check_resources
-from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.run.executors import ActorState
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import OutputFolder
 
 IGPT = str(Path(sys.executable).parent / "igpt-batch")
 

@@ -18,7 +18,8 @@ from PIL import Image
 from skimage import data
 
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import OutputFolder
 
 IGPT = str(Path(sys.executable).parent / "igpt-batch")
 

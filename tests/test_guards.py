@@ -18,7 +18,8 @@ from igpt_batch import config
 from igpt_batch.cli import main
 from igpt_batch.errors import ConfigError, JobError
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import LEASE, OutputFolder, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import LEASE, OutputFolder
 
 cfg_for = functools.partial(job_cfg, **{"run.executor": "local", "run.shard_size": 2, "generate.num_samples": 4})
 

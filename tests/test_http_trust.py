@@ -16,7 +16,7 @@ from igpt_batch.errors import ManifestError
 from igpt_batch.inputs import fetch
 from igpt_batch.inputs.manifest import scan_manifest
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 
 MAX_BYTES = 400_000
 

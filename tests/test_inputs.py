@@ -11,7 +11,7 @@ from igpt_batch import __version__, config
 from igpt_batch.errors import ManifestError
 from igpt_batch.inputs.manifest import Columns, iter_manifest, scan_manifest
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 
 cfg_for = functools.partial(job_cfg, **{"run.shard_size": 3, "extract.batch_size": 4, "run.executor": "local",
                                         "extract.layers": [1]})  # (ckpt, out, **over)

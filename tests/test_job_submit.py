@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import REPO, write_manifest
 
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 
 RAY = str(Path(sys.executable).parent / "ray")
 

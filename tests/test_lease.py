@@ -16,7 +16,8 @@ import pytest
 from igpt_batch import config
 from igpt_batch.errors import JobError
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import LEASE, Folder, OutputFolder, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import LEASE, Folder, OutputFolder
 
 REPO = Path(__file__).resolve().parent.parent
 

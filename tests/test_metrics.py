@@ -12,7 +12,8 @@ import pyarrow as pa
 from conftest import http_get, wait_for, write_manifest
 
 from igpt_batch.run import metrics
-from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import OutputFolder
 
 BIN = Path(sys.executable).parent
 

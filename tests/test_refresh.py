@@ -18,7 +18,8 @@ from igpt_batch import config
 from igpt_batch.cli import build_parser, config_from_args, main
 from igpt_batch.inspector import inspect
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import OutputFolder
 from igpt_batch.store.layout import Store
 from igpt_batch.store.refresh import read_current, refresh
 

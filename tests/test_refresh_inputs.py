@@ -14,7 +14,7 @@ from test_refresh import cfg_for
 from igpt_batch import config
 from igpt_batch.cli import main
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 from igpt_batch.store.refresh import read_current, refresh
 
 

@@ -9,7 +9,7 @@ from conftest import S3Server
 from igpt_batch import config
 from igpt_batch.errors import JobError
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 
 
 def test_extract_and_generate_on_s3(ray_local, s3_server: S3Server, tiny_ckpt, image_dir, caplog):

@@ -11,7 +11,7 @@ from igpt_batch import config
 from igpt_batch.model.extractor import Extractor
 from igpt_batch.model.transformer import IGPT
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 
 
 def oracle_nll_bits(hf, tokens: torch.Tensor) -> np.ndarray:

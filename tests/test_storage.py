@@ -2,7 +2,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from igpt_batch.run.storage import OutputFolder, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import OutputFolder
 
 
 def table(ids):
@@ -46,7 +47,7 @@ def test_read_output_rejects_unknown_kind(tmp_path):
 def test_output_dataset_streams_only_committed_files_with_columns_and_filter_pushed_down(output_url):
     import pyarrow.compute as pc
 
-    from igpt_batch.run.storage import output_dataset, output_files
+    from igpt_batch.run.readers import output_dataset, output_files
 
     url, so = output_url
     out = OutputFolder(url, so)
@@ -108,7 +109,7 @@ def test_shard_names_sort_in_plan_order_at_any_count_and_five_digit_outputs_resu
 
 def test_duckdb_scans_the_committed_dataset_without_loading_it(output_url):
     duckdb = pytest.importorskip("duckdb")
-    from igpt_batch.run.storage import output_dataset
+    from igpt_batch.run.readers import output_dataset
 
     url, so = output_url
     out = OutputFolder(url, so)

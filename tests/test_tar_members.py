@@ -10,7 +10,7 @@ from igpt_batch import config
 from igpt_batch.errors import ManifestError
 from igpt_batch.inputs.manifest import scan_manifest
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import read_output
+from igpt_batch.run.readers import read_output
 
 
 @pytest.fixture(scope="module")

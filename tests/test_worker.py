@@ -9,9 +9,9 @@ import pytest
 from igpt_batch import config
 from igpt_batch.inputs.manifest import ManifestScan, Shard
 from igpt_batch.model import checkpoint
+from igpt_batch.model.resolve import ModelRef
 from igpt_batch.run.context import STAGES, Stats
 from igpt_batch.run.job import Job
-from igpt_batch.model.resolve import ModelRef
 from igpt_batch.run.storage import OutputFolder
 from igpt_batch.run.tasks import get
 from igpt_batch.run.worker import ShardWorker
@@ -73,7 +73,7 @@ def test_plan_files_hold_many_shards_and_a_shard_without_errors_writes_no_errors
     """The driver's plan: a few files, each shard's rows in its own row groups, read back by shard in one ranged
     read; a shard whose rows all load commits no errors part (its record says 0 error rows)."""
     from igpt_batch.run import planfile
-    from igpt_batch.run.storage import read_output
+    from igpt_batch.run.readers import read_output
 
     monkeypatch.setattr(planfile, "PLAN_SHARDS_PER_FILE", 2)
     worker, _ = make(tiny_ckpt, tmp_path / "o", "extract")

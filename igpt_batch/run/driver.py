@@ -56,7 +56,7 @@ def sized(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo) -> JobCon
         return cfg
 
     def gpu() -> bool:
-        from igpt_batch.run.executors import worker_gpus  # asks the Ray cluster (starting Ray) when it must
+        from igpt_batch.run.cluster import worker_gpus  # asks the Ray cluster (starting Ray) when it must
 
         return worker_gpus(cfg) > 0
 

@@ -39,7 +39,7 @@ def worker_hardware(cfg: JobConfig) -> tuple[dict, str]:
         return dtypes.hardware(device), "this machine"
     import ray
 
-    from igpt_batch.run.executors import init_ray
+    from igpt_batch.run.cluster import init_ray
 
     init_ray(cfg.run.address)
     if gpus is None:

@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from igpt_batch.errors import ExecutorError, WorkerStartError
 from igpt_batch.inputs.manifest import Shard
 from igpt_batch.run import metrics
+from igpt_batch.run.cluster import alive_nodes, check_resources, init_ray, worker_gpus
 from igpt_batch.run.job import Job
-from igpt_batch.uris import call_with_deadline
 
 log = logging.getLogger("igpt_batch")
 Done = Callable[[dict], None]
@@ -50,85 +47,6 @@ def execute_local(job: Job, shards: list[Shard], done: Done) -> dict[str, str]:
             continue
         failed.pop(shard.name, None)
     return failed
-
-
-_STARTED_RAY = []  # the Ray this process started itself (a local one), once it has
-
-
-def init_ray(address: str | None) -> bool:
-    """Join the given cluster, the job's cluster (RAY_ADDRESS under `ray job submit`), or start an isolated local Ray.
-    Returns True when this process started (and so owns) the Ray instance, on a later call too."""
-    import ray
-
-    if ray.is_initialized():
-        return bool(_STARTED_RAY) and _STARTED_RAY[-1] == ray.get_runtime_context().gcs_address
-    if not sys.stderr.isatty() and not os.environ.get("RAY_COLOR_PREFIX"):  # the driver prints worker log lines:
-        os.environ["RAY_COLOR_PREFIX"] = "0"  # no colour codes into a log file or a pipe
-    if address:
-        ray.init(address=address)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # Ray's default token auth stays on; only its notice about that, on every local run, is dropped
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-            lambda record: "Token authentication is enabled" not in record.getMessage())
-        # a node we own and that dies is noticed in seconds, not the default half minute
-        with warnings.catch_warnings():  # Ray starts its processes by fork and exec: nothing of lance's runs there
-            warnings.filterwarnings("ignore", message="lance is not fork-safe")
-            ray.init(address="local", include_dashboard=False, configure_logging=False,
-                     _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
-        _STARTED_RAY.append(ray.get_runtime_context().gcs_address)
-        return True
-    return False
-
-
-def worker_gpus(cfg) -> float:
-    """GPUs each worker asks for: run.gpus_per_worker, else 1 when the device is not cpu and there is a GPU (the
-    cluster's, on the Ray executor; this machine's, in-process)."""
-    if cfg.run.gpus_per_worker is not None:
-        return cfg.run.gpus_per_worker
-    if cfg.model.device == "cpu":
-        return 0
-    if cfg.run.executor == "local":
-        import torch
-
-        return 1 if torch.cuda.is_available() else 0
-    import ray
-
-    if not ray.is_initialized():
-        init_ray(cfg.run.address)
-    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-
-
-def _call_with_deadline(fn, timeout: float, default):
-    """fn(), or `default` if it has not answered within timeout (a dead GCS must not hang us)."""
-    try:
-        return call_with_deadline(fn, timeout)
-    except TimeoutError:
-        return default
-
-
-def alive_nodes() -> dict[str, dict] | None:
-    """{node id: resources} of the cluster's live nodes; None when the cluster cannot be asked."""
-    import ray
-
-    def ask():
-        try:
-            return {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")}
-        except Exception:
-            return None
-
-    return _call_with_deadline(ask, 10.0, None)
-
-
-def check_resources(request: dict[str, float], nodes: dict[str, dict]) -> str | None:
-    """None if some live node can host one actor; else a message naming what is missing."""
-    for res in nodes.values():
-        if all(res.get(k, 0) >= v for k, v in request.items() if v):
-            return None
-    best = {k: max((res.get(k, 0) for res in nodes.values()), default=0) for k, v in request.items() if v}
-    missing = [f"{k}: {v:g} per worker, at most {best[k]:g} on any node" for k, v in request.items() if v and best[k] < v]
-    return "the cluster cannot place a worker (" + "; ".join(missing) + ")"
 
 
 @dataclass

@@ -31,8 +31,7 @@ MAX_ROW_GROUP_ROWS = 1 << 20
 _PLAN_LOCK = threading.Lock()
 _TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_bytes' temp files
 _SHARD = re.compile(r"^part-(\d+)\.json$")
-__all__ = ["Folder", "OutputFolder", "Lease", "LEASE", "errors_by_reason", "output_dataset", "output_files",
-           "read_output"]
+__all__ = ["Folder", "OutputFolder", "Lease", "LEASE", "errors_by_reason"]
 
 
 # Object stores flap: transient errors are retried by the client itself, configured here once (botocore's
@@ -283,43 +282,7 @@ class OutputFolder(Folder):
         return [f["path"] for name in order for f in commits[name].get("files", []) if f["path"].startswith(f"{kind}/")]
 
 
-def output_files(url: str, kind: str = "embeddings", storage_options: dict | None = None) -> list[str]:
-    """The full URLs of the committed Parquet files of one kind, in shard order: for DuckDB, Polars, Ray Data."""
-    out = _output(url, kind, storage_options)
-    return [out.fs.unstrip_protocol(out.path(f)) for f in out.committed_files(kind)]
-
-
 def row_group_rows(table: pa.Table) -> int:
     """Rows per row group so that one holds about ROW_GROUP_BYTES of `table` (uncompressed), at most 1Mi rows."""
     per_row = max(1, table.nbytes // max(1, table.num_rows))
     return max(1, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_BYTES // per_row))
-
-
-
-def output_dataset(url: str, kind: str = "embeddings", storage_options: dict | None = None):
-    """A pyarrow Dataset over only the committed files of one kind. Nothing is loaded: scan it with columns and a
-    filter (pushed down to the Parquet reader), e.g. `.to_batches(columns=["id"], filter=pc.field("id") > "k")`."""
-    import pyarrow.dataset as ds
-
-    out = _output(url, kind, storage_options)
-    return ds.dataset([out.path(f) for f in out.committed_files(kind)], format="parquet", filesystem=out.fs)
-
-
-def read_output(url: str, kind: str = "embeddings", storage_options: dict | None = None,
-                columns: list[str] | None = None, filter=None) -> pa.Table:
-    """Read the committed rows of one output kind (embeddings, samples, errors) as a pyarrow Table.
-
-    Only parts named in _commits/ markers are read, so a job that is still running, or died mid-shard, never exposes
-    half-written or stale data. `columns` and `filter` (a pyarrow.compute expression) are pushed down; for outputs
-    larger than memory use output_dataset() and scan it in batches. Works for local folders and any fsspec URL.
-    """
-    dataset = output_dataset(url, kind, storage_options)
-    if not dataset.files:
-        return pa.table({})
-    return dataset.to_table(columns=columns, filter=filter)
-
-
-def _output(url: str, kind: str, storage_options: dict | None) -> OutputFolder:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return OutputFolder(url, storage_options)

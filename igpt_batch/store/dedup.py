@@ -78,7 +78,7 @@ def _run(executor: str, address: str | None, fn, args: list[tuple]) -> list:
         return [fn(*a) for a in args]
     import ray
 
-    from igpt_batch.run.executors import init_ray
+    from igpt_batch.run.cluster import init_ray
 
     init_ray(address)
     task = ray.remote(num_cpus=1, max_retries=2)(fn)

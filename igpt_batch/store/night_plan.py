@@ -151,7 +151,7 @@ def _run(cfg: JobConfig, fn, args: list[tuple]) -> list:
         return out
     import ray
 
-    from igpt_batch.run.executors import init_ray
+    from igpt_batch.run.cluster import init_ray
 
     init_ray(cfg.run.address)
     task = ray.remote(num_cpus=1, max_retries=cfg.run.max_retries)(fn)

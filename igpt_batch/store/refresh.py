@@ -18,7 +18,8 @@ from igpt_batch.errors import ConfigError, JobError, LeaseError, UsageError
 from igpt_batch.model import checkpoint
 from igpt_batch.redact import redact_uri, scrub_secrets
 from igpt_batch.run.driver import run_job
-from igpt_batch.run.storage import Folder, Lease, read_output
+from igpt_batch.run.readers import read_output
+from igpt_batch.run.storage import Folder, Lease
 from igpt_batch.store.layout import LIVE, SNAPSHOT_FORMAT, Store
 from igpt_batch.store.merge import failed_record, merge
 from igpt_batch.store.night_plan import NightPlan, plan_night
