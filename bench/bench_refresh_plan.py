@@ -55,6 +55,7 @@ def setup(rows: int, d: Path) -> None:
     import pyarrow.parquet as pq
 
     from igpt_batch.model import checkpoint
+    from igpt_batch.inputs.stat import timestamp
     from igpt_batch.store.layout import Store, current_schema
     from igpt_batch.store.refresh import version_of
 
@@ -75,7 +76,7 @@ def setup(rows: int, d: Path) -> None:
                 n = len(ids)
                 emb = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * 64, np.float32)), 64)
                 yield from pa.table({"id": ids, "uri": uris, "sha256": [f"{start + i:064x}" for i in range(n)],
-                                     "size": [1000] * n, "mtime": [str(MTIME_NS)] * n, "etag": pa.nulls(n, pa.string()),
+                                     "size": [1000] * n, "mtime": [timestamp(MTIME_NS)] * n, "etag": pa.nulls(n, pa.string()),
                                      "embedding": emb, "width": pa.array([32] * n, pa.int32()),
                                      "height": pa.array([32] * n, pa.int32()), "snapshot": [SNAP] * n,
                                      "deleted": [False] * n}).cast(schema).to_batches()

@@ -23,7 +23,7 @@ def test_folders_of_many_rows_are_listed_once_and_the_rest_stat_ed(tmp_path):
     table, counts = stat.stat_table(pa.array(uris), {}, timeout=10)
     assert counts == {"lists": 1, "heads": 2}
     assert table.column("size").to_pylist() == [*range(1, stat.LIST_MIN + 1), 3, None]  # None: cannot say
-    want = [str(os.stat(u).st_mtime_ns) for u in uris[:-1]] + [None]
+    want = [stat.timestamp(os.stat(u).st_mtime_ns) for u in uris[:-1]] + [None]
     assert table.column("mtime").to_pylist() == want and table.column("etag").null_count == len(uris)
 
 

@@ -31,8 +31,12 @@ def read_output(url: str, kind: str = "embeddings", storage_options: dict | None
     larger than memory use output_dataset() and scan it in batches. Works for local folders and any fsspec URL.
     """
     dataset = output_dataset(url, kind, storage_options)
-    if not dataset.files:
-        return pa.table({})
+    if not dataset.files:  # nothing committed yet; or no errors at all (a shard without errors writes no part)
+        if kind != "errors":
+            return pa.table({})
+        from igpt_batch.run.tasks.base import ERRORS_SCHEMA
+
+        return ERRORS_SCHEMA.empty_table().select(columns or ERRORS_SCHEMA.names)
     return dataset.to_table(columns=columns, filter=filter)
 
 
