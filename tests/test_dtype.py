@@ -6,7 +6,7 @@ import pytest
 from conftest import write_manifest
 
 from igpt_batch import config
-from igpt_batch.cli import build_parser, config_from_args, main
+from igpt_batch.cli import build_parser, config_from_args
 from igpt_batch.errors import ConfigError, JobError
 from igpt_batch.model import dtypes
 from igpt_batch.run import dtype_auto
