@@ -204,8 +204,6 @@ def _dispatch(args: argparse.Namespace, run_job) -> int:
     if args.command in cli_store.COMMANDS:
         return cli_store.run(args)
     cfg = config_from_args(args, args.command)
-    if args.command == "refresh" and cfg.model.dtype == "auto":  # a store keeps one dtype across nights
-        raise ConfigError("refresh does not take --dtype auto: a store keeps one dtype, name it (fp32 or bf16)")
     if (args.gpu or args.gpu_price) and not args.dry_run:
         raise ConfigError("--gpu and --gpu-price price a --dry-run; add --dry-run")
     if args.dry_run:

@@ -52,6 +52,8 @@ def add_commands(sub) -> None:
     c.add_argument("--since", required=True, metavar="SNAPSHOT", help="a kept night: changes after it")
     c.add_argument("--until", metavar="SNAPSHOT", help="a kept night: changes up to it; default the latest")
     c.add_argument("--version", help="the store version (v-...); default the latest")
+    c.add_argument("--include-metadata", action="store_true", help="also metadata-only changes (kind metadata: "
+                   "the same embedding, another uri, size, mtime or etag, e.g. a file moved with the same bytes)")
     c.add_argument("--output", metavar="FILE", help="write Parquet (id, kind, night, embedding) here; default: "
                    "one JSON line per change (without the embedding) on stdout")
     c.add_argument("--storage-options", help="JSON fsspec options, e.g. an S3 endpoint (prefer env vars for keys)")

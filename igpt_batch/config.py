@@ -98,6 +98,7 @@ class RefreshConfig:
     compact_fragments: int = 32  # compact when this many fragments are smaller than a full one (0 = never)
     plan_bucket_rows: int = 250_000  # manifest rows per planning bucket (hash of id)
     dup_threshold: float | None = None  # cosine: search each night's new and updated rows for near-duplicates
+    score: bool = False  # add nll_bits to the current table (extract.score each night); part of the store version
     planning_folder: str = ""  # where planning's _planning/ goes (local to every planning task); empty: in the store
 
 

@@ -41,7 +41,7 @@ def scores(url: str, storage_options: dict | None = None) -> tuple[pa.Table, int
     version = store.resolve(None)
     ds = store.open(version)
     if ds is None or "nll_bits" not in ds.schema.names:
-        raise UsageError(f"{url}: the store's table has no nll_bits column (refresh does not score yet)")
+        raise UsageError(f"{url}: the store's table has no nll_bits column (its nights ran without refresh.score)")
     n_px = int((store.version_info(version) or {}).get("n_px", 0))
     return store.read(version, columns=COLUMNS, include_deleted=False), n_px
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import write_manifest
 
 from igpt_batch import config
-from igpt_batch.cli import main
+from igpt_batch.cli import build_parser, config_from_args
 from igpt_batch.errors import ConfigError, JobError
 from igpt_batch.model import dtypes
 from igpt_batch.run import dtype_auto
@@ -108,5 +108,31 @@ def test_config_and_cli(capsys):
     assert config.load(None, {"model.dtype": "auto"}).model.dtype == "auto"
     with pytest.raises(ConfigError, match="fp32, bf16, fp16 or auto"):
         config.load(None, {"model.dtype": "bf17"})
-    assert main(["refresh", "--manifest", "m.parquet", "--store", "s", "--dtype", "auto"]) == 2
-    assert "a store keeps one dtype" in capsys.readouterr().err
+    args = build_parser().parse_args(["refresh", "--manifest", "m.parquet", "--store", "s", "--dtype", "auto"])
+    assert config_from_args(args, "refresh").model.dtype == "auto"  # refresh takes auto (below)
+
+
+def test_refresh_auto_keeps_the_dtype_the_store_was_created_with(cpu, tiny_ckpt, tmp_path):
+    from test_refresh import cfg_for, manifest, photos
+
+    from igpt_batch.store.layout import Store
+    from igpt_batch.store.refresh import read_current, refresh
+
+    d = tmp_path / "img"
+    names = photos(d)[:4]
+    store = tmp_path / "store"
+    auto = {"model.dtype": "auto", "model.device": "cpu"}
+    cpu("avx512_bf16")  # the first night resolves from the hardware and records it in the version
+    s1 = refresh(cfg_for(tiny_ckpt, store, manifest(tmp_path / "m1.parquet", d, names[:3]), **auto))
+    info = Store(str(store)).version_info(s1["version"])
+    assert info["dtype"] == "bf16" and info["dtype_auto_from"] == "this machine: cpu, bf16 CPU flags avx512_bf16"
+    assert read_current(str(store)).schema.metadata[b"dtype"] == b"bf16"
+    cpu("")  # a later night on a CPU without native bf16: the store's dtype, the same version
+    s2 = refresh(cfg_for(tiny_ckpt, store, manifest(tmp_path / "m2.parquet", d, names), **auto))
+    assert (s2["version"], s2["computed"]) == (s1["version"], 1) and Store(str(store)).versions() == [s1["version"]]
+    assert read_current(str(store)).schema.metadata[b"dtype"] == b"bf16"
+    # naming fp32 is another version; a new store with auto on this CPU resolves to fp32
+    s3 = refresh(cfg_for(tiny_ckpt, store, tmp_path / "m2.parquet", **{"model.dtype": "fp32"}))
+    assert s3["version"] != s1["version"] and s3["computed"] == 4
+    s4 = refresh(cfg_for(tiny_ckpt, tmp_path / "store2", tmp_path / "m2.parquet", **auto))
+    assert Store(str(tmp_path / "store2")).version_info(s4["version"])["dtype"] == "fp32" and s4["version"] == s3["version"]

@@ -174,3 +174,44 @@ def test_outliers_refuses_an_output_without_scores(tmp_path, capsys):
                                "run.executor": "local", "output.report": False}), "extract")
     assert main(["outliers", str(tmp_path / "out")]) == 2
     assert "--score" in capsys.readouterr().err
+
+
+def test_refresh_score_gives_the_store_nll_bits_and_its_own_version(image_dir, tmp_path, capsys):
+    """refresh.score: the current table's nll_bits equal extract --score's for the same files (demo model, fp32);
+    it is part of the store version; `outliers STORE` lists the least likely live rows, and refuses a store
+    version without scores."""
+    import pyarrow as pa
+
+    from igpt_batch.cli import main
+    from igpt_batch.store.layout import Store
+    from igpt_batch.store.refresh import read_current, refresh
+
+    uris = sorted(str(p) for p in image_dir.iterdir())
+    manifest = str(write_manifest(tmp_path / "m.parquet", uris, [u.rsplit("/", 1)[-1] for u in uris]))
+    common = {"input.manifest": manifest, "run.executor": "local", "run.shard_size": 4, "output.report": False}
+    store = tmp_path / "store"
+    night = {**common, "refresh.store": str(store)}
+    s1 = refresh(config.load(None, {**night, "refresh.score": True}))
+    assert s1["computed"] == 10 and s1["errors"] == 2  # the truncated and the text file
+    current = read_current(str(store))
+    assert current.schema.field("nll_bits").type == pa.float64() and current.num_rows == 8
+    got = dict(zip(current.column("id").to_pylist(), current.column("nll_bits").to_pylist()))
+    run_job(config.load(None, {**common, "output.path": str(tmp_path / "out"), "extract.score": True}), "extract")
+    t = read_output(str(tmp_path / "out"), "embeddings")
+    want = dict(zip(t.column("id").to_pylist(), t.column("nll_bits").to_pylist()))
+    assert sorted(got) == sorted(want) and len(want) == 8
+    np.testing.assert_allclose([got[i] for i in sorted(want)], [want[i] for i in sorted(want)], rtol=1e-6)
+    assert Store(str(store)).version_info(s1["version"])["score"] is True
+    capsys.readouterr()
+    assert main(["outliers", str(store), "-n", "5", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    top = sorted(want, key=lambda i: (-want[i], i))[:5]
+    assert [r["id"] for r in rows] == top
+    np.testing.assert_allclose([r["nll_bits"] for r in rows], [want[i] for i in top], rtol=1e-6)
+    # a night unchanged with score on embeds nothing; without score it is another store version, unscored
+    assert refresh(config.load(None, {**night, "refresh.score": True}))["snapshot"] is None
+    s2 = refresh(config.load(None, night))
+    assert s2["version"] != s1["version"] and s2["computed"] == 10
+    assert "nll_bits" not in read_current(str(store)).column_names
+    assert main(["outliers", str(store), "-n", "5"]) == 2
+    assert "no nll_bits column" in capsys.readouterr().err

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from igpt_batch.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -56,7 +58,7 @@ def gpu(name: str) -> GPU:
     for g in GPUS:
         if g.name.lower() == name.lower():
             return g
-    raise ValueError(f"--gpu {name}: unknown GPU; the capacity model knows {', '.join(g.name for g in GPUS)}")
+    raise UsageError(f"--gpu {name}: unknown GPU; the capacity model knows {', '.join(g.name for g in GPUS)}")
 
 
 def extract_flops(m: Shape, layer: int | None = None) -> float:

@@ -6,6 +6,9 @@ looked up as of `since`, so the cost follows the changed rows, not the table. Id
 (refresh.deleted=drop) are the exception: finding them compares the two nights' id columns.
 Kinds: inserted (absent or never live at since), updated (live at both, another embedding), deleted (live at since,
 not at until), revived (deleted-marked at since, live at until). `night` is the night the change happened.
+With include_metadata also metadata (live at both, the same embedding, another uri, size, mtime or etag: a moved
+or touched file with the same bytes): found in the fragments Lance wrote after `since` (an upsert rewrites its rows
+into new fragments), so their cost follows the rows written since, or the compacted ones when compaction ran.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from igpt_batch.errors import UsageError
+from igpt_batch.store.decide import TOUCH
 
 BATCH = 8192
 COLUMNS = ["id", "snapshot", "deleted", "embedding"]
+METADATA = list(TOUCH[1:])  # uri, size, mtime, etag
 
 
 def schema(dim: int) -> pa.Schema:
@@ -43,9 +48,9 @@ def _check_night(store, version: str, kept: dict, night: str, flag: str) -> None
 
 
 def changes(store_url: str, since: str, until: str | None = None, version: str | None = None,
-            storage_options: dict | None = None) -> Iterator[pa.Table]:
+            storage_options: dict | None = None, include_metadata: bool = False) -> Iterator[pa.Table]:
     """Stream the changes between the kept nights `since` and `until` (default the latest) as tables of
-    (id, kind, night, embedding: null when deleted)."""
+    (id, kind, night, embedding: null when deleted); with include_metadata, metadata-only changes too."""
     from igpt_batch.store.layout import Store
 
     store = Store(store_url, storage_options)
@@ -62,6 +67,8 @@ def changes(store_url: str, since: str, until: str | None = None, version: str |
     quoted = since.replace("'", "''")
     feeds = (_embedded(old, new, f"snapshot > '{quoted}'"), _marked(store, version, between, old, new, since),
              _dropped(store, version, between, old, new))
+    if include_metadata:
+        feeds += (_metadata(store, version, between, old, new),)
     for feed in feeds:
         for rows in feed:
             if rows:
@@ -92,14 +99,19 @@ def _embedded(old, new, where: str) -> Iterator[list[dict]]:
         yield found
 
 
-def _first_night(store, version: str, between: list[str], ids: list[str], live: bool) -> dict[str, str]:
-    """For each id, the first night in `between` at which it is live (or not), looked up for those ids only."""
+def _first_night(store, version: str, between: list[str], ids: list[str], live: bool | None = None,
+                 since: dict | None = None) -> dict[str, str]:
+    """For each id, the first night in `between` at which it is live (or not); or, given `since` (id -> its row at
+    since), at which its metadata differs from that row's. Looked up for those ids only."""
     first, left = {}, list(ids)
     for night in between:
         if not left:
             break
-        state = _lookup(store.open(version, night), left, ["id", "deleted"])
-        done = [i for i in left if (i in state and not state[i]["deleted"]) == live]
+        state = _lookup(store.open(version, night), left, ["id", "deleted", *METADATA])
+        if since is None:
+            done = [i for i in left if (i in state and not state[i]["deleted"]) == live]
+        else:
+            done = [i for i in left if i in state and any(state[i][c] != since[i][c] for c in METADATA)]
         first |= {i: night for i in done}
         left = [i for i in left if i not in first]
     return first
@@ -120,6 +132,24 @@ def _marked(store, version, between, old, new, since: str) -> Iterator[list[dict
                for r in back]
 
 
+def _metadata(store, version, between, old, new) -> Iterator[list[dict]]:
+    """Rows live at both nights with the same embedding and other metadata, read from the fragments written since."""
+    before = {f.fragment_id for f in old.get_fragments()}
+    columns = [*COLUMNS, *METADATA]
+    for frag in new.get_fragments():
+        if frag.fragment_id in before:
+            continue
+        for batch in frag.to_batches(columns=columns, filter="deleted = false", batch_size=BATCH):
+            rows = batch.to_pylist()
+            was = _lookup(old, [r["id"] for r in rows], columns)
+            moved = [r for r in rows if (b := was.get(r["id"])) is not None and not b["deleted"]
+                     and any(r[c] != b[c] for c in METADATA)
+                     and np.array_equal(np.asarray(b["embedding"], np.float32), np.asarray(r["embedding"], np.float32))]
+            nights = _first_night(store, version, between, [r["id"] for r in moved], since=was)
+            yield [{"id": r["id"], "kind": "metadata", "night": nights.get(r["id"]), "embedding": r["embedding"]}
+                   for r in moved]
+
+
 def _dropped(store, version, between, old, new) -> Iterator[list[dict]]:
     """Ids live at `since` and absent at `until` (refresh.deleted=drop)."""
     present = new.to_table(columns=["id"]).column("id").combine_chunks()
@@ -133,7 +163,7 @@ def _dropped(store, version, between, old, new) -> Iterator[list[dict]]:
 def run(args, storage_options: dict | None, echo=print) -> int:
     import json
 
-    feed = changes(args.store, args.since, args.until, args.version, storage_options)
+    feed = changes(args.store, args.since, args.until, args.version, storage_options, args.include_metadata)
     if not args.output:
         for table in feed:
             for r in table.select(["id", "kind", "night"]).to_pylist():

@@ -23,6 +23,7 @@ COUNTS = ("new", "changed", "unchanged", "revived", "deleted", "metadata_updates
 def dry_night(cfg: JobConfig, gpu: str | None = None, price: float | None = None) -> dict:
     """What `refresh(cfg)` would do tonight (the keys of the job dry run plus the night's counts)."""
     from igpt_batch.store.layout import Store
+    from igpt_batch.store.night_config import night_config
     from igpt_batch.store.night_plan import plan_night
     from igpt_batch.store.refresh import _summary, version_of
 
@@ -30,6 +31,7 @@ def dry_night(cfg: JobConfig, gpu: str | None = None, price: float | None = None
         raise ConfigError("refresh.store is required (--store)")
     if not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
+    cfg = night_config(cfg)  # as refresh reads it: refresh.score, the store's dtype for auto
     g = capacity.gpu(gpu) if gpu else None
     info = checkpoint.read_info(cfg.model.name)
     layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)

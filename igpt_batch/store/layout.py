@@ -20,10 +20,11 @@ SNAPSHOT_FORMAT = "%Y%m%dT%H%M%SZ"  # snapshot ids are UTC times, so they sort b
 LIVE = pc.field("deleted") == pa.scalar(False)  # the rows not marked deleted, as a Lance/Arrow filter
 
 
-def current_schema(dim: int, metadata: dict | None = None) -> pa.Schema:
-    """The current table's columns (docs/REFRESH.md)."""
+def current_schema(dim: int, metadata: dict | None = None, score: bool = False) -> pa.Schema:
+    """The current table's columns (docs/REFRESH.md); with refresh.score, nll_bits after the image size."""
     return pa.schema([*SOURCE, ("embedding", pa.list_(pa.float32(), dim)), ("width", pa.int32()),
-                      ("height", pa.int32()), ("snapshot", pa.string()), ("deleted", pa.bool_())], metadata=metadata)
+                      ("height", pa.int32()), *([("nll_bits", pa.float64())] if score else []),
+                      ("snapshot", pa.string()), ("deleted", pa.bool_())], metadata=metadata)
 
 
 def lance_options(url: str, storage_options: dict | None) -> dict | None:

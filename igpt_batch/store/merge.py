@@ -25,7 +25,7 @@ def merge(cfg: JobConfig, night) -> tuple[pa.RecordBatchReader, pa.Array | None]
     first = out.read_table(parts[0]).schema.metadata if parts else None
     night.meta = {k.decode(): v.decode() for k, v in (first or {}).items()} | {
         "version": night.version, "layers": ",".join(map(str, night.layers))}
-    schema = current_schema(len(night.layers) * night.info.n_embd, night.meta)
+    schema = current_schema(len(night.layers) * night.info.n_embd, night.meta, score=cfg.extract.score)
     gone = plan.gone
     marks = pa.array([], pa.string()) if night.dropped else gone.filter(pc.invert(gone.column("deleted"))).column("id")
 
@@ -36,6 +36,7 @@ def merge(cfg: JobConfig, night) -> tuple[pa.RecordBatchReader, pa.Array | None]
             yield pa.table({"id": emb.column("id"), "uri": emb.column("uri"), "sha256": emb.column("sha256"),
                             **{c: st.column(c) for c in STAT_SCHEMA.names}, "embedding": emb.column("embedding"),
                             "width": emb.column("width"), "height": emb.column("height"),
+                            **({"nll_bits": emb.column("nll_bits")} if cfg.extract.score else {}),
                             "snapshot": pa.array([night.snapshot] * emb.num_rows, pa.string()),
                             "deleted": pa.array(np.zeros(emb.num_rows, bool))}).cast(schema).to_batches()
         touch = plan.touch.append_column("deleted", pa.array(np.zeros(plan.touch.num_rows, bool)))

@@ -22,6 +22,7 @@ from igpt_batch.run.readers import read_output
 from igpt_batch.run.storage import Folder, Lease
 from igpt_batch.store.layout import LIVE, SNAPSHOT_FORMAT, Store
 from igpt_batch.store.merge import failed_record, merge
+from igpt_batch.store.night_config import night_config
 from igpt_batch.store.night_plan import NightPlan, plan_night
 
 log = logging.getLogger("igpt_batch")
@@ -177,6 +178,7 @@ def refresh(cfg: JobConfig) -> dict:
         raise ConfigError("refresh.store is required (--store)")
     if not cfg.input.manifest:
         raise ConfigError("input.manifest is required (--manifest)")
+    cfg = night_config(cfg)  # refresh.score -> extract.score; --dtype auto -> the store's dtype
     info = checkpoint.read_info(cfg.model.name, cfg.storage_options)  # read once a night: the weights are hashed once
     try:  # one night at a time per store: a second refresh is refused, naming the first
         with Lease(Folder(cfg.refresh.store, cfg.storage_options), cfg.run.lease_timeout):
@@ -230,8 +232,9 @@ def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo, store: Store, versio
         return s
     log.info("refresh %s/%s: %d new, %d changed, %d unchanged, %d deleted -> %d to embed", version, night.snapshot,
              s["new"], s["changed"], s["unchanged"], s["deleted"], s["computed"])
+    auto = {"dtype_auto_from": cfg.model.dtype_auto_from} if cfg.model.dtype_auto_from else {}
     store.create_version(version, {**keys, "model": cfg.model.name, "n_embd": info.n_embd, "n_px": info.n_px,
-                                   "created_at": _now().isoformat()})
+                                   "created_at": _now().isoformat(), **auto})
     run_extract(cfg, night)
     publish(cfg, night, *merge(cfg, night))
     prune(cfg, night)
