@@ -171,6 +171,11 @@ def test_progress_is_logged_off_a_tty_and_stats_are_recorded(tiny_ckpt, tmp_path
     assert commit["rows"] == {"samples": 2} and commit["stats"]["model_s"] > 0
     assert summary["http_retries"] == 0 and commit["http_retries"] == 0  # a count, kept apart from the seconds
     assert summary["stage_seconds"]["total_s"] >= summary["stage_seconds"]["model_s"]
+    # throughput over the shards' own span (first start to last commit): start-up and model load are left out
+    records = OutputFolder(str(tmp_path / "g")).committed().values()
+    span = max(r["ended_at"] for r in records) - min(r["started_at"] for r in records)
+    assert summary["run_s"] == round(span, 3) and 0 < summary["run_s"] <= summary["wall_s"]
+    assert summary["rows_per_s"] == round(4 / span, 3)
     # the periodic line carries rate and ETA
     p = Progress(total=10, done=2, unit="images", every_s=0)
     p.update(3)

@@ -224,7 +224,7 @@ def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: 
     for name, rec in {**before, **records}.items():  # every committed shard: earlier runs' and this run's
         rows.update(rec.get("rows", {}))
         if rec.get("rows", {}).get("errors"):
-            if "errors_by_reason" in rec:
+            if rec.get("errors_by_reason") is not None:  # None: a record from before v2 (read_record)
                 by_reason.update(rec["errors_by_reason"])
             else:
                 older.append(rec)
@@ -232,10 +232,20 @@ def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: 
         by_reason.update(errors_by_reason(out.read_table(part, ["stage", "error"])))
     stats = sum((Stats.of(rec) for rec in records.values()), Stats())  # this run's shards
     new_rows = sum(r["stop"] - r["start"] for r in records.values())
+    run_s = _running_seconds(records.values())
     return {
         "task": task.name, "shards": len(plan.shards), "shards_skipped": len(before), "shards_run": len(records),
         "input_rows": plan.rows if task.reads_manifest else 0,
         "rows": dict(rows), "errors": rows.get("errors", 0), "errors_by_reason": dict(by_reason.most_common()),
-        "wall_s": round(wall_s, 3), "rows_per_s": round(new_rows / wall_s, 3) if wall_s else None,
+        # rows_per_s: over the shards' own span (first start to last commit), so start-up and model load are out
+        "wall_s": round(wall_s, 3), "run_s": round(run_s, 3) if run_s else None,
+        "rows_per_s": round(new_rows / run_s, 3) if run_s else None,
         "stage_seconds": stats.seconds(3), "http_retries": stats.http_retries,
     }
+
+
+def _running_seconds(records) -> float | None:
+    """From this run's first shard start to its last commit (the records' wall-clock times; workers take a shard's
+    start after their model has loaded); None without timed records."""
+    spans = [(r["started_at"], r["ended_at"]) for r in records if r.get("started_at") and r.get("ended_at")]
+    return max(e for _, e in spans) - min(s for s, _ in spans) if spans else None
