@@ -1,4 +1,5 @@
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -252,3 +253,29 @@ def test_storage_options_the_filesystem_rejects_are_a_manifest_error(tmp_path):
     with pytest.raises(ManifestError, match="nonsense_option") as e:
         read_manifest("s3://bucket/m.csv", so)
     assert "zzz-secret-value" not in str(e.value) and "storage options" in str(e.value)
+
+
+def test_kept_rows_a_killed_driver_left_are_swept_by_the_next_job(tmp_path, monkeypatch):
+    """A driver keeps the manifest's rows (fetchable URLs) under TMPDIR until the plan files are written; one that
+    was SIGKILLed leaves them there, and the next job's driver removes them. A live driver's are kept."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from igpt_batch.inputs.manifest import Inputs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / "tmp" / f"igpt-inputs-{int(gone.stdout)}-abc"
+    live = tmp_path / "tmp" / f"igpt-inputs-{os.getppid()}-def"
+    for d in (killed, live):
+        d.mkdir()
+        (d / "rows.arrow").write_text("https://user:secret@host/a.jpg")
+    m = tmp_path / "m.csv"
+    m.write_text("id,uri\na,/x/a.jpg\n")
+    with Inputs(str(m)) as inputs:
+        assert inputs.scan.rows == 1
+        assert not killed.exists() and live.exists()
+        assert os.path.basename(inputs.folder).startswith(f"igpt-inputs-{os.getpid()}-")
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [live.name]

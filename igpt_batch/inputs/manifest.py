@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -199,7 +200,8 @@ class Inputs:
 
     def __init__(self, spec: str, storage_options: dict | None = None, columns: Columns = Columns()):
         listing = list_inputs(spec, storage_options or {})
-        self.folder = tempfile.mkdtemp(prefix="igpt-inputs-")
+        _sweep_killed()
+        self.folder = tempfile.mkdtemp(prefix=f"igpt-inputs-{os.getpid()}-")
         self.path, self._writer, self._schema = os.path.join(self.folder, "rows.arrow"), None, None
         try:
             self.scan = _scan(spec, listing, columns, self._keep, lambda: self.tables(read_all=False))
@@ -244,6 +246,20 @@ class Inputs:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _sweep_killed() -> None:
+    """Remove the kept rows a killed driver left under TMPDIR (they hold fetchable URLs): folders named by the pid
+    of a process that is gone."""
+    for entry in os.scandir(tempfile.gettempdir()):
+        m = re.fullmatch(r"igpt-inputs-(\d+)-.+", entry.name)
+        if m and entry.is_dir(follow_symlinks=False):
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except (PermissionError, OverflowError):
+                pass  # another user's live process, or not a pid: not ours to judge
 
 
 def read_manifest(spec: str, storage_options: dict | None = None, columns: Columns = Columns()) -> pa.Table:
