@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = parse(argv)
     from igpt_batch.errors import JobError, UsageError
-    from igpt_batch.inputs.manifest_files import redact_text
+    from igpt_batch.redact import redact_text
     from igpt_batch.run.driver import run_job
 
     try:

@@ -30,6 +30,7 @@ def redact_secrets(obj: Any, safe: bool = False) -> Any:
 
 # query parameters (lower-cased names containing one of these) that carry credentials in presigned URLs:
 # X-Amz-Signature/-Credential/-Security-Token, Azure SAS sig, GCS Signature/GoogleAccessId, access_token, key...
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")  # a URL inside free text
 SECRET_PARAMS = ("sig", "token", "credential", "key", "secret", "pass", "auth", "accessid", "session")
 SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
@@ -77,3 +78,8 @@ def scrub_secrets(text: str, storage_options: dict | None) -> str:
     for secret in sorted(_secrets(storage_options or {}), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def redact_text(text: str) -> str:
+    """Free text (an exception's message) with every URL in it redacted."""
+    return _URL.sub(lambda m: redact_uri(m.group(0)), text)

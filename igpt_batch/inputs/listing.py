@@ -8,8 +8,8 @@ import fsspec
 
 from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs import tars
-from igpt_batch.inputs.manifest_files import name_of, redact_text
-from igpt_batch.redact import redact_uri, scrub_secrets
+from igpt_batch.inputs.manifest_files import name_of
+from igpt_batch.redact import redact_text, redact_uri, scrub_secrets
 
 MANIFEST_EXTS = (".parquet", ".csv", ".jsonl", ".ndjson")
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import urllib.parse
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
@@ -15,12 +14,11 @@ import numpy as np
 import pyarrow as pa
 
 from igpt_batch.errors import JobError, ManifestError
-from igpt_batch.redact import redact_uri
+from igpt_batch.redact import redact_text, redact_uri
 
 BATCH_ROWS = 65_536  # Parquet rows read at a time
 JSON_BLOCK_BYTES = 8 << 20  # JSONL is read in blocks of this size
 BYTES_BATCH_ROWS = 256  # Parquet rows read at a time when they carry the images themselves
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 @dataclass(frozen=True)
@@ -70,11 +68,6 @@ def read_batches(fs: fsspec.AbstractFileSystem, path: str, batch_rows: int = BAT
         raise ManifestError(f"cannot read manifest {where}: {redact_text(str(e))}") from None
     except Exception as e:  # the connection or the store failed mid-read (a dropped HTTP read, a reset): exit 1
         raise JobError(f"cannot read manifest {where} ({type(e).__name__}: {redact_text(str(e)) or 'no detail'})") from None
-
-
-def redact_text(text: str) -> str:
-    """Free text (an exception's message) with every URL in it redacted."""
-    return _URL.sub(lambda m: redact_uri(m.group(0)), text)
 
 
 def _stringy(tp: pa.DataType) -> bool:

@@ -6,7 +6,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +15,7 @@ import pyarrow.compute as pc
 from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, JobError, LeaseError, UsageError
 from igpt_batch.model import checkpoint
-from igpt_batch.redact import redact_uri, scrub_secrets
+from igpt_batch.redact import redact_text, scrub_secrets
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.readers import read_output
 from igpt_batch.run.storage import Folder, Lease
@@ -218,7 +217,7 @@ def _iso_now() -> str:
 
 def _safe(text: str, storage_options: dict) -> str:
     """A message as safe to keep in the store: every URL in it redacted, every storage option value '***'."""
-    return scrub_secrets(re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_uri(m.group()), text), storage_options)
+    return scrub_secrets(redact_text(text), storage_options)
 
 
 def _night(cfg: JobConfig, info: checkpoint.CheckpointInfo, store: Store, version: str, keys: dict) -> dict:
