@@ -48,7 +48,7 @@ def test_export_streams_parts_of_export_rows(tmp_path, monkeypatch):
 def test_export_of_a_store_without_a_table_exits_2(tmp_path, capsys):
     Store(str(tmp_path / "store")).create_version(V, {})
     assert main(["export", str(tmp_path / "store"), str(tmp_path / "out")]) == 2
-    assert f"igpt-batch: error: {tmp_path / 'store'}/{V} has no current table yet" in capsys.readouterr().err
+    assert f"igpt-batch: error: {tmp_path / 'store'}/{V} has no current table: no refresh has finished there yet" in capsys.readouterr().err
 
 
 def test_export_replaces_an_earlier_export_and_refuses_other_folders(tmp_path, capsys):

@@ -10,7 +10,6 @@ import copy
 import tempfile
 
 from igpt_batch.config import JobConfig
-from igpt_batch.errors import ConfigError
 from igpt_batch.inputs.manifest import plan_shards
 from igpt_batch.model import checkpoint
 from igpt_batch.run import capacity
@@ -27,13 +26,9 @@ def dry_night(cfg: JobConfig, gpu: str | None = None, price: float | None = None
     from igpt_batch.store.night_plan import plan_night
     from igpt_batch.store.refresh import _summary, version_of
 
-    if not cfg.refresh.store:
-        raise ConfigError("refresh.store is required (--store)")
-    if not cfg.input.manifest:
-        raise ConfigError("input.manifest is required (--manifest)")
     cfg = night_config(cfg)  # as refresh reads it: refresh.score, the store's dtype for auto
     g = capacity.gpu(gpu) if gpu else None
-    info = checkpoint.read_info(cfg.model.name)
+    info = checkpoint.read_info(cfg.model.name, cfg.storage_options)
     layers = checkpoint.resolve_layers(cfg.extract.layers, info.n_layer)
     version, _ = version_of(cfg, info)
     store = Store(cfg.refresh.store, cfg.storage_options)

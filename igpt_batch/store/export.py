@@ -24,9 +24,7 @@ def export(store_url: str, out_url: str, snapshot: str | None = None, version: s
     replaced by {"writing": true} and its parts removed, so no reader ever counts parts of two exports."""
     store = Store(store_url, storage_options)
     version = store.resolve(version)
-    ds = store.open(version, snapshot)
-    if ds is None:
-        raise UsageError(f"{store_url}/{version} has no current table yet")
+    ds = store.open_current(version, snapshot)
     out = OutputFolder(out_url, storage_options)
     old = _earlier_export(out)
     out.write_json(MARKER, {"writing": True})  # the folder is ours from here; readers wait for the summary

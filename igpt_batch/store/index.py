@@ -39,13 +39,14 @@ def check_k(k: int, least: int, why: str = "") -> None:
 
 
 def open_table(store_url: str, snapshot: str | None, version: str | None, storage_options: dict | None):
-    """(Store, version, lance dataset as of the kept `snapshot`); FileNotFoundError/ValueError for bad input."""
+    """(Store, version, lance dataset as of the kept `snapshot`); UsageError for a store or snapshot that is not there."""
     store = Store(store_url, storage_options)
     version = store.resolve(version)
-    if store.open(version) is None:
-        raise UsageError(f"{store_url}/{version} has no current table: no refresh has finished there yet")
+    current = store.open_current(version)
+    if snapshot is None:
+        return store, version, current
     kept = store.kept_snapshots(version)
-    if snapshot is not None and snapshot not in kept:
+    if snapshot not in kept:
         raise UsageError(f"snapshot {snapshot!r} is not a kept night of {version} (kept: {', '.join(kept)})")
     return store, version, store.open(version, snapshot)
 

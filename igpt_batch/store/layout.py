@@ -150,6 +150,13 @@ class Store(StoreFiles):
                 return None
             raise
 
+    def open_current(self, version: str, snapshot: str | None = None):
+        """The current table, as open(); UsageError when no night has finished there yet."""
+        ds = self.open(version, snapshot)
+        if ds is None:
+            raise UsageError(f"{self.url}/{version} has no current table: no refresh has finished there yet")
+        return ds
+
     def committed(self, version: str) -> bool:
         """Whether the current table exists with a committed version: a first night killed inside Lance's create
         leaves data/ without _versions/, a table never committed (clear_uncommitted removes it)."""

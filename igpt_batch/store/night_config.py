@@ -6,12 +6,18 @@ import copy
 import logging
 
 from igpt_batch.config import JobConfig
+from igpt_batch.errors import ConfigError
 
 log = logging.getLogger("igpt_batch")
 
 
 def night_config(cfg: JobConfig) -> JobConfig:
-    """A copy of cfg as every step of a night (and its dry run) reads it; the store version follows from it."""
+    """A copy of cfg as every step of a night (and its dry run) reads it; the store version follows from it.
+    ConfigError without a store or a manifest."""
+    if not cfg.refresh.store:
+        raise ConfigError("refresh.store is required (--store)")
+    if not cfg.input.manifest:
+        raise ConfigError("input.manifest is required (--manifest)")
     out = copy.deepcopy(cfg)
     out.extract.score = cfg.refresh.score  # refresh.score decides: nll_bits in the current table or not
     if out.model.dtype != "auto":

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from igpt_batch.config import JobConfig
-from igpt_batch.errors import ConfigError, JobError, LeaseError, UsageError
+from igpt_batch.errors import JobError, LeaseError
 from igpt_batch.model import checkpoint
 from igpt_batch.redact import redact_text, scrub_secrets
 from igpt_batch.run.driver import run_job
@@ -173,10 +173,6 @@ def find_duplicates(cfg: JobConfig, night: Night) -> None:
 
 def refresh(cfg: JobConfig) -> dict:
     """One night: plan against the current table, embed new and changed rows, merge, publish its snapshot, prune."""
-    if not cfg.refresh.store:
-        raise ConfigError("refresh.store is required (--store)")
-    if not cfg.input.manifest:
-        raise ConfigError("input.manifest is required (--manifest)")
     cfg = night_config(cfg)  # refresh.score -> extract.score; --dtype auto -> the store's dtype
     info = checkpoint.read_info(cfg.model.name, cfg.storage_options)  # read once a night: the weights are hashed once
     try:  # one night at a time per store: a second refresh is refused, naming the first
@@ -250,6 +246,5 @@ def read_current(store: str, storage_options: dict | None = None, version: str |
     """The current table of a store: the latest version's latest snapshot, or the kept `snapshot` (time travel)."""
     st = Store(store, storage_options)
     version = st.resolve(version)
-    if st.open(version) is None:
-        raise UsageError(f"{store}/{version} has no current table: no refresh has finished there yet")
+    st.open_current(version)  # UsageError before any night has finished
     return st.read(version, snapshot, include_deleted=include_deleted)
