@@ -57,8 +57,9 @@ from PIL import Image  # noqa: E402
 from igpt_batch.inputs import images  # noqa: E402
 from igpt_batch.model import dtypes, palette  # noqa: E402
 from igpt_batch.model.extractor import Extractor  # noqa: E402
+from igpt_batch.model.loading import load_model, resolve_device  # noqa: E402
 from igpt_batch.model.resolve import DEMO_MODEL_DIR  # noqa: E402
-from igpt_batch.model.transformer import DTYPES, IGPT, load_model, resolve_device  # noqa: E402
+from igpt_batch.model.transformer import DTYPES, IGPT  # noqa: E402
 
 SECTIONS = ("extract", "pipeline", "truncation", "tokenize", "scaling", "dtype", "gpu")
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the CPU flags the dtype section prints

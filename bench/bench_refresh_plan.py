@@ -54,8 +54,8 @@ def setup(rows: int, d: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from igpt_batch.model import checkpoint
     from igpt_batch.inputs.stat import timestamp
+    from igpt_batch.model import checkpoint
     from igpt_batch.store.layout import Store, current_schema
     from igpt_batch.store.refresh import version_of
 

@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import copy_gbps, random_hf, timed, timed_cpu  # noqa: E402
 
+from igpt_batch.model.loading import resolve_device  # noqa: E402
 from igpt_batch.model.sampling import generate  # noqa: E402
-from igpt_batch.model.transformer import DTYPES, IGPT, kv_cache_bytes, resolve_device  # noqa: E402
+from igpt_batch.model.transformer import DTYPES, IGPT, kv_cache_bytes  # noqa: E402
 
 DEFAULTS = dict(device="cpu", dtype="fp32", positions=256, batch=32, n_embd=512, n_layer=24, n_head=8, vocab=513)
 PRESETS = {

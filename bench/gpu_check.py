@@ -27,8 +27,9 @@ from common import copy_gbps, random_clusters, random_hf, sync  # noqa: E402
 from sampler_breakdown import greedy_prefix  # noqa: E402
 
 from igpt_batch.model import batching  # noqa: E402
+from igpt_batch.model.loading import resolve_device  # noqa: E402
 from igpt_batch.model.sampling import generate  # noqa: E402
-from igpt_batch.model.transformer import IGPT, kv_cache_bytes, resolve_device  # noqa: E402
+from igpt_batch.model.transformer import IGPT, kv_cache_bytes  # noqa: E402
 
 MEDIUM = dict(n_embd=1024, n_layer=36, n_head=8, n_positions=1024, vocab_size=513)
 SMOKE = dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=17)

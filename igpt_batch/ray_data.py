@@ -63,7 +63,7 @@ class Embedder:
 
         from igpt_batch.model.checkpoint import resolve_layers
         from igpt_batch.model.extractor import Extractor
-        from igpt_batch.model.transformer import load_model
+        from igpt_batch.model.loading import load_model
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

@@ -9,8 +9,8 @@ from sklearn.neural_network import MLPClassifier
 from igpt_batch import config
 from igpt_batch.model import checkpoint, palette
 from igpt_batch.model.kmeans import fit_palette
+from igpt_batch.model.loading import load_model
 from igpt_batch.model.sampling import generate
-from igpt_batch.model.transformer import load_model
 from igpt_batch.train_demo import N_CLUSTERS, digits_rgb, train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

@@ -11,7 +11,7 @@ from conftest import job_cfg, write_manifest
 from igpt_batch.errors import JobError
 from igpt_batch.inputs import images
 from igpt_batch.model import palette
-from igpt_batch.model.transformer import load_model
+from igpt_batch.model.loading import load_model
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.readers import read_output
 from igpt_batch.run.storage import OutputFolder

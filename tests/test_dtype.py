@@ -38,7 +38,7 @@ def test_cpu_flags_and_resolution(cpu):
         assert report["cpu_flags"] == sorted(set(extra.split()) & dtypes.BF16_CPU_FLAGS)
     assert dtypes.resolve("fp16", {"bf16": True}) == "fp16" and dtypes.resolve("fp32", {"bf16": True}) == "fp32"
     cpu("avx512_bf16")
-    from igpt_batch.model.transformer import load_model
+    from igpt_batch.model.loading import load_model
 
     assert str(load_model("demo", "auto", "cpu").dtype) == "torch.bfloat16"
     cpu("")

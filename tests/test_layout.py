@@ -85,3 +85,16 @@ def test_every_module_is_placed_and_every_package_says_what_it_is():
     for init in PKG.rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and "\n" not in doc.strip(), init
+
+
+def test_modules_and_functions_stay_small():
+    """Modules of at most 300 lines and functions of at most 60, so each reads in one sitting."""
+    long = []
+    for p in PKG.rglob("*.py"):
+        text = p.read_text()
+        if text.count("\n") > 300:
+            long.append(f"{p.relative_to(PKG)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{p.relative_to(PKG)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import full_logits, tiny_hf
 
-from igpt_batch.model.transformer import IGPT, KVCache, kv_cache_bytes, resolve_device
+from igpt_batch.model.loading import resolve_device
+from igpt_batch.model.transformer import IGPT, KVCache, kv_cache_bytes
 
 N_LAYER, N_EMBD, N_POS, VOCAB = 3, 32, 64, 17
 SOS = VOCAB - 1
@@ -244,7 +245,7 @@ def test_compiled_static_decode_path_matches(hf):
 def test_load_model_from_local_safetensors_folder(tmp_path, hf, model):
     import json
 
-    from igpt_batch.model.transformer import load_model
+    from igpt_batch.model.loading import load_model
 
     hf.save_pretrained(tmp_path)
     assert list(tmp_path.glob("*.safetensors"))

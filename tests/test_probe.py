@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from igpt_batch.model import palette
-from igpt_batch.model.transformer import IGPT, load_model
+from igpt_batch.model.loading import load_model
+from igpt_batch.model.transformer import IGPT
 from igpt_batch.probe import add_arguments, probe, run_from_args
 from igpt_batch.run.storage import OutputFolder
 from igpt_batch.train_demo import digits_rgb

@@ -8,7 +8,7 @@ import torch
 
 from igpt_batch.inputs import images
 from igpt_batch.model import palette
-from igpt_batch.model.transformer import load_model
+from igpt_batch.model.loading import load_model
 from igpt_batch.ray_data import Embedder
 
 LAYERS = [1, 3]

@@ -122,7 +122,7 @@ def test_demo_model_scores_noise_and_photos_above_digits(scored):
     assert min(others.values()) > math.log2(16)  # worse than guessing the 16 colours uniformly
     # the same scores as the model scoring those files directly (one extraction path)
     from igpt_batch.inputs import images
-    from igpt_batch.model.transformer import load_model
+    from igpt_batch.model.loading import load_model
 
     model = load_model("demo", "fp32", "cpu")
     rgb = np.stack([images.load_rgb(u, model.n_px)[0] for u in t.column("uri").to_pylist()])

@@ -10,7 +10,7 @@ from igpt_batch import config
 from igpt_batch.errors import ConfigError, ImageError
 from igpt_batch.inputs.manifest import ManifestScan, Shard
 from igpt_batch.model import checkpoint
-from igpt_batch.model.transformer import load_model
+from igpt_batch.model.loading import load_model
 from igpt_batch.run.context import ShardContext, Stats
 from igpt_batch.run.reader import RowReader
 from igpt_batch.run.storage import OutputFolder

@@ -56,7 +56,7 @@ class ShardWorker:
         from transformers.utils import logging as hf_logging
 
         from igpt_batch.model import dtypes
-        from igpt_batch.model.transformer import load_model
+        from igpt_batch.model.loading import load_model
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in actors
         hf_logging.disable_progress_bar()  # one line below says the model loaded, not a bar per actor

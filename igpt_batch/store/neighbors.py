@@ -16,7 +16,7 @@ THUMB = 64  # contact-sheet tile side, px
 def store_model(store, version: str, device: str = "auto"):
     """The store version's own model and layers, checked against the weights the version was computed with."""
     from igpt_batch.model import checkpoint
-    from igpt_batch.model.transformer import load_model
+    from igpt_batch.model.loading import load_model
 
     info = store.version_info(version) or {}
     name, layers = info.get("model"), info.get("layers")
