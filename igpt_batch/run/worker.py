@@ -6,7 +6,7 @@ import threading
 import time
 
 from igpt_batch.inputs.manifest import Shard
-from igpt_batch.run import metrics
+from igpt_batch.run import lance_output, metrics
 from igpt_batch.run.context import ShardContext, Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.reader import RowReader
@@ -96,14 +96,20 @@ class ShardWorker:
         rows = self.out.read_plan(shard) if self.reader else None  # written by the driver
         tables = self.runner(shard, rows, stats)
         tw = time.perf_counter()
+        lance = self.cfg.output.format == "lance"  # the embeddings go to uncommitted Lance fragments
         # a shard without errors writes no errors part (its record says 0 error rows)
         files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()
-                 if t.num_rows or kind != "errors"]
+                 if (t.num_rows or kind != "errors") and not (lance and kind == "embeddings")]
+        fragments = lance_output.write_fragments(self.out, tables["embeddings"]) if lance else None
         stats.write_s = time.perf_counter() - tw
         stats.total_s = time.perf_counter() - t0
         record = make_record(shard, files, tables, fingerprint=self.fingerprint, started_at=started_at)  # v2
         record |= {"stats": stats.seconds(), "http_retries": stats.http_retries}
-        self.out.commit(shard.name, record, lease=self.resolved.lease)  # refused under a lost lease
+        if lance:  # the first marker of a shard holds; the driver commits its fragments into the dataset
+            record = lance_output.commit_marker_once(self.out, shard.name, record | {"fragments": fragments},
+                                                     self.resolved.lease)
+        else:
+            self.out.commit(shard.name, record, lease=self.resolved.lease)  # refused under a lost lease
         metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray
         return record
 
