@@ -15,9 +15,11 @@ from conftest import job_cfg, write_manifest
 
 from igpt_batch.errors import ConfigError
 from igpt_batch.inspector import inspect
+from igpt_batch.outliers import outliers
 from igpt_batch.run import lance_output
 from igpt_batch.run.driver import run_job
 from igpt_batch.run.readers import output_dataset, output_files, read_output
+from igpt_batch.run.report import embedding_map
 from igpt_batch.run.storage import OutputFolder
 
 
@@ -74,6 +76,11 @@ def test_a_lance_output_holds_the_parquet_rows_and_reads_and_verifies_the_same(t
     code, lines = verified(url, so)
     assert code == 0 and lines[-1] == "verify: ok", lines
     assert any("7 rows in 4 fragments of Lance version 5" in line for line in lines), lines
+    top, _ = outliers(url, 3, so)  # the apps on top read it too: outliers, and the report's embedding map
+    assert top.equals(parquet.select(["id", "uri", "nll_bits"]).sort_by(
+        [("nll_bits", "descending"), ("id", "ascending")]).slice(0, 3))
+    out = OutputFolder(url, so)
+    assert "7 of the embeddings; PC1" in embedding_map(out, out.committed(), 8, so, thumbs=False)
     again = run_job(extract_cfg(tiny_ckpt, manifest, url, so), "extract")  # a rerun resumes: nothing to do
     assert again["shards_skipped"] == 4 and read_output(url, "embeddings", so).num_rows == 7
 
