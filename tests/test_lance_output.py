@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 from conftest import job_cfg, write_manifest
 
-from igpt_batch.errors import ConfigError
+from igpt_batch.errors import ConfigError, JobError
 from igpt_batch.inspector import inspect
 from igpt_batch.outliers import outliers
 from igpt_batch.run import lance_output
@@ -89,7 +89,7 @@ def test_a_driver_stopped_before_its_lance_commit_resumes_exactly_once(tiny_ckpt
     """A driver killed after the markers but before its Lance commit leaves the dataset behind them: the state made
     here for real by restoring the dataset's empty version. An actor killed before its marker left data files."""
     url = str(tmp_path / "o")
-    run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")  # lance_commit_s 5: one batch at the end, mostly
+    run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
     out = OutputFolder(url)
     lance.dataset(lance_output.uri(out), version=1).restore()  # the empty dataset the driver made before any worker
     assert read_output(url).num_rows == 0
@@ -105,6 +105,11 @@ def test_a_driver_stopped_before_its_lance_commit_resumes_exactly_once(tiny_ckpt
     assert not (tmp_path / "o" / "embeddings.lance" / "data" / orphan_file).exists()  # swept at the start
     run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")  # and again: nothing committed twice
     assert read_output(url).num_rows == 7 and verified(url)[0] == 0
+    over = {"output.overwrite": True, "output.lance_commit_s": 3600}  # one Lance commit: at the end
+    run_job(extract_cfg(tiny_ckpt, manifest, url, **over), "extract")  # the dataset is ours: replaced
+    assert lance_output.open_dataset(out).version == 2 and read_output(url).sort_by("id").equals(parquet)
+    with pytest.raises(JobError, match="format: 'lance' -> None"):  # a Parquet rerun is another config
+        run_job(extract_cfg(tiny_ckpt, manifest, url, fmt="parquet"), "extract")
 
 
 def test_a_shards_first_marker_holds_and_a_later_attempt_gets_it(output_url):
