@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 from conftest import job_cfg, write_manifest
 
-from igpt_batch.errors import ConfigError, JobError
+from igpt_batch.errors import ConfigError, JobError, OutputError
 from igpt_batch.inspector import inspect
 from igpt_batch.outliers import outliers
 from igpt_batch.run import lance_output
@@ -91,12 +91,13 @@ def test_a_driver_stopped_before_its_lance_commit_resumes_exactly_once(tiny_ckpt
     url = str(tmp_path / "o")
     run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
     out = OutputFolder(url)
-    lance.dataset(lance_output.uri(out), version=1).restore()  # the empty dataset the driver made before any worker
+    # an empty latest version over the same data files: the dataset as the driver made it before any worker
+    lance.write_dataset(parquet.schema.empty_table(), lance_output.uri(out), mode="overwrite")
     assert read_output(url).num_rows == 0
     code, lines = verified(url)
     assert code == 1 and sum("not in the Lance dataset: a driver stopped before its Lance commit" in line
                              for line in lines) == 4, lines
-    orphan = lance_output.write_fragments(out, parquet.slice(0, 3))  # an actor killed before its marker
+    orphan = lance_output.FragmentWriter(out).write(parquet.slice(0, 3))  # an actor killed before its marker
     (orphan_file,) = [f["path"] for frag in orphan for f in frag["files"]]
     s = run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
     assert s["shards_skipped"] == 4 and s["shards_run"] == 0
@@ -128,7 +129,7 @@ def test_verify_names_a_fragment_committed_twice_and_one_of_no_shard(tiny_ckpt, 
     run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
     out = OutputFolder(url)
     rec = out.commit_record("part-00001")
-    stray = lance_output.write_fragments(out, parquet.slice(0, 1).replace_schema_metadata(parquet.schema.metadata))
+    stray = lance_output.FragmentWriter(out).write(parquet.slice(0, 1).replace_schema_metadata(parquet.schema.metadata))
     frags = [lance.FragmentMetadata.from_json(json.dumps(f)) for f in rec["fragments"] + stray]
     ds = lance_output.open_dataset(out)
     lance.LanceDataset.commit(lance_output.uri(out), lance.LanceOperation.Append(frags), read_version=ds.version)
@@ -136,6 +137,8 @@ def test_verify_names_a_fragment_committed_twice_and_one_of_no_shard(tiny_ckpt, 
     text = "\n".join(lines)
     assert code == 1 and "part-00001: " in text and "is committed 2 times in the Lance dataset" in text, text
     assert "belongs to no committed shard" in text and "ids occur more than once (e.g. 'r0', 'r2'" in text, text
+    with pytest.raises(OutputError, match="1 data files that no commit marker names"):  # a resume would not know
+        run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
 
 
 def test_lance_is_refused_for_the_sampling_tasks_and_unknown_formats(tiny_ckpt):

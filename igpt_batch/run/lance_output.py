@@ -17,12 +17,14 @@ import time
 import uuid
 from collections import Counter
 
+from igpt_batch.errors import OutputError
 from igpt_batch.run.lease import Fence, check_fence
 from igpt_batch.run.lease_files import Conflict, lease_file
 from igpt_batch.run.storage import COMMITS, LANCE, OutputFolder
 
 log = logging.getLogger(__name__)
-COMMIT_RECORDS = 64  # records a batch commits at most: the driver's round trips are about shards / 64
+COMMIT_RECORDS = 64  # records a batch commits at least up to (a job of more than 6400 shards: shards / 100)
+PRUNE_EVERY = 100  # Lance commits between removals of the dataset's old manifests (each holds every fragment)
 
 
 def lance_options(url: str, storage_options: dict | None) -> dict | None:
@@ -65,14 +67,28 @@ def open_dataset(out: OutputFolder):
     return lance.dataset(uri(out), storage_options=_options(out))
 
 
-def write_fragments(out: OutputFolder, table) -> list[dict]:
-    """A shard's rows as data files of uncommitted fragments (no manifest version): their metadata, for its marker."""
-    from lance.fragment import write_fragments as write
+class FragmentWriter:
+    """A worker's writer of shards' rows as data files of uncommitted fragments (no manifest version). The dataset
+    (made by the driver before any worker) is opened once per worker: Lance reads its manifest, which grows with
+    the fragments committed, only then."""
 
-    if not table.num_rows:
-        return []
-    frags = write(table, uri(out), mode="append", storage_options=_options(out))
-    return [f.to_json() for f in frags]
+    def __init__(self, out: OutputFolder):
+        import threading
+
+        self.out, self.ds, self.lock = out, None, threading.Lock()
+
+    def write(self, table) -> list[dict]:
+        """The fragments' metadata (JSON), for the shard's marker."""
+        from lance.fragment import write_fragments
+
+        if not table.num_rows:
+            return []
+        with self.lock:  # two shards in flight share one handle
+            if self.ds is None:
+                self.ds = open_dataset(self.out)
+        if self.ds is None:
+            raise FileNotFoundError(f"{uri(self.out)} is missing: the driver creates it before any worker runs")
+        return [f.to_json() for f in write_fragments(table, self.ds, mode="append")]
 
 
 def commit_marker_once(out: OutputFolder, shard_name: str, record: dict, lease: Fence | None) -> dict:
@@ -92,6 +108,14 @@ def commit_marker_once(out: OutputFolder, shard_name: str, record: dict, lease: 
         return held if held is not None else record
 
 
+def prune(ds) -> None:
+    """Remove the manifests of the dataset's earlier versions: appends only, so the latest references every data
+    file they did; data files no version references (shards in flight) are younger than Lance's 7 days: kept."""
+    import datetime
+
+    ds.cleanup_old_versions(older_than=datetime.timedelta(0))
+
+
 def data_files(record: dict) -> list[str]:
     return [f["path"] for frag in record.get("fragments") or [] for f in frag["files"]]
 
@@ -107,7 +131,7 @@ def committer(job, out: OutputFolder, committed: dict[str, dict]) -> "Committer 
     if job.cfg.output.format != "lance":
         return None
     c = Committer(out, job.task.embeddings_schema(job.cfg, job.resolved), job.resolved.lease,
-                  job.cfg.output.lance_commit_s)
+                  job.cfg.output.lance_commit_s, max(COMMIT_RECORDS, len(job.plan.shards) // 100))
     c.start(committed)
     return c
 
@@ -116,8 +140,9 @@ class Committer:
     """The driver's side: creates the dataset (empty, with the task's schema) if absent, commits the fragments of
     arriving commit records in batches, and once, under the job's lease."""
 
-    def __init__(self, out: OutputFolder, schema, lease: Fence | None, every_s: float = 5.0):
-        self.out, self.schema, self.lease, self.every_s = out, schema, lease, every_s
+    def __init__(self, out: OutputFolder, schema, lease: Fence | None, every_s: float = 10.0,
+                 batch: int = COMMIT_RECORDS):
+        self.out, self.schema, self.lease, self.every_s, self.batch = out, schema, lease, every_s, batch
         self.pending: list[dict] = []
         self.last = time.monotonic()
         self.commits = 0  # Lance commits this run made
@@ -127,16 +152,23 @@ class Committer:
         data files no marker names (actors killed before their marker) are removed."""
         import lance
 
-        if open_dataset(self.out) is None:
+        ds = open_dataset(self.out)
+        if ds is None:
             lance.write_dataset(self.schema.empty_table(), uri(self.out), mode="create",
                                 storage_options=_options(self.out))
+        named = {p for rec in committed.values() for p in data_files(rec)}
+        foreign = [p for p in present(ds) if p not in named]
+        if foreign:  # compacted or written to by hand: a shard's data files no longer tell whether it is in
+            raise OutputError(f"{uri(self.out)} holds {len(foreign)} data files that no commit marker names (was it "
+                              "compacted or changed by hand?): resuming could commit rows twice. Use --overwrite "
+                              "to write it again")
         self.pending = list(committed.values())
         self.flush()
         self.sweep(committed)
 
     def add(self, record: dict) -> None:
         self.pending.append(record)
-        if len(self.pending) >= COMMIT_RECORDS or time.monotonic() - self.last >= self.every_s:
+        if len(self.pending) >= self.batch or time.monotonic() - self.last >= self.every_s:
             self.flush()
 
     def flush(self) -> None:
@@ -155,9 +187,11 @@ class Committer:
                if not any(d["path"] in held for d in f["files"])]
         if new:
             frags = [FragmentMetadata.from_json(json.dumps(f)) for f in new]
-            lance.LanceDataset.commit(uri(self.out), lance.LanceOperation.Append(frags), read_version=ds.version,
-                                      storage_options=_options(self.out))
+            ds = lance.LanceDataset.commit(uri(self.out), lance.LanceOperation.Append(frags),
+                                           read_version=ds.version, storage_options=_options(self.out))
             self.commits += 1
+            if self.commits % PRUNE_EVERY == 0:
+                prune(ds)
         self.pending = []
 
     def close(self) -> None:
@@ -170,7 +204,9 @@ class Committer:
         folder = self.out.path(LANCE, "data")
         if not self.out.fs.exists(folder):
             return 0
-        keep = set(present(open_dataset(self.out))) | {p for rec in committed.values() for p in data_files(rec)}
+        ds = open_dataset(self.out)
+        prune(ds)
+        keep = set(present(ds)) | {p for rec in committed.values() for p in data_files(rec)}
         self.out.fs.invalidate_cache(folder)
         orphans = [p for p in self.out.fs.ls(folder, detail=False) if posixpath.basename(p) not in keep]
         if orphans:
