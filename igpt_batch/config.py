@@ -48,7 +48,7 @@ class OutputConfig:
     path: str | None = None  # local folder or any fsspec URL (s3://bucket/prefix)
     overwrite: bool = False  # replace an existing output written with an incompatible config
     format: str = "parquet"  # embeddings as Parquet parts, or "lance": one Lance dataset (extract only)
-    lance_commit_s: float = 10.0  # lance: seconds between the driver's commits of arrived shards (0: each as it comes)
+    lance_commit_s: float = 30.0  # lance: seconds between the driver's commits of arrived shards (0: each as it comes)
     write_png_files: bool = False  # generate/complete: also write each sample as pngs/<name>.png
     contact_sheet: int = 64  # generate/complete: put the first N samples in contact_sheet.png (0 = none)
     preview: int = 0  # extract: write preview.png with the first N inputs beside their quantised versions

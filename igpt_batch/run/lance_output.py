@@ -138,11 +138,13 @@ def committer(job, out: OutputFolder, committed: dict[str, dict]) -> "Committer 
 
 class Committer:
     """The driver's side: creates the dataset (empty, with the task's schema) if absent, commits the fragments of
-    arriving commit records in batches, and once, under the job's lease."""
+    arriving commit records in batches, and once, under the job's lease. The lease makes it the dataset's one
+    writer, so the version it last read or committed (`ds`) is the latest: a commit reads nothing first."""
 
-    def __init__(self, out: OutputFolder, schema, lease: Fence | None, every_s: float = 10.0,
+    def __init__(self, out: OutputFolder, schema, lease: Fence | None, every_s: float = 30.0,
                  batch: int = COMMIT_RECORDS):
         self.out, self.schema, self.lease, self.every_s, self.batch = out, schema, lease, every_s, batch
+        self.ds = None
         self.pending: list[dict] = []
         self.last = time.monotonic()
         self.commits = 0  # Lance commits this run made
@@ -152,12 +154,12 @@ class Committer:
         data files no marker names (actors killed before their marker) are removed."""
         import lance
 
-        ds = open_dataset(self.out)
-        if ds is None:
-            lance.write_dataset(self.schema.empty_table(), uri(self.out), mode="create",
-                                storage_options=_options(self.out))
+        self.ds = open_dataset(self.out)
+        if self.ds is None:
+            self.ds = lance.write_dataset(self.schema.empty_table(), uri(self.out), mode="create",
+                                          storage_options=_options(self.out))
         named = {p for rec in committed.values() for p in data_files(rec)}
-        foreign = [p for p in present(ds) if p not in named]
+        foreign = [p for p in present(self.ds) if p not in named]
         if foreign:  # compacted or written to by hand: a shard's data files no longer tell whether it is in
             raise OutputError(f"{uri(self.out)} holds {len(foreign)} data files that no commit marker names (was it "
                               "compacted or changed by hand?): resuming could commit rows twice. Use --overwrite "
@@ -181,17 +183,16 @@ class Committer:
             return
         if self.lease is not None:
             check_fence(self.out, self.lease)  # a driver that lost its lease commits nothing more
-        ds = open_dataset(self.out)
-        held = set(present(ds))
+        held = set(present(self.ds))
         new = [f for rec in self.pending for f in rec.get("fragments") or []
                if not any(d["path"] in held for d in f["files"])]
         if new:
             frags = [FragmentMetadata.from_json(json.dumps(f)) for f in new]
-            ds = lance.LanceDataset.commit(uri(self.out), lance.LanceOperation.Append(frags),
-                                           read_version=ds.version, storage_options=_options(self.out))
+            self.ds = lance.LanceDataset.commit(self.ds, lance.LanceOperation.Append(frags),
+                                                read_version=self.ds.version, storage_options=_options(self.out))
             self.commits += 1
             if self.commits % PRUNE_EVERY == 0:
-                prune(ds)
+                prune(self.ds)
         self.pending = []
 
     def close(self) -> None:
@@ -204,9 +205,8 @@ class Committer:
         folder = self.out.path(LANCE, "data")
         if not self.out.fs.exists(folder):
             return 0
-        ds = open_dataset(self.out)
-        prune(ds)
-        keep = set(present(ds)) | {p for rec in committed.values() for p in data_files(rec)}
+        prune(self.ds)
+        keep = set(present(self.ds)) | {p for rec in committed.values() for p in data_files(rec)}
         self.out.fs.invalidate_cache(folder)
         orphans = [p for p in self.out.fs.ls(folder, detail=False) if posixpath.basename(p) not in keep]
         if orphans:
