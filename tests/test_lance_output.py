@@ -147,3 +147,20 @@ def test_lance_is_refused_for_the_sampling_tasks_and_unknown_formats(tiny_ckpt):
         run_job(cfg(**{"output.format": "lance", "run.executor": "local"}), "generate")
     with pytest.raises(ConfigError, match="output.format"):
         cfg(**{"output.format": "csv"})
+
+
+def test_a_commit_racing_another_writer_is_named_not_kept_silently(tiny_ckpt, manifest, parquet, tmp_path):
+    """A driver past its lease appends between a new driver's read and its commit (Lance rebases appends): the new
+    driver sees its version jump, finds the data files twice, and fails naming them."""
+    url = str(tmp_path / "o")
+    run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
+    out = OutputFolder(url)
+    lance.write_dataset(parquet.schema.empty_table(), lance_output.uri(out), mode="overwrite")  # markers ahead
+    rec = out.commit_record("part-00000")
+    c = lance_output.Committer(out, parquet.schema, None)
+    c.ds = lance_output.open_dataset(out)  # this driver's view, read before the other writer's append
+    frags = [lance.FragmentMetadata.from_json(json.dumps(f)) for f in rec["fragments"]]
+    lance.LanceDataset.commit(lance_output.uri(out), lance.LanceOperation.Append(frags), read_version=c.ds.version)
+    c.add(rec)
+    with pytest.raises(OutputError, match="another writer .* 1 data files are in the dataset twice"):
+        c.close()

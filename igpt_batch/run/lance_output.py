@@ -188,12 +188,23 @@ class Committer:
                if not any(d["path"] in held for d in f["files"])]
         if new:
             frags = [FragmentMetadata.from_json(json.dumps(f)) for f in new]
-            self.ds = lance.LanceDataset.commit(self.ds, lance.LanceOperation.Append(frags),
-                                                read_version=self.ds.version, storage_options=_options(self.out))
+            read = self.ds.version
+            self.ds = lance.LanceDataset.commit(self.ds, lance.LanceOperation.Append(frags), read_version=read,
+                                                storage_options=_options(self.out))
             self.commits += 1
+            if self.ds.version != read + 1:  # another writer committed in between (a driver past its lease)
+                self._check_once(read)
             if self.commits % PRUNE_EVERY == 0:
                 prune(self.ds)
         self.pending = []
+
+    def _check_once(self, read: int) -> None:
+        twice = sorted(p for p, n in Counter(present(self.ds)).items() if n > 1)
+        log.warning("%s: another writer committed after version %d", uri(self.out), read)
+        if twice:
+            raise OutputError(f"{uri(self.out)}: another writer (a driver that lost its lease) committed while this "
+                              f"one did: {len(twice)} data files are in the dataset twice (e.g. {twice[0]}); "
+                              "write the output again with --overwrite")
 
     def close(self) -> None:
         """At the end (however the job ended): what arrived is committed."""
