@@ -104,8 +104,10 @@ def commit_marker_once(out: OutputFolder, shard_name: str, record: dict, lease: 
         return record
     except Conflict:
         held = out.commit_record(shard_name)
+        if held is None:  # a marker there that does not read: never guess which fragments are the shard's
+            raise OutputError(f"{posixpath.join(out.url, rel)} exists but cannot be read") from None
         log.info("%s: committed by an earlier attempt; this attempt's data files stay uncommitted", shard_name)
-        return held if held is not None else record
+        return held
 
 
 def prune(ds) -> None:
@@ -209,6 +211,7 @@ class Committer:
     def close(self) -> None:
         """At the end (however the job ended): what arrived is committed."""
         self.flush()
+        log.info("%s: version %d, %d Lance commits this run", uri(self.out), self.ds.version, self.commits)
 
     def sweep(self, committed: dict[str, dict]) -> int:
         """Remove the data files that neither the dataset nor a marker names (never read: an actor's uncommitted
