@@ -285,6 +285,7 @@ def validate(cfg: JobConfig) -> None:
     need(cfg.refresh.dup_threshold is None or -1 <= cfg.refresh.dup_threshold <= 1, "refresh.dup_threshold",
          "must be a cosine similarity in [-1, 1]")
     need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
-    need(cfg.output.format in ("parquet", "lance"), "output.format", f"must be parquet or lance, got {cfg.output.format!r}")
+    need(cfg.output.format in ("parquet", "lance"), "output.format",
+         f"must be parquet or lance, got {cfg.output.format!r}")
     need(0 <= cfg.output.lance_commit_s < math.inf, "output.lance_commit_s", "must be finite and >= 0 seconds")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

@@ -33,8 +33,8 @@ def manifest(image_dir, tmp_path_factory):
 
 def extract_cfg(tiny_ckpt, manifest, url, so=None, fmt="lance", **over):
     return job_cfg(tiny_ckpt, url, storage_options=so or {},
-                   **{"input.manifest": manifest, "run.shard_size": 2, "run.executor": "local", "extract.layers": [1, 2],
-                      "extract.score": True, "run.torch_threads": 1, "output.format": fmt, "output.report": False,
+                   **{"input.manifest": manifest, "run.shard_size": 2, "run.executor": "local",
+                      "extract.layers": [1, 2], "extract.score": True, "run.torch_threads": 1, "output.format": fmt, "output.report": False,
                       **over})
 
 

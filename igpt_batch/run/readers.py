@@ -42,7 +42,8 @@ def read_output(url: str, kind: str = "embeddings", storage_options: dict | None
     import pyarrow.dataset as ds
 
     dataset = output_dataset(url, kind, storage_options)
-    if isinstance(dataset, ds.FileSystemDataset) and not dataset.files:  # nothing committed yet; or no errors at all (a shard without errors writes no part)
+    # nothing committed yet; or no errors at all (a shard without errors writes no part); a Lance dataset is its own
+    if isinstance(dataset, ds.FileSystemDataset) and not dataset.files:
         if kind != "errors":
             return pa.table({})
         from igpt_batch.run.tasks.base import ERRORS_SCHEMA
