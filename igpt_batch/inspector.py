@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from igpt_batch.errors import OutputError
-from igpt_batch.run import lance_output
+from igpt_batch.run import lance_output, lance_verify
 from igpt_batch.run.readers import read_output
 from igpt_batch.run.storage import KINDS, PICTURES, OutputFolder, errors_by_reason
 
@@ -61,7 +61,7 @@ def describe_output(out: OutputFolder, verify: bool) -> dict:
     kinds, lance = {}, lance_output.is_lance(out)
     if lance:  # the embeddings are one Lance dataset
         try:
-            kinds["embeddings"] = lance_output.describe(out)
+            kinds["embeddings"] = lance_verify.describe(out)
         except (OSError, ValueError) as e:
             problems.append(f"{lance_output.uri(out)} cannot be read ({e})")
     for kind in KINDS:
@@ -81,7 +81,7 @@ def describe_output(out: OutputFolder, verify: bool) -> dict:
         "pictures": [posixpath.join(out.url, p) for p in PICTURES if out.exists(p)],
         "pngs": posixpath.join(out.url, "pngs") if out.has_pngs() else None,
         "problems": sorted(set(problems)) + (_verify_output(out, commits, status) if verify else [])
-        + (lance_output.verify(out, commits) if verify and lance else []),
+        + (lance_verify.verify(out, commits) if verify and lance else []),
     }
 
 

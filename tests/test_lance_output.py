@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import time
 
 import lance
 import numpy as np
@@ -97,13 +99,17 @@ def test_a_driver_stopped_before_its_lance_commit_resumes_exactly_once(tiny_ckpt
     code, lines = verified(url)
     assert code == 1 and sum("not in the Lance dataset: a driver stopped before its Lance commit" in line
                              for line in lines) == 4, lines
-    orphan = lance_output.FragmentWriter(out).write(parquet.slice(0, 3))  # an actor killed before its marker
-    (orphan_file,) = [f["path"] for frag in orphan for f in frag["files"]]
+    # an actor killed before its marker, long ago (older than run.lease_timeout), and one a moment ago (it may be a
+    # previous driver's worker about to write its marker: kept until it is older)
+    old, new = (lance_output.FragmentWriter(out).write(parquet.slice(i, 3)) for i in (0, 3))
+    (orphan_file,), (young_file,) = ([f["path"] for frag in o for f in frag["files"]] for o in (old, new))
+    data = tmp_path / "o" / "embeddings.lance" / "data"
+    os.utime(data / orphan_file, (time.time() - 3600, time.time() - 3600))
     s = run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
     assert s["shards_skipped"] == 4 and s["shards_run"] == 0
     assert read_output(url).sort_by("id").equals(parquet)  # every row once: the markers' fragments committed now
     assert orphan_file not in lance_output.present(lance_output.open_dataset(out))
-    assert not (tmp_path / "o" / "embeddings.lance" / "data" / orphan_file).exists()  # swept at the start
+    assert not (data / orphan_file).exists() and (data / young_file).exists()  # swept at the start if old
     run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")  # and again: nothing committed twice
     assert read_output(url).num_rows == 7 and verified(url)[0] == 0
     over = {"output.overwrite": True, "output.lance_commit_s": 3600}  # one Lance commit: at the end

@@ -6,7 +6,8 @@ a marker never changes after the driver may have committed its fragments). The d
 in batches (every `output.lance_commit_s` seconds or COMMIT_RECORDS records, and at the end), each skipping the
 fragments whose data files the dataset already holds, so a driver killed anywhere commits nothing twice, and a
 resume commits the fragments of markers an earlier run left uncommitted. Data files no marker names (an actor
-killed before its marker) are never committed, and are removed at the next start or success.
+killed before its marker) are never committed, and are removed at the next start or success once older than the
+lease timeout (a younger one may be a previous driver's worker, still finishing its shard).
 """
 from __future__ import annotations
 
@@ -215,75 +216,25 @@ class Committer:
 
     def sweep(self, committed: dict[str, dict]) -> int:
         """Remove the data files that neither the dataset nor a marker names (never read: an actor's uncommitted
-        write); returns how many. Run under the lease while no worker writes."""
+        write) and are older than the lease timeout (a younger one may be a previous driver's worker finishing its
+        shard, whose marker, if its fence still passes, names it); returns how many. Run under the lease."""
         folder = self.out.path(LANCE, "data")
         if not self.out.fs.exists(folder):
             return 0
         prune(self.ds)
         keep = set(present(self.ds)) | {p for rec in committed.values() for p in data_files(rec)}
         self.out.fs.invalidate_cache(folder)
-        orphans = [p for p in self.out.fs.ls(folder, detail=False) if posixpath.basename(p) not in keep]
+        min_age = self.lease.timeout if self.lease is not None else 0.0
+        orphans = [f["name"] for f in self.out.fs.ls(folder, detail=True)
+                   if posixpath.basename(f["name"]) not in keep and _age(f) > min_age]
         if orphans:
             self.out.fs.rm(orphans)
             log.info("removed %d uncommitted Lance data files (actors killed before their commit marker)", len(orphans))
         return len(orphans)
 
 
-def describe(out: OutputFolder) -> dict:
-    """inspect's line for a Lance output's embeddings: rows, fragments, version and schema of the latest version."""
-    ds = open_dataset(out)
-    if ds is None:
-        return {"rows": 0, "files": 0, "schema": {}, "format": "lance", "dataset": uri(out)}
-    return {"rows": ds.count_rows(), "files": len(ds.get_fragments()), "format": "lance", "dataset": uri(out),
-            "lance_version": ds.version, "schema": {f.name: str(f.type) for f in ds.schema}}
-
-
-def verify(out: OutputFolder, commits: dict[str, dict]) -> list[str]:
-    """Every committed shard's rows in the dataset exactly once (its fragments, of the rows its marker records), no
-    fragment of a shard without a marker, no id twice. Problems, in words."""
-    where = uri(out)
-    try:
-        ds = open_dataset(out)
-    except (OSError, ValueError) as e:
-        return [f"{where} cannot be opened ({e})"]
-    if ds is None:
-        return [f"{where} is missing"] if any(rec.get("fragments") for rec in commits.values()) else []
-    held = [(str(d.path), frag.metadata.physical_rows - frag.metadata.num_deletions)
-            for frag in ds.get_fragments() for d in frag.metadata.files]
-    times, rows = Counter(p for p, _ in held), dict(held)
-    owner = {p: name for name, rec in commits.items() for p in data_files(rec)}
-    problems = []
-    for name, rec in sorted(commits.items()):
-        paths, want = data_files(rec), rec["rows"].get("embeddings", 0)
-        if any(p not in times for p in paths):
-            problems.append(f"{name}: committed (its marker) but not in the Lance dataset: a driver stopped before "
-                            "its Lance commit; rerun to commit it")
-        elif sum(rows[p] for p in paths) != want:
-            problems.append(f"{name}: the Lance dataset holds {sum(rows[p] for p in paths)} of its rows, its marker "
-                            f"says {want}")
-    problems += [f"{owner.get(p, 'a data file')}: {p} is committed {n} times in the Lance dataset"
-                 for p, n in sorted(times.items()) if n > 1]
-    problems += [f"{where}: data file {p} belongs to no committed shard" for p in sorted(times) if p not in owner]
-    dups = _duplicate_ids(ds)
-    if dups:
-        problems.append(f"{where}: {len(dups)} ids occur more than once (e.g. {', '.join(map(repr, dups[:5]))})")
-    return problems
-
-
-def _duplicate_ids(ds) -> list[str]:
-    """Ids found twice, streamed: 8 bytes a row (a 64-bit hash each), then the few suspects confirmed exactly."""
-    import numpy as np
-
-    hashes = [np.fromiter((hash(i) for i in b.column("id").to_pylist()), np.int64, b.num_rows)
-              for b in ds.to_batches(columns=["id"])]
-    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.int64)
-    suspects = set(h[1:][h[1:] == h[:-1]].tolist())
-    if not suspects:
-        return []
-    seen, dups = set(), []
-    for b in ds.to_batches(columns=["id"]):
-        for i in b.column("id").to_pylist():
-            if hash(i) in suspects:
-                dups += [i] if i in seen else []
-                seen.add(i)
-    return sorted(set(dups))
+def _age(info: dict) -> float:
+    """Seconds since a listed file was written (local `mtime`, S3 `LastModified`); unknown: old."""
+    t = info.get("mtime") or info.get("LastModified")
+    t = t.timestamp() if hasattr(t, "timestamp") else t
+    return time.time() - float(t) if t else float("inf")
