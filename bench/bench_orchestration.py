@@ -120,7 +120,7 @@ def measure(spec: dict) -> None:
         "input.bytes_column": IMAGE_COLUMN, "output.path": spec["output"], "storage_options": spec["so"],
         "run.shard_size": spec["rows_per_shard"], "run.workers": spec["actors"], "run.torch_threads": 1,
         "run.cpus_per_worker": min(1.0, (os.cpu_count() or 2) / spec["actors"]), "output.preview": 0,
-        "run.address": spec["ray_address"]})
+        "run.address": spec["ray_address"], "output.format": spec.get("format", "parquet")})
     marks, workers, execute, init_ray = {}, set(), executors.execute, executors.init_ray
 
     def timed_init(address):
@@ -182,7 +182,8 @@ def run(args, endpoint: str, key: str, secret: str) -> dict:
     try:
         spec = {"manifest": manifest, "output": f"s3://{BUCKET}/out-{time.time_ns()}", "proxy": url,
                 "so": direct | {"client_kwargs": {"endpoint_url": url}}, "rows_per_shard": args.rows_per_shard,
-                "actors": args.actors, "rate": args.rate, "batch": args.batch, "ray_address": args.ray_address}
+                "actors": args.actors, "rate": args.rate, "batch": args.batch, "ray_address": args.ray_address,
+                "format": args.output_format}
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, never a shared one
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         proc = subprocess.run([sys.executable, __file__, "--measure"], input=json.dumps(spec), capture_output=True,
@@ -242,6 +243,7 @@ def main(argv=None) -> None:
     p.add_argument("--endpoint", help="an S3 endpoint already running (keys from $S3_KEY, $S3_SECRET); "
                                       "default: start SeaweedFS (weed mini) for the run")
     p.add_argument("--ray-address", help="join this Ray cluster (default: the driver starts its own local Ray)")
+    p.add_argument("--output-format", default="parquet", choices=["parquet", "lance"], help="output.format")
     p.add_argument("--check", action="store_true", help="exit 1 when the driver's request target is missed")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -31,6 +31,8 @@ FLAGS = {
     "--draft": ("input.draft", "JPEG draft decoding for big sources (faster, approximate)", CONST),
     "--output": ("output.path", "output folder or fsspec URL", {}),
     "--overwrite": ("output.overwrite", "replace an existing output, also one written with another config", CONST),
+    "--output-format": ("output.format", "extract: embeddings as Parquet parts, or one Lance dataset",
+                        {"choices": ["parquet", "lance"]}),
     "--write-png-files": ("output.write_png_files", "also write pngs/seed-<seed>.png", CONST),
     "--contact-sheet": ("output.contact_sheet", "grid picture of the first N samples (0 = none)", {"metavar": "N"}),
     "--no-report": ("output.report", "do not write report.html beside _SUCCESS", {"action": "store_const", "const": False}),
@@ -62,7 +64,8 @@ FLAGS = {
     "--retry-errors": ("refresh.retry_errors", "refresh: retry failed rows even if their source is unchanged", CONST),
 }
 TASK_FLAGS = {
-    "extract": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview", "--score"],
+    "extract": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--layer", "--preview", "--score",
+                "--output-format"],
     "generate": ["--num-samples", "--seed", "--temperature", "--top-k", "--top-p", "--write-png-files", "--contact-sheet"],
     "complete": ["--manifest", "--id-column", "--uri-column", "--bytes-column", "--retries", "--host-connections", "--read-timeout", "--max-pixels", "--draft", "--seed", "--temperature", "--top-k",
                  "--top-p", "--prompt-rows", "--samples-per-image", "--write-png-files", "--contact-sheet"],

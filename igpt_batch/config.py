@@ -47,6 +47,8 @@ class InputConfig:
 class OutputConfig:
     path: str | None = None  # local folder or any fsspec URL (s3://bucket/prefix)
     overwrite: bool = False  # replace an existing output written with an incompatible config
+    format: str = "parquet"  # embeddings as Parquet parts, or "lance": one Lance dataset (extract only)
+    lance_commit_s: float = 30.0  # lance: seconds between the driver's commits of arrived shards (0: each as it comes)
     write_png_files: bool = False  # generate/complete: also write each sample as pngs/<name>.png
     contact_sheet: int = 64  # generate/complete: put the first N samples in contact_sheet.png (0 = none)
     preview: int = 0  # extract: write preview.png with the first N inputs beside their quantised versions
@@ -283,4 +285,7 @@ def validate(cfg: JobConfig) -> None:
     need(cfg.refresh.dup_threshold is None or -1 <= cfg.refresh.dup_threshold <= 1, "refresh.dup_threshold",
          "must be a cosine similarity in [-1, 1]")
     need(cfg.refresh.keep_current >= 0, "refresh.keep_current", "must be >= 0 (0 keeps every night's table)")
+    need(cfg.output.format in ("parquet", "lance"), "output.format",
+         f"must be parquet or lance, got {cfg.output.format!r}")
+    need(0 <= cfg.output.lance_commit_s < math.inf, "output.lance_commit_s", "must be finite and >= 0 seconds")
     need(cfg.output.contact_sheet >= 0 and cfg.output.preview >= 0, "output.contact_sheet/preview", "must be >= 0")

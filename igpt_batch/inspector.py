@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from igpt_batch.errors import OutputError
+from igpt_batch.run import lance_output, lance_verify
 from igpt_batch.run.readers import read_output
 from igpt_batch.run.storage import KINDS, PICTURES, OutputFolder, errors_by_reason
 
@@ -57,7 +58,12 @@ def describe_output(out: OutputFolder, verify: bool) -> dict:
     rows = Counter()
     for rec in commits.values():
         rows.update(rec["rows"])
-    kinds = {}
+    kinds, lance = {}, lance_output.is_lance(out)
+    if lance:  # the embeddings are one Lance dataset
+        try:
+            kinds["embeddings"] = lance_verify.describe(out)
+        except (OSError, ValueError) as e:
+            problems.append(f"{lance_output.uri(out)} cannot be read ({e})")
     for kind in KINDS:
         files = out.committed_files(kind, commits)
         if files:
@@ -74,7 +80,8 @@ def describe_output(out: OutputFolder, verify: bool) -> dict:
         "errors_by_reason": dict(Counter(_errors_by_reason(out, commits, rows)).most_common()),
         "pictures": [posixpath.join(out.url, p) for p in PICTURES if out.exists(p)],
         "pngs": posixpath.join(out.url, "pngs") if out.has_pngs() else None,
-        "problems": sorted(set(problems)) + (_verify_output(out, commits, status) if verify else []),
+        "problems": sorted(set(problems)) + (_verify_output(out, commits, status) if verify else [])
+        + (lance_verify.verify(out, commits) if verify and lance else []),
     }
 
 
@@ -122,7 +129,8 @@ def show_output(r: dict, echo) -> None:
     echo(f"status:      {r['status']}")
     for kind, k in r["kinds"].items():
         cols = ", ".join(f"{name}: {t}" for name, t in k["schema"].items())
-        echo(f"{kind + ':':<12} {k['rows']} rows in {k['files']} files  [{cols}]")
+        unit = f"fragments of Lance version {k.get('lance_version', '-')}" if k.get("format") == "lance" else "files"
+        echo(f"{kind + ':':<12} {k['rows']} rows in {k['files']} {unit}  [{cols}]")
     if r["errors_by_reason"]:
         echo("errors by reason:")
         for reason, n in list(r["errors_by_reason"].items())[:10]:

@@ -29,10 +29,11 @@ def scores(url: str, storage_options: dict | None = None) -> tuple[pa.Table, int
     if job is not None:
         if not job.get("compat", {}).get("score"):
             raise UsageError(f"{url} was not extracted with --score (extract.score): it has no nll_bits column")
-        files = out.committed_files("embeddings")
-        parts = [out.read_table(f, columns=COLUMNS) for f in files]
+        from igpt_batch.run.readers import read_output
+
+        table = read_output(url, "embeddings", storage_options, columns=COLUMNS)  # Parquet parts or a Lance dataset
         empty = pa.schema([("id", pa.string()), ("uri", pa.string()), ("nll_bits", pa.float64())]).empty_table()
-        return (pa.concat_tables(parts) if parts else empty), int(job["n_px"])
+        return (table if table.num_columns else empty), int(job["n_px"])
     from igpt_batch.store.layout import Store
 
     store = Store(url, storage_options)

@@ -206,29 +206,38 @@ def gated_images(image_dir):
     server.shutdown()
 
 
-def test_an_actor_killed_and_a_node_lost_mid_job_lose_no_row(cluster, inputs, gated_images):
-    """Runs last: it takes a worker node away. Every row lands exactly once, computed by the workers that remain."""
+def worker_raylets(cluster) -> dict[int, str]:
+    """The live worker nodes' raylets: pid -> cmdline."""
+    cmdline = {q: Path(f"/proc/{q}/cmdline").read_bytes().decode(errors="replace") for q in pids_naming(cluster.root)}
+    return {q: c for q, c in cmdline.items() if "raylet" in c.split("\0")[0]
+            and any(f"={port}" in c for port in cluster.nodes.values())}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "lance"])
+def test_an_actor_killed_and_a_node_lost_mid_job_lose_no_row(cluster, inputs, gated_images, fmt):
+    """Runs last: it takes a worker node away (each format's run starts with two). Every row lands exactly once,
+    computed by the workers that remain; a Lance output verifies (each shard's fragments once, no id twice)."""
+    while len(worker_raylets(cluster)) < 2:  # the parquet run took one away
+        cluster.add_node(f"n{len(cluster.nodes) + 1}")
     base, gate = gated_images
-    fs, n = cluster_fs(inputs), 24
+    fs, n, out = cluster_fs(inputs), 24, f"faults-{fmt}"
     uris = [f"{base}/{'free' if i < 4 else 'gated'}/{i}.jpg" for i in range(n)]  # two shards can commit at once
     local = write_manifest(cluster.root / "gated.parquet", uris, [f"r{i:02d}" for i in range(n)])
     fs.put_file(str(local), f"{BUCKET}/gated.parquet")
-    args = extract_args(inputs, "demo", "faults")
+    args = extract_args(inputs, "demo", out) + ["--output-format", fmt]
     args[args.index(inputs["manifest"])] = f"s3://{BUCKET}/gated.parquet"
     args[args.index("--shard-size") + 1], args[args.index("--max-retries") + 1] = "2", "3"
     p = cluster.drive_async(args + ["--read-timeout", "300"])
     try:
         deadline = time.monotonic() + 240
-        while not fs.glob(f"{BUCKET}/faults/_commits/*.json") and p.poll() is None and time.monotonic() < deadline:
+        while not fs.glob(f"{BUCKET}/{out}/_commits/*.json") and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)  # polling a condition: the first commit
         fs.invalidate_cache()
-        (first,) = fs.glob(f"{BUCKET}/faults/_commits/*.json")[:1]
+        (first,) = fs.glob(f"{BUCKET}/{out}/_commits/*.json")[:1]
         pid = json.loads(fs.cat(first))["worker_pid"]
         killed_node = node_of(pid)
         os.kill(pid, signal.SIGKILL)  # an actor dies; the other one is held at the gate
-        cmdline = {q: Path(f"/proc/{q}/cmdline").read_bytes().decode(errors="replace") for q in pids_naming(cluster.root)}
-        raylets = [q for q, c in cmdline.items() if "raylet" in c.split("\0")[0]
-                   and any(f"={port}" in c for port in cluster.nodes.values()) and q not in killed_node]
+        raylets = [q for q in worker_raylets(cluster) if q not in killed_node]
         (raylet,) = raylets  # the worker node the killed actor was not on
         stop_now = node_of(raylet)
         for q in stop_now:  # the other node goes away, as a preempted spot node does
@@ -243,5 +252,9 @@ def test_an_actor_killed_and_a_node_lost_mid_job_lose_no_row(cluster, inputs, ga
     assert err.count("worker died") + err.count("worker's node died") >= 2, err[-3000:]
     from igpt_batch.run.readers import read_output
 
-    ids = read_output(f"s3://{BUCKET}/faults", "embeddings", inputs["so"]).column("id").to_pylist()
+    ids = read_output(f"s3://{BUCKET}/{out}", "embeddings", inputs["so"]).column("id").to_pylist()
     assert sorted(ids) == [f"r{i:02d}" for i in range(n)]  # every row exactly once
+    from igpt_batch.inspector import inspect
+
+    lines = []
+    assert inspect(f"s3://{BUCKET}/{out}", verify=True, storage_options=inputs["so"], echo=lines.append) == 0, lines

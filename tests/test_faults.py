@@ -132,12 +132,22 @@ def committed_count(out: Path) -> int:
     return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
 
 
-def test_actor_sigkill_mid_job_retries_the_shard(ray_local, tiny_ckpt, image_dir, tmp_path, gate):
-    """The actor is SIGKILLed while it waits for the gate's photo, having committed shard 0: a fresh actor retries."""
+def assert_verified(out: Path) -> None:
+    from igpt_batch.inspector import inspect
+
+    lines = []
+    assert inspect(str(out), verify=True, echo=lines.append) == 0, lines
+    assert lines[-1] == "verify: ok"
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "lance"])
+def test_actor_sigkill_mid_job_retries_the_shard(ray_local, tiny_ckpt, image_dir, tmp_path, gate, fmt):
+    """The actor is SIGKILLed while it waits for the gate's photo, having committed shard 0: a fresh actor retries.
+    Lance: the shards' fragments are in the one dataset exactly once."""
     out = tmp_path / "o"
     manifest, ids = gated_manifest(tmp_path / "m.parquet", image_dir, gate.uri, before=1, after=4)
     cfg = job_cfg(tiny_ckpt, out, **{"input.manifest": manifest, "run.shard_size": 1, "run.cpus_per_worker": 0.5,
-                                     "extract.layers": [1], "input.read_timeout": 300})
+                                     "extract.layers": [1], "input.read_timeout": 300, "output.format": fmt})
     killed = []
 
     def killer():
@@ -158,13 +168,19 @@ def test_actor_sigkill_mid_job_retries_the_shard(ray_local, tiny_ckpt, image_dir
     pids = {name: r["worker_pid"] for name, r in OutputFolder(str(out)).committed().items()}
     assert killed[0] in pids.values() and pids["part-00001"] != killed[0]  # a fresh actor did the gate's shard
     assert s["shards_run"] == len(ids) and s["rows"] == {"embeddings": len(ids), "errors": 0}
+    assert_verified(out)
 
 
-def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt, image_dir, tmp_path, gate):
+@pytest.mark.parametrize("fmt", ["parquet", "lance"])
+def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt, image_dir, tmp_path, gate, fmt):
+    """Lance: the driver commits each arriving shard (output.lance_commit_s: 0), so it is killed after three Lance
+    commits; the rerun commits the rest, none twice (a kill before a Lance commit: tests/test_lance_output.py)."""
     out = tmp_path / "o"
     manifest, ids = gated_manifest(tmp_path / "m.parquet", image_dir, gate.uri, before=3, after=3)
+    (tmp_path / "c.yaml").write_text("output:\n  lance_commit_s: 0\n")
     cmd = [IGPT, "extract", "--model", tiny_ckpt, "--manifest", manifest, "--output", str(out), "--shard-size", "1",
-           "--layer", "1", "--executor", "local", "--read-timeout", "300"]
+           "--layer", "1", "--executor", "local", "--read-timeout", "300", "--output-format", fmt,
+           "--config", str(tmp_path / "c.yaml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # in-process shards run in order: 3 commits, then the driver waits for the gate, where it is killed
         assert wait_for(lambda: gate.requested.is_set() and committed_count(out) == 3, while_running=proc)
@@ -185,6 +201,7 @@ def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt,
     after = OutputFolder(str(out)).committed()
     assert all(after[k] == v for k, v in before.items())  # committed shards were not recomputed
     assert sorted(read_output(str(out), "embeddings").column("id").to_pylist()) == sorted(ids)
+    assert_verified(out)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, Inputs, write_plan
 from igpt_batch.model import checkpoint
-from igpt_batch.run import dtype_auto, guards, report, sizing, tasks
+from igpt_batch.run import dtype_auto, guards, lance_output, report, sizing, tasks
 from igpt_batch.run.context import Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason
@@ -34,6 +34,9 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     guards.check_output_usable(cfg.output.path, write_probe=not dry_run)
     info = info or checkpoint.read_info(cfg.model.name, cfg.storage_options)
     task.check(cfg, info)
+    if cfg.output.format not in task.formats:
+        raise ConfigError(f"output.format: {cfg.output.format} is not written by {task.name}, which writes "
+                          f"{' or '.join(task.formats)}")
     resolved = task.resolve(cfg, info)
     if not task.reads_manifest:
         cfg = sized(cfg, task, info)
@@ -151,13 +154,16 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
     cfg, task, plan = job.cfg, job.task, job.plan
     out = open_output(cfg, job.keys, job.record(), on_mismatch)
     committed = out.committed()
+    lance = lance_output.committer(job, out, committed)  # output.format: lance: the dataset's one writer; else None
     todo = [s for s in plan.shards if s.name not in committed]
     log.info("%s: %d shards planned, %d already committed, %d to run -> %s", task.name, len(plan.shards),
              len(plan.shards) - len(todo), len(todo), cfg.output.path)
     write_plan_files(job, out, todo)
-    records = _execute(job, todo, committed)
+    records = _execute(job, todo, committed, lance)
     summary = summarise(out, task, plan, committed, records, time.time() - t0)
     commits = {**committed, **records}  # every committed shard's record, in hand: none is read again
+    if lance is not None:
+        lance.sweep(commits)  # data files of actors killed before their marker
     try:
         task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None, commits)
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
@@ -190,8 +196,9 @@ def write_plan_files(job: Job, out: OutputFolder, todo: list) -> None:
         job.close()
 
 
-def _execute(job: Job, todo: list, committed: dict) -> dict[str, dict]:
-    """Run the shards to run with a progress bar or log; returns their commit records by shard name."""
+def _execute(job: Job, todo: list, committed: dict, lance=None) -> dict[str, dict]:
+    """Run the shards to run with a progress bar or log; returns their commit records by shard name. `lance` (a
+    lance_output.Committer) commits the records' fragments as they arrive, and what arrived however it ends."""
     from igpt_batch.run.executors import execute
 
     per_row = job.task.outputs_per_row(job.cfg)
@@ -203,6 +210,8 @@ def _execute(job: Job, todo: list, committed: dict) -> dict[str, dict]:
     def done(rec: dict) -> None:
         records[rec["shard"]] = rec
         progress.update((rec["stop"] - rec["start"]) * per_row)
+        if lance is not None:
+            lance.add(rec)
 
     try:
         failed = execute(job, todo, done)
@@ -210,6 +219,8 @@ def _execute(job: Job, todo: list, committed: dict) -> dict[str, dict]:
         raise JobError(str(e)) from None
     finally:
         progress.close()
+        if lance is not None:
+            lance.close()
     if failed:
         raise JobError(f"{len(failed)} shard(s) failed after {job.cfg.run.max_retries} retries: "
                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))

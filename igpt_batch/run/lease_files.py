@@ -44,8 +44,8 @@ class CheckedFile:
 
     enforced = False
 
-    def __init__(self, folder):
-        self.folder, self.path = folder, folder.path(LEASE)
+    def __init__(self, folder, name: str = LEASE):
+        self.folder, self.name, self.path = folder, name, folder.path(name)
 
     def read(self) -> tuple[dict | None, str | None]:
         try:
@@ -55,9 +55,11 @@ class CheckedFile:
         return _decode(data), _version(data)
 
     def _put(self, data: bytes) -> str:
-        self.folder.write_bytes(LEASE, data)
+        self.folder.write_bytes(self.name, data)
         held, version = self.read()
-        if held is None or held.get("token") != json.loads(data)["token"]:
+        sent = json.loads(data)
+        key = "token" if "token" in sent else "nonce"  # the lease's token; a file created once (a marker) has a nonce
+        if held is None or held.get(key) != sent[key]:
             raise Conflict()
         return version
 
@@ -133,8 +135,8 @@ class S3File(CheckedFile):
 
     enforced = True
 
-    def __init__(self, folder):
-        super().__init__(folder)
+    def __init__(self, folder, name: str = LEASE):
+        super().__init__(folder, name)
         self.bucket, self.key, _ = folder.fs.split_path(self.path)
 
     def _call(self, coro_fn):
@@ -191,19 +193,20 @@ class S3File(CheckedFile):
         return False
 
 
-def lease_file(folder) -> CheckedFile:
+def lease_file(folder, name: str = LEASE) -> CheckedFile:
+    """The conditional writes of `name` (the lease, or a file created once) in `folder`, by its protocol."""
     protocol = folder.fs.protocol
     protocols = protocol if isinstance(protocol, tuple) else (protocol,)
     if "file" in protocols or "local" in protocols:
         try:
             with LocalFile(folder)._locked() if os.path.isdir(folder.root) else contextlib.nullcontext():
                 pass
-            return LocalFile(folder)
+            return LocalFile(folder, name)
         except OSError as e:  # a network filesystem without flock
             log.warning("%s has no file locks (%s): the lease falls back to write-then-read-back", folder.url, e)
-            return CheckedFile(folder)
+            return CheckedFile(folder, name)
     if {"s3", "s3a"} & set(protocols):
-        return S3File(folder)
+        return S3File(folder, name)
     log.warning("%s: no conditional writes on %s; the lease falls back to write-then-read-back, which two jobs "
                 "starting at the same moment can both pass", folder.url, protocols[0])
-    return CheckedFile(folder)
+    return CheckedFile(folder, name)

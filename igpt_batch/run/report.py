@@ -140,6 +140,14 @@ def _sample(out: OutputFolder, commits: dict, n: int):
     """Up to n embedding rows from at most MAP_FILES committed files spread over the shards (id, uri, embedding)."""
     import pyarrow as pa
 
+    from igpt_batch.run import lance_output
+
+    if lance_output.is_lance(out):  # rows spread over the dataset, taken by index
+        ds = lance_output.open_dataset(out)
+        rows = ds.count_rows() if ds is not None else 0
+        if not rows:
+            return pa.table({"id": pa.array([], pa.string())})
+        return ds.take(np.linspace(0, rows - 1, min(n, rows)).astype(int).tolist(), columns=["id", "uri", "embedding"])
     files = out.committed_files("embeddings", commits)
     per_file = max(1, max(f["rows"] for rec in commits.values() for f in rec.get("files", [])
                           if f["path"].startswith("embeddings/")))

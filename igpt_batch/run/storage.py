@@ -25,7 +25,9 @@ KINDS = ("embeddings", "samples", "errors")
 JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS = "_job.json", "_SUCCESS", "_FAILED", "_plan", "_commits", "pngs"
 PICTURES = ("contact_sheet.png", "preview.png")
 REPORT = "report.html"  # run/report.py
-OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES, REPORT)  # all that --overwrite may remove (not the lease)
+LANCE = "embeddings.lance"  # output.format: lance: the embeddings' one dataset (run/lance_output.py)
+# all that --overwrite may remove (not the lease)
+OURS = (JOB, SUCCESS, FAILED, PLAN, COMMITS, PNGS, *KINDS, *PICTURES, REPORT, LANCE)
 ROW_GROUP_BYTES = 128 << 20  # parts' row groups, uncompressed: large enough for DuckDB, Spark and Ray Data
 MAX_ROW_GROUP_ROWS = 1 << 20
 _PLAN_LOCK = threading.Lock()

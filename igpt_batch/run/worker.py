@@ -6,7 +6,7 @@ import threading
 import time
 
 from igpt_batch.inputs.manifest import Shard
-from igpt_batch.run import metrics
+from igpt_batch.run import lance_output, metrics
 from igpt_batch.run.context import ShardContext, Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.reader import RowReader
@@ -28,6 +28,8 @@ class ShardWorker:
         cfg = job.cfg
         self.job, self.cfg, self.task, self.resolved = job, cfg, job.task, job.resolved
         self.out = OutputFolder(cfg.output.path, cfg.storage_options)
+        # output.format: lance: the embeddings go to uncommitted Lance fragments that the driver commits
+        self.lance = lance_output.FragmentWriter(self.out) if cfg.output.format == "lance" else None
         self.reader = RowReader(cfg, job.kind, job.resolved.info.n_px) if job.kind else None
         # The Ray executor keeps two shards in flight per actor (max_concurrency=2) so one shard's reading,
         # decoding and writing overlap the other's compute; the lock keeps model calls one at a time.
@@ -98,12 +100,17 @@ class ShardWorker:
         tw = time.perf_counter()
         # a shard without errors writes no errors part (its record says 0 error rows)
         files = [self.out.write_part(kind, shard.name, t) for kind, t in tables.items()
-                 if t.num_rows or kind != "errors"]
+                 if (t.num_rows or kind != "errors") and not (self.lance and kind == "embeddings")]
+        fragments = self.lance.write(tables["embeddings"]) if self.lance else None
         stats.write_s = time.perf_counter() - tw
         stats.total_s = time.perf_counter() - t0
         record = make_record(shard, files, tables, fingerprint=self.fingerprint, started_at=started_at)  # v2
         record |= {"stats": stats.seconds(), "http_retries": stats.http_retries}
-        self.out.commit(shard.name, record, lease=self.resolved.lease)  # refused under a lost lease
+        if self.lance:  # the first marker of a shard holds; the driver commits its fragments into the dataset
+            record = lance_output.commit_marker_once(self.out, shard.name, record | {"fragments": fragments},
+                                                     self.resolved.lease)
+        else:
+            self.out.commit(shard.name, record, lease=self.resolved.lease)  # refused under a lost lease
         metrics.shard_committed(self.task.name, self.cfg.output.path, record, tables)  # a no-op without Ray
         return record
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from igpt_batch.errors import UsageError
+from igpt_batch.run.lance_output import lance_options
 from igpt_batch.run.storage import OutputFolder
 from igpt_batch.store.files import FAILED_SCHEMA, SOURCE, StoreFiles  # noqa: F401 - FAILED_SCHEMA for readers
 
@@ -25,24 +26,6 @@ def current_schema(dim: int, metadata: dict | None = None, score: bool = False) 
     return pa.schema([*SOURCE, ("embedding", pa.list_(pa.float32(), dim)), ("width", pa.int32()),
                       ("height", pa.int32()), *([("nll_bits", pa.float64())] if score else []),
                       ("snapshot", pa.string()), ("deleted", pa.bool_())], metadata=metadata)
-
-
-def lance_options(url: str, storage_options: dict | None) -> dict | None:
-    """fsspec storage_options -> Lance's object-store options: the one place the two vocabularies meet."""
-    so = dict(storage_options or {})
-    if "://" not in url or url.startswith("file://"):
-        return None
-    client = so.pop("client_kwargs", None) or {}
-    out = {k: str(v) for k, v in so.items() if k.startswith(("aws_", "google_", "azure_", "allow_", "timeout"))}
-    names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
-             "endpoint_url": "aws_endpoint", "region_name": "aws_region"}
-    for src in (client, so):
-        out |= {names[k]: str(v) for k, v in src.items() if k in names and v is not None}
-    if so.get("anon"):
-        out["aws_skip_signature"] = "true"
-    if out.get("aws_endpoint", "").startswith("http://"):
-        out["allow_http"] = "true"
-    return out or None
 
 
 class Store(StoreFiles):

@@ -109,6 +109,7 @@ def run_extract(cfg: JobConfig, night: Night) -> None:
     sub.input.bytes_column = "bytes" if cfg.input.bytes_column else None
     sub.input.member_column = "member" if compute.column("member").null_count < compute.num_rows else None
     sub.output.path, sub.output.overwrite = store.snapshot_url(version, snapshot), False
+    sub.output.format = "parquet"  # a snapshot is Parquet parts, merged into the store's own Lance table
     sub.run.max_error_fraction = 1.0  # the night's fraction counts against the whole manifest, below
     result = run_job(sub, Extract(), info=night.info, on_mismatch="overwrite")
     night.summary[Extract.name] = {k: result[k] for k in ("shards", "shards_skipped", "shards_run", "wall_s")}

@@ -64,6 +64,7 @@ class Task:
     name = ""
     unit = "rows"  # progress unit
     reads_manifest = True  # shards read input rows (written by the driver to the output's plan files)
+    formats = ("parquet",)  # the output.format values it writes
 
     def resolve(self, cfg: JobConfig, info: CheckpointInfo) -> Resolved:
         meta = {"model": cfg.model.name, "weights_fingerprint": info.weights_fingerprint,

@@ -19,6 +19,7 @@ class Extract(Task):
 
     name = "extract"
     unit = "images"
+    formats = ("parquet", "lance")  # lance: the embeddings (errors stay Parquet parts)
 
     def resolve(self, cfg: JobConfig, info: CheckpointInfo) -> Resolved:
         base = super().resolve(cfg, info)
@@ -27,8 +28,16 @@ class Extract(Task):
         return Resolved(info, layers, meta | ({"nll_bits": SCORE} if cfg.extract.score else {}))
 
     def keys(self, cfg: JobConfig, resolved: Resolved) -> dict:
-        # score only when on: outputs written before the key existed keep resuming
-        return {"layers": list(resolved.layers)} | ({"score": True} if cfg.extract.score else {})
+        # score and format only when not the default: outputs written before the keys existed keep resuming
+        return ({"layers": list(resolved.layers)} | ({"score": True} if cfg.extract.score else {})
+                | ({"format": cfg.output.format} if cfg.output.format != "parquet" else {}))
+
+    def embeddings_schema(self, cfg: JobConfig, resolved: Resolved) -> pa.Schema:
+        """The embeddings' columns (and the job's metadata): one schema for every shard, and for a Lance dataset."""
+        dim = resolved.info.n_embd * len(resolved.layers)
+        return pa.schema([("id", pa.string()), ("uri", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
+                          ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+                          *([("nll_bits", pa.float64())] if cfg.extract.score else [])], metadata=resolved.meta)
 
     def part_row_bytes(self, cfg: JobConfig, info: CheckpointInfo) -> int:
         return 4 * info.n_embd * len(resolve_layers(cfg.extract.layers, info.n_layer)) + 256  # float32s, id, uri, sha
@@ -59,7 +68,7 @@ class ExtractRunner:
         from igpt_batch.model.extractor import Extractor
 
         resolved = ctx.resolved
-        self.ctx, self.meta = ctx, resolved.meta
+        self.ctx, self.schema = ctx, Extract().embeddings_schema(ctx.cfg, resolved)
         score = ctx.cfg.extract.score
         probe = list(resolved.layers) + ([ctx.model.n_layer] if score else [])  # scoring runs the full depth
         bs = batching.extract_batch_size(ctx.model, probe, ctx.cfg.extract.batch_size)
@@ -108,5 +117,5 @@ class ExtractRunner:
         }
         if self.extractor.score:
             columns["nll_bits"] = pa.array(np.concatenate(scores), pa.float64())
-        table = pa.table(columns).replace_schema_metadata(self.meta)
+        table = pa.table(columns, schema=self.schema)
         return {"embeddings": table, "errors": error_table(errors)}

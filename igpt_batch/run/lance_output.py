@@ -1,0 +1,240 @@
+"""output.format: lance: workers write a shard's rows as uncommitted Lance fragments and name them in its commit
+marker; the driver (the lease's holder, the one writer) commits them into the output's one dataset, exactly once.
+
+A marker is the shard's commit point, as for Parquet, but it is created once (the first attempt's marker wins, so
+a marker never changes after the driver may have committed its fragments). The driver's Lance commits are appends
+in batches (every `output.lance_commit_s` seconds or COMMIT_RECORDS records, and at the end), each skipping the
+fragments whose data files the dataset already holds, so a driver killed anywhere commits nothing twice, and a
+resume commits the fragments of markers an earlier run left uncommitted. Data files no marker names (an actor
+killed before its marker) are never committed, and are removed at the next start or success once older than the
+lease timeout (a younger one may be a previous driver's worker, still finishing its shard).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+import uuid
+from collections import Counter
+
+from igpt_batch.errors import OutputError
+from igpt_batch.run.lease import Fence, check_fence
+from igpt_batch.run.lease_files import Conflict, lease_file
+from igpt_batch.run.storage import COMMITS, LANCE, OutputFolder
+
+log = logging.getLogger(__name__)
+COMMIT_RECORDS = 64  # records a batch commits at least up to (a job of more than 6400 shards: shards / 100)
+PRUNE_EVERY = 100  # Lance commits between removals of the dataset's old manifests (each holds every fragment)
+
+
+def lance_options(url: str, storage_options: dict | None) -> dict | None:
+    """fsspec storage_options -> Lance's object-store options: the one place the two vocabularies meet."""
+    so = dict(storage_options or {})
+    if "://" not in url or url.startswith("file://"):
+        return None
+    client = so.pop("client_kwargs", None) or {}
+    out = {k: str(v) for k, v in so.items() if k.startswith(("aws_", "google_", "azure_", "allow_", "timeout"))}
+    names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
+             "endpoint_url": "aws_endpoint", "region_name": "aws_region"}
+    for src in (client, so):
+        out |= {names[k]: str(v) for k, v in src.items() if k in names and v is not None}
+    if so.get("anon"):
+        out["aws_skip_signature"] = "true"
+    if out.get("aws_endpoint", "").startswith("http://"):
+        out["allow_http"] = "true"
+    return out or None
+
+
+def is_lance(out: OutputFolder) -> bool:
+    """Whether this output's embeddings are a Lance dataset (its _job.json's output.format)."""
+    return ((out.read_job() or {}).get("config", {}).get("output") or {}).get("format") == "lance"
+
+
+def uri(out: OutputFolder) -> str:
+    return out.fs.unstrip_protocol(out.path(LANCE))
+
+
+def _options(out: OutputFolder) -> dict | None:
+    return lance_options(out.url, out.fs.storage_options)
+
+
+def open_dataset(out: OutputFolder):
+    """The output's dataset at its latest version (a lance.LanceDataset, a pyarrow Dataset); None before it exists."""
+    import lance
+
+    if not out.exists(posixpath.join(LANCE, "_versions")):
+        return None
+    return lance.dataset(uri(out), storage_options=_options(out))
+
+
+class FragmentWriter:
+    """A worker's writer of shards' rows as data files of uncommitted fragments (no manifest version). The dataset
+    (made by the driver before any worker) is opened once per worker: Lance reads its manifest, which grows with
+    the fragments committed, only then."""
+
+    def __init__(self, out: OutputFolder):
+        import threading
+
+        self.out, self.ds, self.lock = out, None, threading.Lock()
+
+    def write(self, table) -> list[dict]:
+        """The fragments' metadata (JSON), for the shard's marker."""
+        from lance.fragment import write_fragments
+
+        if not table.num_rows:
+            return []
+        with self.lock:  # two shards in flight share one handle
+            if self.ds is None:
+                self.ds = open_dataset(self.out)
+        if self.ds is None:
+            raise FileNotFoundError(f"{uri(self.out)} is missing: the driver creates it before any worker runs")
+        return [f.to_json() for f in write_fragments(table, self.ds, mode="append")]
+
+
+def commit_marker_once(out: OutputFolder, shard_name: str, record: dict, lease: Fence | None) -> dict:
+    """Create the shard's marker unless one exists (a conditional create: local link, S3 If-None-Match); returns
+    the marker that holds: ours, or an earlier attempt's (whose fragments are the shard's, ours left uncommitted)."""
+    if lease is not None:
+        check_fence(out, lease)
+        record = record | {"lease": lease.record()}
+    record = record | {"nonce": uuid.uuid4().hex}
+    rel = f"{COMMITS}/{shard_name}.json"
+    try:
+        lease_file(out, rel).create(json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+        return record
+    except Conflict:
+        held = out.commit_record(shard_name)
+        if held is None:  # a marker there that does not read: never guess which fragments are the shard's
+            raise OutputError(f"{posixpath.join(out.url, rel)} exists but cannot be read") from None
+        log.info("%s: committed by an earlier attempt; this attempt's data files stay uncommitted", shard_name)
+        return held
+
+
+def prune(ds) -> None:
+    """Remove the manifests of the dataset's earlier versions: appends only, so the latest references every data
+    file they did; data files no version references (shards in flight) are younger than Lance's 7 days: kept."""
+    import datetime
+
+    ds.cleanup_old_versions(older_than=datetime.timedelta(0))
+
+
+def data_files(record: dict) -> list[str]:
+    return [f["path"] for frag in record.get("fragments") or [] for f in frag["files"]]
+
+
+def present(ds) -> list[str]:
+    """The data files of the dataset's version, one entry per fragment file (a file twice: committed twice)."""
+    return [str(d.path) for frag in ds.get_fragments() for d in frag.metadata.files] if ds is not None else []
+
+
+def committer(job, out: OutputFolder, committed: dict[str, dict]) -> "Committer | None":
+    """For a job of output.format: lance, the started Committer (dataset created, an earlier run's markers
+    committed); None otherwise."""
+    if job.cfg.output.format != "lance":
+        return None
+    c = Committer(out, job.task.embeddings_schema(job.cfg, job.resolved), job.resolved.lease,
+                  job.cfg.output.lance_commit_s, max(COMMIT_RECORDS, len(job.plan.shards) // 100))
+    c.start(committed)
+    return c
+
+
+class Committer:
+    """The driver's side: creates the dataset (empty, with the task's schema) if absent, commits the fragments of
+    arriving commit records in batches, and once, under the job's lease. The lease makes it the dataset's one
+    writer, so the version it last read or committed (`ds`) is the latest: a commit reads nothing first."""
+
+    def __init__(self, out: OutputFolder, schema, lease: Fence | None, every_s: float = 30.0,
+                 batch: int = COMMIT_RECORDS):
+        self.out, self.schema, self.lease, self.every_s, self.batch = out, schema, lease, every_s, batch
+        self.ds = None
+        self.pending: list[dict] = []
+        self.last = time.monotonic()
+        self.commits = 0  # Lance commits this run made
+
+    def start(self, committed: dict[str, dict]) -> None:
+        """Before any worker: the dataset exists; markers an earlier (killed) run did not commit are committed now;
+        data files no marker names (actors killed before their marker) are removed."""
+        import lance
+
+        self.ds = open_dataset(self.out)
+        if self.ds is None:
+            self.ds = lance.write_dataset(self.schema.empty_table(), uri(self.out), mode="create",
+                                          storage_options=_options(self.out))
+        named = {p for rec in committed.values() for p in data_files(rec)}
+        foreign = [p for p in present(self.ds) if p not in named]
+        if foreign:  # compacted or written to by hand: a shard's data files no longer tell whether it is in
+            raise OutputError(f"{uri(self.out)} holds {len(foreign)} data files that no commit marker names (was it "
+                              "compacted or changed by hand?): resuming could commit rows twice. Use --overwrite "
+                              "to write it again")
+        self.pending = list(committed.values())
+        self.flush()
+        self.sweep(committed)
+
+    def add(self, record: dict) -> None:
+        self.pending.append(record)
+        if len(self.pending) >= self.batch or time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """One Lance append of the pending records' fragments that the dataset's latest version does not hold."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        self.last = time.monotonic()
+        if not self.pending:
+            return
+        if self.lease is not None:
+            check_fence(self.out, self.lease)  # a driver that lost its lease commits nothing more
+        held = set(present(self.ds))
+        new = [f for rec in self.pending for f in rec.get("fragments") or []
+               if not any(d["path"] in held for d in f["files"])]
+        if new:
+            frags = [FragmentMetadata.from_json(json.dumps(f)) for f in new]
+            read = self.ds.version
+            self.ds = lance.LanceDataset.commit(self.ds, lance.LanceOperation.Append(frags), read_version=read,
+                                                storage_options=_options(self.out))
+            self.commits += 1
+            if self.ds.version != read + 1:  # another writer committed in between (a driver past its lease)
+                self._check_once(read)
+            if self.commits % PRUNE_EVERY == 0:
+                prune(self.ds)
+        self.pending = []
+
+    def _check_once(self, read: int) -> None:
+        twice = sorted(p for p, n in Counter(present(self.ds)).items() if n > 1)
+        log.warning("%s: another writer committed after version %d", uri(self.out), read)
+        if twice:
+            raise OutputError(f"{uri(self.out)}: another writer (a driver that lost its lease) committed while this "
+                              f"one did: {len(twice)} data files are in the dataset twice (e.g. {twice[0]}); "
+                              "write the output again with --overwrite")
+
+    def close(self) -> None:
+        """At the end (however the job ended): what arrived is committed."""
+        self.flush()
+        log.info("%s: version %d, %d Lance commits this run", uri(self.out), self.ds.version, self.commits)
+
+    def sweep(self, committed: dict[str, dict]) -> int:
+        """Remove the data files that neither the dataset nor a marker names (never read: an actor's uncommitted
+        write) and are older than the lease timeout (a younger one may be a previous driver's worker finishing its
+        shard, whose marker, if its fence still passes, names it); returns how many. Run under the lease."""
+        folder = self.out.path(LANCE, "data")
+        if not self.out.fs.exists(folder):
+            return 0
+        prune(self.ds)
+        keep = set(present(self.ds)) | {p for rec in committed.values() for p in data_files(rec)}
+        self.out.fs.invalidate_cache(folder)
+        min_age = self.lease.timeout if self.lease is not None else 0.0
+        orphans = [f["name"] for f in self.out.fs.ls(folder, detail=True)
+                   if posixpath.basename(f["name"]) not in keep and _age(f) > min_age]
+        if orphans:
+            self.out.fs.rm(orphans)
+            log.info("removed %d uncommitted Lance data files (actors killed before their commit marker)", len(orphans))
+        return len(orphans)
+
+
+def _age(info: dict) -> float:
+    """Seconds since a listed file was written (local `mtime`, S3 `LastModified`); unknown: old."""
+    t = info.get("mtime") or info.get("LastModified")
+    t = t.timestamp() if hasattr(t, "timestamp") else t
+    return time.time() - float(t) if t else float("inf")

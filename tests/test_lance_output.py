@@ -1,0 +1,172 @@
+"""output.format: lance, for real (in-process jobs over real photos, local disk and SeaweedFS): the same rows and
+values as the Parquet output, the same readers and `inspect --verify`; a driver stopped before its Lance commit
+resumes exactly once; a shard's first marker holds; verify names a fragment committed twice or of no shard.
+The SIGKILL and node-loss tests of the Lance format are in test_faults.py and test_cluster.py."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import lance
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from conftest import job_cfg, write_manifest
+
+from igpt_batch.errors import ConfigError, JobError, OutputError
+from igpt_batch.inspector import inspect
+from igpt_batch.outliers import outliers
+from igpt_batch.run import lance_output
+from igpt_batch.run.driver import run_job
+from igpt_batch.run.readers import output_dataset, output_files, read_output
+from igpt_batch.run.report import embedding_map
+from igpt_batch.run.storage import OutputFolder
+
+
+@pytest.fixture(scope="module")
+def manifest(image_dir, tmp_path_factory):
+    """Seven real photos and a broken file, in shards of 2 (4 shards; one error row)."""
+    photos = sorted(str(p) for p in image_dir.glob("*-small.png"))
+    uris = (photos + photos)[:7] + [str(image_dir / "text.jpg")]
+    return str(write_manifest(tmp_path_factory.mktemp("m") / "m.parquet", uris, [f"r{i}" for i in range(len(uris))]))
+
+
+def extract_cfg(tiny_ckpt, manifest, url, so=None, fmt="lance", **over):
+    return job_cfg(tiny_ckpt, url, storage_options=so or {},
+                   **{"input.manifest": manifest, "run.shard_size": 2, "run.executor": "local",
+                      "extract.layers": [1, 2], "extract.score": True, "run.torch_threads": 1, "output.format": fmt, "output.report": False,
+                      **over})
+
+
+@pytest.fixture(scope="module")
+def parquet(tiny_ckpt, manifest, tmp_path_factory):
+    """The oracle: the same job written as Parquet parts."""
+    url = str(tmp_path_factory.mktemp("pq") / "o")
+    run_job(extract_cfg(tiny_ckpt, manifest, url, fmt="parquet"), "extract")
+    return read_output(url).sort_by("id")
+
+
+def verified(url: str, so: dict | None = None) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    return inspect(url, verify=True, storage_options=so, echo=lines.append), lines
+
+
+def test_a_lance_output_holds_the_parquet_rows_and_reads_and_verifies_the_same(tiny_ckpt, manifest, parquet,
+                                                                               output_url):
+    url, so = output_url
+    s = run_job(extract_cfg(tiny_ckpt, manifest, url, so, **{"output.lance_commit_s": 0}), "extract")
+    assert s["rows"] == {"embeddings": 7, "errors": 1} and s["shards_run"] == 4
+    got = read_output(url, "embeddings", so).sort_by("id")
+    assert got.schema == parquet.schema and got.schema.metadata[b"layers"] == b"1,2"  # columns, types, metadata
+    assert got.column("id").to_pylist() == [f"r{i}" for i in range(7)]
+    np.testing.assert_array_equal(np.stack(got.column("embedding").to_numpy(zero_copy_only=False)),
+                                  np.stack(parquet.column("embedding").to_numpy(zero_copy_only=False)))
+    assert got.equals(parquet)  # every value, nll_bits included
+    assert read_output(url, "errors", so).column("id").to_pylist() == ["r7"]  # errors stay Parquet parts
+    # the same readers: columns and a filter pushed down; the dataset streams; its URL for other engines
+    some = read_output(url, "embeddings", so, columns=["id", "width"], filter=pc.field("id") >= "r5")
+    assert some.column_names == ["id", "width"] and sorted(some.column("id").to_pylist()) == ["r5", "r6"]
+    ds = output_dataset(url, "embeddings", so)
+    assert sum(b.num_rows for b in ds.to_batches(columns=["id"])) == 7
+    (files,) = output_files(url, "embeddings", so)
+    assert files.endswith("/embeddings.lance") and lance.dataset(
+        files, storage_options=lance_output.lance_options(url, so)).count_rows() == 7
+    # one Lance commit per arriving shard (lance_commit_s: 0) after the empty dataset's creation
+    assert ds.version == 1 + 4 and len(ds.get_fragments()) == 4
+    code, lines = verified(url, so)
+    assert code == 0 and lines[-1] == "verify: ok", lines
+    assert any("7 rows in 4 fragments of Lance version 5" in line for line in lines), lines
+    top, _ = outliers(url, 3, so)  # the apps on top read it too: outliers, and the report's embedding map
+    assert top.equals(parquet.select(["id", "uri", "nll_bits"]).sort_by(
+        [("nll_bits", "descending"), ("id", "ascending")]).slice(0, 3))
+    out = OutputFolder(url, so)
+    assert "7 of the embeddings; PC1" in embedding_map(out, out.committed(), 8, so, thumbs=False)
+    again = run_job(extract_cfg(tiny_ckpt, manifest, url, so), "extract")  # a rerun resumes: nothing to do
+    assert again["shards_skipped"] == 4 and read_output(url, "embeddings", so).num_rows == 7
+
+
+def test_a_driver_stopped_before_its_lance_commit_resumes_exactly_once(tiny_ckpt, manifest, parquet, tmp_path):
+    """A driver killed after the markers but before its Lance commit leaves the dataset behind them: the state made
+    here for real by restoring the dataset's empty version. An actor killed before its marker left data files."""
+    url = str(tmp_path / "o")
+    run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
+    out = OutputFolder(url)
+    # an empty latest version over the same data files: the dataset as the driver made it before any worker
+    lance.write_dataset(parquet.schema.empty_table(), lance_output.uri(out), mode="overwrite")
+    assert read_output(url).num_rows == 0
+    code, lines = verified(url)
+    assert code == 1 and sum("not in the Lance dataset: a driver stopped before its Lance commit" in line
+                             for line in lines) == 4, lines
+    # an actor killed before its marker, long ago (older than run.lease_timeout), and one a moment ago (it may be a
+    # previous driver's worker about to write its marker: kept until it is older)
+    old, new = (lance_output.FragmentWriter(out).write(parquet.slice(i, 3)) for i in (0, 3))
+    (orphan_file,), (young_file,) = ([f["path"] for frag in o for f in frag["files"]] for o in (old, new))
+    data = tmp_path / "o" / "embeddings.lance" / "data"
+    os.utime(data / orphan_file, (time.time() - 3600, time.time() - 3600))
+    s = run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
+    assert s["shards_skipped"] == 4 and s["shards_run"] == 0
+    assert read_output(url).sort_by("id").equals(parquet)  # every row once: the markers' fragments committed now
+    assert orphan_file not in lance_output.present(lance_output.open_dataset(out))
+    assert not (data / orphan_file).exists() and (data / young_file).exists()  # swept at the start if old
+    run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")  # and again: nothing committed twice
+    assert read_output(url).num_rows == 7 and verified(url)[0] == 0
+    over = {"output.overwrite": True, "output.lance_commit_s": 3600}  # one Lance commit: at the end
+    run_job(extract_cfg(tiny_ckpt, manifest, url, **over), "extract")  # the dataset is ours: replaced
+    assert lance_output.open_dataset(out).version == 2 and read_output(url).sort_by("id").equals(parquet)
+    with pytest.raises(JobError, match="format: 'lance' -> None"):  # a Parquet rerun is another config
+        run_job(extract_cfg(tiny_ckpt, manifest, url, fmt="parquet"), "extract")
+
+
+def test_a_shards_first_marker_holds_and_a_later_attempt_gets_it(output_url):
+    url, so = output_url
+    out = OutputFolder(url, so)
+    first = lance_output.commit_marker_once(out, "part-00003", {"shard": "part-00003", "files": [], "fragments": [],
+                                                                 "rows": {"embeddings": 0}}, None)
+    later = lance_output.commit_marker_once(out, "part-00003", {"shard": "part-00003", "files": [], "fragments": [1],
+                                                                 "rows": {"embeddings": 0}}, None)
+    assert later["nonce"] == first["nonce"] and later["fragments"] == []
+    assert out.commit_record("part-00003")["nonce"] == first["nonce"]
+
+
+def test_verify_names_a_fragment_committed_twice_and_one_of_no_shard(tiny_ckpt, manifest, parquet, tmp_path):
+    url = str(tmp_path / "o")
+    run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
+    out = OutputFolder(url)
+    rec = out.commit_record("part-00001")
+    stray = lance_output.FragmentWriter(out).write(parquet.slice(0, 1).replace_schema_metadata(parquet.schema.metadata))
+    frags = [lance.FragmentMetadata.from_json(json.dumps(f)) for f in rec["fragments"] + stray]
+    ds = lance_output.open_dataset(out)
+    lance.LanceDataset.commit(lance_output.uri(out), lance.LanceOperation.Append(frags), read_version=ds.version)
+    code, lines = verified(url)
+    text = "\n".join(lines)
+    assert code == 1 and "part-00001: " in text and "is committed 2 times in the Lance dataset" in text, text
+    assert "belongs to no committed shard" in text and "ids occur more than once (e.g. 'r0', 'r2'" in text, text
+    with pytest.raises(OutputError, match="1 data files that no commit marker names"):  # a resume would not know
+        run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
+
+
+def test_lance_is_refused_for_the_sampling_tasks_and_unknown_formats(tiny_ckpt):
+    cfg = functools.partial(job_cfg, tiny_ckpt, "/tmp/igpt-never-written")
+    with pytest.raises(ConfigError, match="output.format: lance is not written by generate, which writes parquet"):
+        run_job(cfg(**{"output.format": "lance", "run.executor": "local"}), "generate")
+    with pytest.raises(ConfigError, match="output.format"):
+        cfg(**{"output.format": "csv"})
+
+
+def test_a_commit_racing_another_writer_is_named_not_kept_silently(tiny_ckpt, manifest, parquet, tmp_path):
+    """A driver past its lease appends between a new driver's read and its commit (Lance rebases appends): the new
+    driver sees its version jump, finds the data files twice, and fails naming them."""
+    url = str(tmp_path / "o")
+    run_job(extract_cfg(tiny_ckpt, manifest, url), "extract")
+    out = OutputFolder(url)
+    lance.write_dataset(parquet.schema.empty_table(), lance_output.uri(out), mode="overwrite")  # markers ahead
+    rec = out.commit_record("part-00000")
+    c = lance_output.Committer(out, parquet.schema, None)
+    c.ds = lance_output.open_dataset(out)  # this driver's view, read before the other writer's append
+    frags = [lance.FragmentMetadata.from_json(json.dumps(f)) for f in rec["fragments"]]
+    lance.LanceDataset.commit(lance_output.uri(out), lance.LanceOperation.Append(frags), read_version=c.ds.version)
+    c.add(rec)
+    with pytest.raises(OutputError, match="another writer .* 1 data files are in the dataset twice"):
+        c.close()
