@@ -93,14 +93,16 @@ def _split_manifest(o, names: list[str], folder) -> str:
     uris = [str(o["d"] / n) for n in names]
     pq.write_table(pa.table({"id": names[:5], "uri": uris[:5]}), folder / "a.parquet", row_group_size=2)
     (folder / "b.csv").write_text("id,uri\n" + "".join(f"{n},{u}\n" for n, u in zip(names[5:7], uris[5:7])))
-    (folder / "c.jsonl").write_text("".join(json.dumps({"id": n, "uri": u}) + "\n" for n, u in zip(names[7:], uris[7:])))
+    (folder / "c.jsonl").write_text("".join(json.dumps({"id": n, "uri": u}) + "\n"
+                                            for n, u in zip(names[7:], uris[7:])))
     return str(folder)
 
 
 def _plan(o, m: str, bucket_rows: int, executor: str = "local", **over):
     from igpt_batch.store.refresh import start_night
 
-    cfg = cfg_for(o["ckpt"], o["store"], m, **{"refresh.plan_bucket_rows": bucket_rows, "run.executor": executor, **over})
+    over = {"refresh.plan_bucket_rows": bucket_rows, "run.executor": executor, **over}
+    cfg = cfg_for(o["ckpt"], o["store"], m, **over)
     return start_night(cfg, Store(str(o["store"])), o["version"], o["info"], [2])
 
 
@@ -185,7 +187,8 @@ def test_no_planning_task_reads_another_buckets_files(one_night, monkeypatch):
     names = [n for n in o["names"] if n != "rocket.jpg"] + ["rocket-wide.png"]
     plan_dir = o["tmp"] / "plan"
     CountingFS.seen = []
-    s = _plan(o, _split_manifest(o, names, o["tmp"] / "m3"), 3, **{"refresh.planning_folder": f"igptcount://{plan_dir}"}).summary
+    m = _split_manifest(o, names, o["tmp"] / "m3")
+    s = _plan(o, m, 3, **{"refresh.planning_folder": f"igptcount://{plan_dir}"}).summary
     assert (s["new"], s["changed"], s["unchanged"]) == (1, 1, 6)
     seen = [(t, op, p[len(str(plan_dir)) + len("/_planning/"):]) for t, op, p in CountingFS.seen if t]
     assert {t.split(":")[0] for t, _, _ in seen} == {"split_manifest", "split_current", "stat_bucket", "decide_bucket"}
@@ -209,20 +212,21 @@ def test_planning_in_tasks_on_s3(s3_server, tiny_ckpt, tmp_path, ray_local):
     from igpt_batch.store.refresh import read_current, refresh
 
     fs, names = test_refresh.photos_on_s3(s3_server, tmp_path / "img", "igpt-plan/images")
-    fs.pipe_file("igpt-plan/m/a.csv", ("id,uri\n" + "".join(f"{n},s3://igpt-plan/images/{n}\n" for n in names[:2])).encode())
-    fs.pipe_file("igpt-plan/m/b.csv", ("id,uri\n" + "".join(f"{n},s3://igpt-plan/images/{n}\n" for n in names[2:])).encode())
+    csv = lambda ids: ("id,uri\n" + "".join(f"{n},s3://igpt-plan/images/{n}\n" for n in ids)).encode()  # noqa: E731
+    fs.pipe_file("igpt-plan/m/a.csv", csv(names[:2]))
+    fs.pipe_file("igpt-plan/m/b.csv", csv(names[2:]))
     so = s3_server.storage_options()
     cfg = cfg_for(tiny_ckpt, "s3://igpt-plan/store", "s3://igpt-plan/m", storage_options=so,
                   **{"refresh.plan_bucket_rows": 2, "run.executor": "ray"})  # CSVs: rows guessed, 4 buckets
     s1 = refresh(cfg)
     assert (s1["new"], s1["computed"]) == (4, 4)
     assert sorted(read_current("s3://igpt-plan/store", so).column("id").to_pylist()) == sorted(names)
-    fs.pipe_file("igpt-plan/m/b.csv", ("id,uri\n" + f"{names[0]},s3://igpt-plan/images/{names[0]}\n").encode())  # a duplicate
+    fs.pipe_file("igpt-plan/m/b.csv", csv(names[:1]))  # a duplicate of a.csv's first id
     from igpt_batch.errors import ManifestError
 
     with pytest.raises(ManifestError, match=f"has 1 duplicate ids \\(e.g. '{names[0]}'\\)"):
         refresh(cfg)
-    fs.pipe_file("igpt-plan/m/b.csv", ("id,uri\n" + "".join(f"{n},s3://igpt-plan/images/{n}\n" for n in names[2:])).encode())
+    fs.pipe_file("igpt-plan/m/b.csv", csv(names[2:]))
     s2 = refresh(cfg)
     assert (s2["unchanged"], s2["computed"], s2["precheck"], s2["stat"]) == (4, 0, {"etag": 4, "hashed": 0},
                                                                            {"lists": 1, "heads": 0})

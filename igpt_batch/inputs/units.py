@@ -40,8 +40,9 @@ def units(listing: Listing, target_rows: int) -> list[Unit]:
     """The listing cut into units of about target_rows rows (a CSV/JSONL file or a tar is one unit, whatever its
     size). Parquet files' footers are read here; other files' rows are guessed from their size."""
     if listing.holds == "images":
-        return [Unit(i, lo, files=tuple(listing.files[lo:lo + target_rows]), rows=len(listing.files[lo:lo + target_rows]))
-                for i, lo in enumerate(range(0, len(listing.files), target_rows))]
+        starts = range(0, len(listing.files), target_rows)
+        return [Unit(i, lo, files=tuple(listing.files[lo:lo + target_rows]), rows=min(target_rows, len(listing.files) - lo))
+                for i, lo in enumerate(starts)]
     out: list[Unit] = []
     for f, path in enumerate(listing.files):
         key, ext = f << FILE_SHIFT, name_of(path).rpartition(".")[2]

@@ -22,8 +22,9 @@ from igpt_batch.inputs.units import Unit, unit_tables, units
 from igpt_batch.redact import redact_uri
 from igpt_batch.store.decide import Bucket, Counts, as_mask, decide
 from igpt_batch.store.layout import Store
-from igpt_batch.store.plan_rows import META, bucket_of, empty_meta, planned, stat_rows
+from igpt_batch.store.plan_rows import META, PLANNED, bucket_of, empty_meta, planned, stat_rows
 from igpt_batch.store.plan_tasks import (
+    SPLIT_BUCKETS,
     Decided,
     Refused,
     Where,
@@ -67,11 +68,12 @@ class NightPlan:
 
 
 def plan_night(cfg: JobConfig, store: Store, version: str, failed: pa.Table, pending: str | None) -> NightPlan:
-    """Decide every manifest row. Up to refresh.plan_bucket_rows rows are planned here; more in rounds of tasks
-    (Ray tasks with the ray executor; see the module's docstring), through the planning folder, which holds
-    fetchable uris and is removed when planning ends, whether it succeeded or not."""
+    """Decide every manifest row. Up to refresh.plan_bucket_rows rows are planned here (counted from Parquet footers
+    and listings; guessed from the size of CSV, JSONL and tar files); more in rounds of tasks (Ray tasks with the
+    ray executor; see the module's docstring), through the planning folder, which holds fetchable uris and is
+    removed when planning ends, whether it succeeded or not."""
     listing = list_inputs(cfg.input.manifest, cfg.storage_options)
-    parts = units(listing, cfg.refresh.plan_bucket_rows)
+    parts = units(listing, SPLIT_BUCKETS * cfg.refresh.plan_bucket_rows)
     n = max(1, -(-sum(u.rows for u in parts) // cfg.refresh.plan_bucket_rows))
     if n == 1:
         return _plan_here(cfg, store, version, failed, pending, listing, parts)
@@ -88,7 +90,7 @@ def _plan_here(cfg: JobConfig, store: Store, version: str, failed: pa.Table, pen
     """A small night, in this process: the manifest and the current table's metadata columns in one bucket."""
     prev = store.read(version, columns=list(META))
     prev = prev if prev.num_rows or prev.num_columns else empty_meta()
-    man = pa.concat_tables(manifest_rows(cfg, listing, parts))
+    man = pa.concat_tables([PLANNED.empty_table(), *_manifest_rows(cfg, listing, parts)])
     _refuse(cfg, man.num_rows, [Decided(None, None, *_duplicates(man))])
     st, io = stat_rows(man, cfg)
     man = pa.table({**{c: man.column(c) for c in man.column_names}, **{c: st.column(c) for c in st.column_names}})
@@ -108,13 +110,15 @@ def _plan_in_tasks(cfg: JobConfig, store: Store, version: str, failed: pa.Table,
     where = Where(cfg, store.url, store.storage_options, version, n, ds and ds.version)
     bare = Listing(listing.fs, listing.holds, [], listing.base)  # a task's unit names its own files
     split = [(split_manifest, (where, bare, u)) for u in parts]
-    split += [(split_current, (where, i, f)) for i, f in enumerate(_fragment_ranges(ds, cfg.refresh.plan_bucket_rows))]
+    ranges = _fragment_ranges(ds, SPLIT_BUCKETS * cfg.refresh.plan_bucket_rows)
+    split += [(split_current, (where, i, f)) for i, f in enumerate(ranges)]
     del ds
     rows = int(sum(c.sum() for c in _run(cfg, split)[:len(parts)]))
     _refuse(cfg, rows, [])
     io = sum(_run(cfg, [(stat_bucket, (where, b)) for b in range(n)]), Counter())
     failed_at = bucket_of(failed.column("id"), n)
-    decided = _run(cfg, [(decide_bucket, (where, b, failed.filter(pa.array(failed_at == b)), pending)) for b in range(n)])
+    decided = _run(cfg, [(decide_bucket, (where, b, failed.filter(pa.array(failed_at == b)), pending))
+                         for b in range(n)])
     _refuse(cfg, rows, decided)
     compute = pa.concat_tables([d.compute for d in decided])
     return NightPlan(compute.sort_by("row"), [d.bucket for d in decided], io)
@@ -143,11 +147,10 @@ def _refuse(cfg: JobConfig, rows: int, decided: list[Decided]) -> None:
         raise ManifestError(f"manifest {where} has {count} duplicate ids (e.g. {names}); ids must be unique")
 
 
-def manifest_rows(cfg: JobConfig, listing: Listing | None = None, parts: list[Unit] | None = None) -> Iterator[pa.Table]:
+def _manifest_rows(cfg: JobConfig, listing: Listing, parts: list[Unit]) -> Iterator[pa.Table]:
     """The user's manifest (its id, uri, bytes and member columns as configured) as PLANNED tables, a batch at a
     time: images inside the manifest are hashed here, and their bytes dropped."""
-    listing = listing or list_inputs(cfg.input.manifest, cfg.storage_options)
-    for unit in parts if parts is not None else units(listing, cfg.refresh.plan_bucket_rows):
+    for unit in parts:
         for key, t in unit_tables(listing, unit, Columns.of(cfg.input), digest=True):
             yield planned(key, t)
 

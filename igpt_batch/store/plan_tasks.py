@@ -27,6 +27,9 @@ from igpt_batch.store.layout import Store
 from igpt_batch.store.plan_rows import META, STATED, bucket_of, empty_meta, planned, stat_bucket_of, stat_rows
 
 EXAMPLES = 5  # duplicate ids named in the message
+# a split task takes up to this many buckets' rows (plan_bucket_rows each) before it writes its parts: each writes a
+# part to every bucket, so units of several buckets' rows make fewer, larger parts
+SPLIT_BUCKETS = 4
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,8 @@ def split_current(where: Where, index: int, fragments: list[int]) -> np.ndarray:
 
 
 def _write_parts(where: Where, kind: str, index: int, tables: Iterable[pa.Table], bucket_of) -> np.ndarray:
-    """`tables` into kind/bucket=B/part-<index>-<k>.parquet, a plan_bucket_rows at a time (each part one whole file,
-    written in one put). Returns rows per bucket."""
+    """`tables` into kind/bucket=B/part-<index>-<k>.parquet, SPLIT_BUCKETS * plan_bucket_rows rows at a time (each
+    part one whole file, written in one put). Returns rows per bucket."""
     planning, counts, held, k = where.planning(), np.zeros(where.n, np.int64), [], 0
 
     def flush():
@@ -121,7 +124,7 @@ def _write_parts(where: Where, kind: str, index: int, tables: Iterable[pa.Table]
 
     for t in tables:
         held.append(t)
-        if sum(h.num_rows for h in held) >= where.cfg.refresh.plan_bucket_rows:
+        if sum(h.num_rows for h in held) >= SPLIT_BUCKETS * where.cfg.refresh.plan_bucket_rows:
             flush()
             k += 1
     if held:
