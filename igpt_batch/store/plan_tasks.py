@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from igpt_batch.config import JobConfig
-from igpt_batch.errors import IgptError
+from igpt_batch.errors import JobError, UsageError
 from igpt_batch.inputs.listing import Listing
 from igpt_batch.inputs.manifest_files import Columns
 from igpt_batch.inputs.units import Unit, unit_tables
@@ -70,10 +70,11 @@ class Decided:
 
 
 def guarded(fn, *args):
-    """fn(*args), or Refused for an igpt-batch error (a Ray task's exception would carry its traceback)."""
+    """fn(*args), or Refused for a manifest, config or job error (a Ray task's exception would carry its traceback
+    into the message)."""
     try:
         return fn(*args)
-    except IgptError as e:
+    except (UsageError, JobError) as e:
         return Refused(type(e), str(e))
 
 
