@@ -109,14 +109,14 @@ def split_current(where: Where, index: int, fragments: list[int]) -> np.ndarray:
     return _write_parts(where, "current", index, tables, lambda t: bucket_of(t.column("id"), where.n))
 
 
-def _write_parts(where: Where, kind: str, index: int, tables: Iterable[pa.Table], bucket_of) -> np.ndarray:
+def _write_parts(where: Where, kind: str, index: int, tables: Iterable[pa.Table], bucket) -> np.ndarray:
     """`tables` into kind/bucket=B/part-<index>-<k>.parquet, SPLIT_BUCKETS * plan_bucket_rows rows at a time (each
-    part one whole file, written in one put). Returns rows per bucket."""
+    part one whole file, written in one put); `bucket(t)` is the bucket of each row. Returns rows per bucket."""
     planning, counts, held, k = where.planning(), np.zeros(where.n, np.int64), [], 0
 
     def flush():
         t = pa.concat_tables(held)
-        for b, part in by_bucket(t, bucket_of(t), where.n):
+        for b, part in by_bucket(t, bucket(t), where.n):
             if part.num_rows:
                 planning.write_table(Store.planning_part(kind, b, f"{index:06d}-{k:04d}"), part)
                 counts[b] += part.num_rows
@@ -170,8 +170,8 @@ def stat_bucket(where: Where, b: int) -> Counter:
             continue
         t = pa.concat_tables(held)
         held.clear()
-        st, c = stat_rows(t, where.cfg)
-        io.update(c)
+        st, made = stat_rows(t, where.cfg)
+        io.update(made)
         ids = bucket_of(t.column("id"), where.n)
         t = pa.table({**{c: t.column(c) for c in t.column_names}, **{c: st.column(c) for c in st.column_names}})
         for i_b, part in by_bucket(t.cast(STATED), ids, where.n):
