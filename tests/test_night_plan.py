@@ -131,7 +131,7 @@ def test_a_night_in_buckets_equals_the_night_in_one_row_for_row(one_night, ray_l
 
 
 @pytest.mark.parametrize("bucket_rows, executor", [(250_000, "local"), (2, "local"), (2, "ray")])
-def test_a_duplicate_id_in_two_manifest_files_is_refused_naming_it(one_night, bucket_rows, executor, request):
+def test_a_duplicate_id_in_two_manifest_files_is_refused_naming_it(one_night, bucket_rows, executor, request, capsys):
     from igpt_batch.errors import ManifestError
 
     if executor == "ray":
@@ -142,6 +142,14 @@ def test_a_duplicate_id_in_two_manifest_files_is_refused_naming_it(one_night, bu
     with pytest.raises(ManifestError) as e:
         _plan(o, m, bucket_rows, executor)
     assert str(e.value) == f"manifest {m} has 2 duplicate ids (e.g. 'chelsea.jpg', 'rocket.jpg'); ids must be unique"
+    if executor == "local":  # the command: exit 2, the message as it is
+        from igpt_batch.cli import main
+
+        (o["tmp"] / "night.yaml").write_text(f"refresh: {{plan_bucket_rows: {bucket_rows}}}\n")
+        capsys.readouterr()
+        assert main(["refresh", "--model", o["ckpt"], "--manifest", m, "--store", str(o["store"]), "--layer", "2",
+                     "--executor", "local", "--config", str(o["tmp"] / "night.yaml")]) == 2
+        assert str(e.value) in capsys.readouterr().err
     (o["tmp"] / "empty").mkdir()
     for f in ("a.csv", "b.csv", "c.csv"):  # each guessed to hold a row: 2 buckets of 2 rows
         (o["tmp"] / "empty" / f).write_text("id,uri\n")
