@@ -246,3 +246,17 @@ def test_planning_in_tasks_on_s3(s3_server, tiny_ckpt, tmp_path, ray_local):
     fs.invalidate_cache()
     left = fs.find(f"igpt-plan/store/{s1['version']}/_planning", detail=True)
     assert [k for k, v in left.items() if v["type"] != "directory"] == []
+
+
+def test_a_planning_task_that_fails_is_a_job_error_naming_why(one_night, ray_local):
+    """Not a manifest error: the planning folder cannot be written (a file is in its way). The Ray task's error
+    reaches the driver as a JobError with its type and message, not the task's traceback."""
+    from igpt_batch.errors import JobError
+
+    o = one_night
+    (o["tmp"] / "in-the-way").write_text("a file, not a folder")
+    m = _split_manifest(o, o["names"], o["tmp"] / "m")
+    why = r"^refresh planning failed in a task \((NotADirectoryError|FileExistsError): "
+    with pytest.raises(JobError, match=why) as e:
+        _plan(o, m, 2, "ray", **{"refresh.planning_folder": str(o["tmp"] / "in-the-way")})
+    assert "Traceback" not in str(e.value) and (o["tmp"] / "in-the-way").read_text() == "a file, not a folder"

@@ -15,11 +15,11 @@ from typing import Iterator
 import pyarrow as pa
 
 from igpt_batch.config import JobConfig
-from igpt_batch.errors import ManifestError
+from igpt_batch.errors import JobError, ManifestError
 from igpt_batch.inputs.listing import Listing, list_inputs
 from igpt_batch.inputs.manifest_files import Columns
 from igpt_batch.inputs.units import Unit, unit_tables, units
-from igpt_batch.redact import redact_uri
+from igpt_batch.redact import redact_text, redact_uri
 from igpt_batch.store.decide import Bucket, Counts, as_mask, decide
 from igpt_batch.store.layout import Store
 from igpt_batch.store.plan_rows import META, PLANNED, bucket_of, empty_meta, planned, stat_rows
@@ -156,8 +156,9 @@ def _manifest_rows(cfg: JobConfig, listing: Listing, parts: list[Unit]) -> Itera
 
 
 def _run(cfg: JobConfig, calls: list[tuple]) -> list:
-    """fn(*a) for every (fn, a): as Ray tasks with the ray executor, else one after another here. An igpt-batch
-    error in any is raised here, as it was raised there."""
+    """fn(*a) for every (fn, a): as Ray tasks with the ray executor, else one after another here. A manifest,
+    config or job error in any is raised here as it was raised there; any other error in a Ray task is a JobError
+    naming it (not its traceback)."""
     if cfg.run.executor != "ray":
         out = []
         for fn, a in calls:
@@ -170,7 +171,12 @@ def _run(cfg: JobConfig, calls: list[tuple]) -> list:
 
         init_ray(cfg.run.address)
         task = ray.remote(num_cpus=1, max_retries=cfg.run.max_retries)(guarded)
-        out = ray.get([task.remote(fn, *a) for fn, a in calls])
+        try:
+            out = ray.get([task.remote(fn, *a) for fn, a in calls])
+        except ray.exceptions.RayError as e:  # a task raised something else, or its worker died past its retries
+            cause = getattr(e, "cause", None) or e
+            why = redact_text(str(cause)) or "no detail"
+            raise JobError(f"refresh planning failed in a task ({type(cause).__name__}: {why})") from None
     for r in out:
         if isinstance(r, Refused):
             r.raise_()
