@@ -5,6 +5,7 @@ row in the file`, listed images by their position in the listing (the keys sort 
 dense)."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,6 +21,7 @@ FILE_SHIFT = 32  # a file's rows are keyed file index << FILE_SHIFT | row in the
 # bytes a row at least, to guess the rows of a file whose footer does not say (CSV, JSONL, tars): a guess only sizes
 # the planning buckets (too many rows guessed: smaller buckets), never what is planned
 MIN_ROW_BYTES = {"csv": 24, "jsonl": 32, "ndjson": 32, "tar": 1024}
+FOOTER_THREADS = 16  # Parquet footers (and sizes) read at once: on an object store, one request or two a file
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,27 @@ def units(listing: Listing, target_rows: int) -> list[Unit]:
         return [Unit(i, lo, files=tuple(listing.files[lo:lo + target_rows]), rows=min(target_rows, len(listing.files) - lo))
                 for i, lo in enumerate(starts)]
     out: list[Unit] = []
-    for f, path in enumerate(listing.files):
-        key, ext = f << FILE_SHIFT, name_of(path).rpartition(".")[2]
-        sizes = _row_groups(listing.fs, path) if ext == "parquet" else None
-        if sizes is None:
-            guess = max(1, _size(listing.fs, path) // MIN_ROW_BYTES.get(ext, 24))
-            out.append(Unit(len(out), key, path, rows=guess, guessed=True))
-            continue
-        lo, first, acc = 0, 0, 0
-        for g, rows in enumerate(sizes):
-            acc += rows
-            if g + 1 == len(sizes) or acc + sizes[g + 1] > target_rows:
-                out.append(Unit(len(out), key + first, path, (lo, g + 1), first, rows=acc))
-                lo, first, acc = g + 1, first + acc, 0
+    with ThreadPoolExecutor(FOOTER_THREADS, thread_name_prefix="igpt-footers") as pool:  # a request or two a file
+        found = pool.map(lambda p: _rows_of(listing.fs, p), listing.files)
+        for f, (path, sizes) in enumerate(zip(listing.files, found)):
+            key = f << FILE_SHIFT
+            if isinstance(sizes, int):
+                out.append(Unit(len(out), key, path, rows=sizes, guessed=True))
+                continue
+            lo, first, acc = 0, 0, 0
+            for g, rows in enumerate(sizes):
+                acc += rows
+                if g + 1 == len(sizes) or acc + sizes[g + 1] > target_rows:
+                    out.append(Unit(len(out), key + first, path, (lo, g + 1), first, rows=acc))
+                    lo, first, acc = g + 1, first + acc, 0
     return out
+
+
+def _rows_of(fs: fsspec.AbstractFileSystem, path: str) -> list[int] | int:
+    """A Parquet file's rows in each row group, or else a guess of the file's rows from its size."""
+    ext = name_of(path).rpartition(".")[2]
+    sizes = _row_groups(fs, path) if ext == "parquet" else None
+    return sizes if sizes is not None else max(1, _size(fs, path) // MIN_ROW_BYTES.get(ext, 24))
 
 
 def _row_groups(fs: fsspec.AbstractFileSystem, path: str) -> list[int] | None:
