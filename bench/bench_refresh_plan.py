@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Refresh planning cost on the driver: wall time and peak RSS of a night over a Lance store of N rows, all unchanged.
 
-Peak RSS is the driver's: with `--executor ray` (the default) the bucket rounds run in Ray workers, and the
-driver scans the manifest, splits it and the table's metadata columns into bucket files, and sums the results.
+Peak RSS is the driver's: with `--executor ray` (the default) every round (split, stat, decide: see
+igpt_batch/store/plan_tasks.py) runs in Ray workers, and the driver lists the manifest, reads its Parquet footers and
+the table's fragment list, and sums the counts the tasks return.
 Each size gets a real store (a current table of N rows with 64-float embeddings, real files behind every uri,
 1,000 to a folder: hard links, so every stat is a real os.stat) and one `refresh()` night in a fresh process, which plans, finds
 nothing to embed and stops. Memory per row is the slope of peak RSS between the two sizes, so imports and

@@ -166,13 +166,16 @@ def test_a_node_with_a_different_copy_refuses_and_the_others_finish_the_job(clus
 
 def test_a_refresh_night_on_the_cluster_stores_every_image_once(cluster, inputs, local_embeddings):
     """A night with its store on SeaweedFS and its model from the object store: the workers write the store's
-    shards, the driver the Lance table; nothing but S3 is shared."""
+    shards, the driver the Lance table; nothing but S3 is shared. It is planned in 2 buckets of Ray tasks, which
+    meet only in the store's planning folder (in the bucket)."""
     from igpt_batch.store.refresh import read_current
 
     args = extract_args(inputs, f"s3://{BUCKET}/models/demo", "unused")
     args[0] = "refresh"
     i = args.index("--output")
     args[i:i + 2] = ["--store", f"s3://{BUCKET}/store"]
+    (cluster.root / "night.yaml").write_text("refresh: {plan_bucket_rows: 2}\n")  # read by the driver alone
+    args += ["--config", str(cluster.root / "night.yaml")]
     p, _ = cluster.drive(args)
     assert p.returncode == 0, p.stderr[-3000:]
     current = read_current(f"s3://{BUCKET}/store", inputs["so"])
@@ -180,6 +183,10 @@ def test_a_refresh_night_on_the_cluster_stores_every_image_once(cluster, inputs,
     for row in current.select(["id", "embedding"]).to_pylist():
         np.testing.assert_allclose(np.asarray(row["embedding"], np.float32), local_embeddings[row["id"]], rtol=1e-5,
                                    atol=1e-5)
+    fs = cluster_fs(inputs)
+    fs.invalidate_cache()
+    assert [f for f in fs.find(f"{BUCKET}/store") if "/_planning/" in f] == []  # the planning files are removed
+
 
 @pytest.fixture
 def gated_images(image_dir):

@@ -279,3 +279,29 @@ def test_kept_rows_a_killed_driver_left_are_swept_by_the_next_job(tmp_path, monk
         assert not killed.exists() and live.exists()
         assert os.path.basename(inputs.folder).startswith(f"igpt-inputs-{os.getpid()}-")
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [live.name]
+
+
+def test_units_cut_a_manifest_for_tasks_and_key_rows_in_manifest_order(tmp_path):
+    """inputs/units.py: Parquet row groups gathered up to the target (a group never cut), a CSV whole with its rows
+    guessed from its size, images in slices; every row's order key is file index << 32 | row in the file."""
+    from igpt_batch.inputs.listing import list_inputs
+    from igpt_batch.inputs.manifest_files import Columns
+    from igpt_batch.inputs.units import FILE_SHIFT, unit_tables, units
+
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"id": [f"a{i}" for i in range(10)], "uri": [f"/x/{i}.png" for i in range(10)]}),
+                   tmp_path / "m" / "a.parquet", row_group_size=3)
+    (tmp_path / "m" / "b.csv").write_text("id,uri\n" + "".join(f"b{i},/y/{i}.png\n" for i in range(6)))
+    listing = list_inputs(str(tmp_path / "m"), {})
+    got = units(listing, 5)
+    assert [(u.path.rsplit("/", 1)[1], u.groups, u.first_row, u.rows, u.guessed) for u in got] == [
+        ("a.parquet", (0, 1), 0, 3, False), ("a.parquet", (1, 2), 3, 3, False), ("a.parquet", (2, 4), 6, 4, False),
+        ("b.csv", None, 0, (7 + 6 * 12) // 24, True)]  # 79 bytes, at least 24 a row
+    rows = [(key + i, id_) for u in got for key, t in unit_tables(listing, u, Columns(), False)
+            for i, id_ in enumerate(t.column("id").to_pylist())]
+    assert rows == [(i, f"a{i}") for i in range(10)] + [((1 << FILE_SHIFT) + i, f"b{i}") for i in range(6)]
+    (tmp_path / "img").mkdir()
+    for i in range(5):
+        (tmp_path / "img" / f"{i}.png").write_bytes(b"x")
+    images = list_inputs(str(tmp_path / "img"), {})
+    assert [(u.key, len(u.files), u.rows) for u in units(images, 2)] == [(0, 2, 2), (2, 2, 2), (4, 1, 1)]

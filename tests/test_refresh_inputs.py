@@ -149,3 +149,24 @@ def test_a_misspelt_id_column_is_refused_in_every_manifest_format(tmp_path):
         with pytest.raises(ManifestError, match="no 'kye'"):
             read_manifest(str(tmp_path / name), columns=Columns(id="kye"))
         assert read_manifest(str(tmp_path / name)).column("id").to_pylist()[0] == "/x/a.png"  # default id: the uri
+
+
+def test_images_inside_the_manifest_planned_in_buckets_as_in_one(tiny_ckpt, tmp_path):
+    """Two tars, and a bytes column over two Parquet files in row groups of 2, planned in buckets of 2 rows (tasks
+    over units: a tar, a range of row groups): the same live ids and embeddings as a night planned in one bucket,
+    the images read back from the right file and row by their order keys."""
+    images = pngs(8)
+    parts = [dict(list(images.items())[:3]), dict(list(images.items())[3:])]
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "bytes").mkdir()
+    for i, part in enumerate(parts):
+        write_tar(tmp_path / "tars" / f"{i:05d}.tar", part)
+        pq.write_table(pa.table({"id": list(part), "jpg": pa.array(list(part.values()), pa.binary())}),
+                       tmp_path / "bytes" / f"{i}.parquet", row_group_size=2)
+    for kind, extra in (("tars", {}), ("bytes", {"input.bytes_column": "jpg"})):
+        m, stores = str(tmp_path / kind), [tmp_path / f"one-{kind}", tmp_path / f"many-{kind}"]
+        one = refresh(cfg_for(tiny_ckpt, stores[0], m, **extra))
+        many = refresh(cfg_for(tiny_ckpt, stores[1], m, **extra, **{"refresh.plan_bucket_rows": 2}))  # 4 buckets or more
+        assert (one["computed"], one["errors"], many["computed"], many["errors"]) == (8, 0, 8, 0), kind
+        a, b = (embeddings_by_id(read_current(str(s))) for s in stores)
+        assert sorted(a) == sorted(b) == sorted(images) and all(np.array_equal(a[k], b[k]) for k in images), kind

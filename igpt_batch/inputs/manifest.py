@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 
@@ -85,25 +86,31 @@ def iter_manifest(spec: str, storage_options: dict | None = None, columns: Colum
 
 def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Table]:
     if inputs.holds == "images":
-        yield from _image_tables(inputs)
-        return
-    if inputs.holds == "tars":
+        yield from image_tables(inputs.fs, inputs.files, inputs.base)
+    elif inputs.holds == "tars":
         yield from (tars.index_table(inputs.fs, path, digest) for path in inputs.files)
-        return
-    for path in inputs.files:
-        row = 0
-        for t in read_batches(inputs.fs, path, BATCH_ROWS, JSON_BLOCK_BYTES, columns):
-            if "uri" in t.column_names:
-                uris = resolve_uris(inputs.fs, path, t.column("uri"))
-            else:  # images inside the manifest, which names no uri: where the row is
-                url = path if "file" in inputs.fs.protocol else inputs.fs.unstrip_protocol(path)
-                uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
-            ids = t.column("id") if "id" in t.column_names else uris
-            if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
-                raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
-            row += t.num_rows
-            extra = {c: t.column(c) for c in ("bytes", "member") if c in t.column_names}
-            yield pa.table({"id": ids, "uri": uris, **extra})
+    else:
+        for path in inputs.files:
+            yield from file_tables(inputs.fs, path, columns)
+
+
+def file_tables(fs: fsspec.AbstractFileSystem, path: str, columns: Columns, groups: tuple[int, int] | None = None,
+                first_row: int = 0) -> Iterator[pa.Table]:
+    """One manifest file's rows (or its Parquet row groups [lo, hi), whose first row is `first_row`) as tables of
+    id, uri (and bytes, member); a ManifestError for empty ids or uris."""
+    row = first_row
+    for t in read_batches(fs, path, BATCH_ROWS, JSON_BLOCK_BYTES, columns, groups, first_row):
+        if "uri" in t.column_names:
+            uris = resolve_uris(fs, path, t.column("uri"))
+        else:  # images inside the manifest, which names no uri: where the row is
+            url = path if "file" in fs.protocol else fs.unstrip_protocol(path)
+            uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
+        ids = t.column("id") if "id" in t.column_names else uris
+        if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
+            raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
+        row += t.num_rows
+        extra = {c: t.column(c) for c in ("bytes", "member") if c in t.column_names}
+        yield pa.table({"id": ids, "uri": uris, **extra})
 
 
 def _has_empty(column: pa.ChunkedArray) -> bool:
@@ -112,13 +119,14 @@ def _has_empty(column: pa.ChunkedArray) -> bool:
     return bool(column.null_count) or (len(column) > 0 and pc.min(pc.binary_length(column)).as_py() == 0)
 
 
-def _image_tables(inputs: Listing) -> Iterator[pa.Table]:
-    local = "file" in inputs.fs.protocol
-    for i in range(0, len(inputs.files), BATCH_ROWS):
-        files = inputs.files[i:i + BATCH_ROWS]
-        uris = [file_uri(f) if local else inputs.fs.unstrip_protocol(f) for f in files]
-        ids = [relative_id(f, inputs.base) for f in files]
-        yield pa.table({"id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())})
+def image_tables(fs: fsspec.AbstractFileSystem, files: list[str] | tuple[str, ...], base: str) -> Iterator[pa.Table]:
+    """Listed image files as tables of id (the path relative to `base`) and uri."""
+    local = "file" in fs.protocol
+    for i in range(0, len(files), BATCH_ROWS):
+        chunk = files[i:i + BATCH_ROWS]
+        uris = [file_uri(f) if local else fs.unstrip_protocol(f) for f in chunk]
+        yield pa.table({"id": pa.array([relative_id(f, base) for f in chunk], pa.string()),
+                        "uri": pa.array(uris, pa.string())})
 
 
 @dataclass(frozen=True)

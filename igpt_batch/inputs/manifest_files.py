@@ -45,9 +45,11 @@ def name_of(path: str) -> str:
 
 
 def read_batches(fs: fsspec.AbstractFileSystem, path: str, batch_rows: int = BATCH_ROWS,
-                 json_block_bytes: int = JSON_BLOCK_BYTES, columns: Columns = Columns()) -> Iterator[pa.Table]:
+                 json_block_bytes: int = JSON_BLOCK_BYTES, columns: Columns = Columns(),
+                 groups: tuple[int, int] | None = None, first_row: int = 0) -> Iterator[pa.Table]:
     """Stream one manifest file as tables with a string `uri` column and, when the file has one, a string `id`;
-    with columns.bytes (Parquet only) a binary `bytes` column too, and `uri` only when the file has one."""
+    with columns.bytes (Parquet only) a binary `bytes` column too, and `uri` only when the file has one. A Parquet
+    file's row groups [lo, hi) alone with `groups` (`first_row`: the first one's first row, for messages)."""
     ext = name_of(path).rpartition(".")[2]
     where = redact_uri(path)  # every message names the manifest without its credentials
     if columns.bytes and ext != "parquet":
@@ -55,7 +57,7 @@ def read_batches(fs: fsspec.AbstractFileSystem, path: str, batch_rows: int = BAT
     try:
         with fs.open(path, "rb") as f:
             if ext == "parquet":
-                yield from _parquet(f, where, batch_rows, columns)
+                yield from _parquet(f, where, batch_rows, columns, groups, first_row)
             elif ext == "csv":
                 yield from _csv(f, where, columns)
             else:
@@ -77,7 +79,8 @@ def _stringy(tp: pa.DataType) -> bool:
             or pa.types.is_large_binary(tp) or pa.types.is_string_view(tp) or pa.types.is_binary_view(tp))
 
 
-def _parquet(f: BinaryIO, path: str, batch_rows: int, columns: Columns) -> Iterator[pa.Table]:
+def _parquet(f: BinaryIO, path: str, batch_rows: int, columns: Columns, groups: tuple[int, int] | None,
+             row: int) -> Iterator[pa.Table]:
     """Parquet: string columns as they are (checked to be UTF-8); an integer id becomes its decimal string."""
     import pyarrow.parquet as pq
 
@@ -100,8 +103,8 @@ def _parquet(f: BinaryIO, path: str, batch_rows: int, columns: Columns) -> Itera
     if columns.bytes:
         read.append(_check_bytes_column(schema, path, columns.bytes))
         batch_rows = min(batch_rows, BYTES_BATCH_ROWS)  # whole images: hold a few hundred at a time
-    row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=read):
+    picked = range(*groups) if groups else None
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=read, row_groups=picked):
         out = {c: _utf8(batch.column(names[c]), path, names[c], row) for c in cols}
         if columns.bytes:
             out["bytes"] = _field(batch.column(read[-1]), columns.bytes).cast(pa.large_binary())

@@ -58,8 +58,14 @@ class Store(StoreFiles):
         return OutputFolder(f"{folder.rstrip('/') if folder else f'{self.url}/{version}'}/_planning", self.storage_options)
 
     @staticmethod
-    def bucket_file(kind: str, bucket: int) -> str:
-        return f"{kind}-{bucket:05d}.parquet"
+    def planning_bucket(kind: str, bucket: int) -> str:
+        """A planning bucket's folder: `kind` (manifest, current, stat) rows in hash bucket `bucket`."""
+        return f"{kind}/bucket={bucket:05d}"
+
+    @staticmethod
+    def planning_part(kind: str, bucket: int, part: str) -> str:
+        """One task's part of a planning bucket, written whole (store/plan_tasks.py)."""
+        return f"{Store.planning_bucket(kind, bucket)}/part-{part}.parquet"
 
     def _list(self, version: str, sub: str) -> list[str]:
         """Names directly under a version's folder `sub` (snapshots, manifests), sorted."""

@@ -128,15 +128,20 @@ def night_rows(cfg: JobConfig, compute: pa.Table):
     if not cfg.input.bytes_column:
         yield compute.select(cols)
         return
-    from igpt_batch.inputs.manifest import iter_manifest
+    from igpt_batch.inputs.listing import list_inputs
     from igpt_batch.inputs.manifest_files import Columns
+    from igpt_batch.inputs.units import FILE_SHIFT, file_tables
 
-    want, row = compute.column("row"), 0
-    for t in iter_manifest(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input)):
-        mine = pc.is_in(pa.array(np.arange(row, row + t.num_rows)), value_set=want)
-        row += t.num_rows
-        if pc.any(mine).as_py():
-            yield t.filter(mine).select(["id", "uri", "bytes"])
+    listing = list_inputs(cfg.input.manifest, cfg.storage_options)
+    keys = compute.column("row").to_numpy()  # order keys: file index << FILE_SHIFT | row in the file
+    files = keys >> FILE_SHIFT
+    for f in np.unique(files).tolist():  # only the files that hold rows to compute
+        want, row = pa.array(keys[files == f] & ((1 << FILE_SHIFT) - 1)), 0
+        for t in file_tables(listing.fs, listing.files[f], Columns.of(cfg.input)):
+            mine = pc.is_in(pa.array(np.arange(row, row + t.num_rows)), value_set=want)
+            row += t.num_rows
+            if pc.any(mine).as_py():
+                yield t.filter(mine).select(["id", "uri", "bytes"])
 
 
 def publish(cfg: JobConfig, night: Night, rows: pa.RecordBatchReader, drop_ids: pa.Array | None) -> None:
