@@ -137,10 +137,12 @@ def measure(spec: dict) -> None:
             done(rec)
 
         marks["execute_start"], marks["stats_planned"] = time.perf_counter(), fetch_stats(spec["proxy"])
+        marks["rss_planned"] = peak_rss_mib()
         try:
             return execute(job, shards, seen)
         finally:
             marks["execute_end"], marks["stats_ran"] = time.perf_counter(), fetch_stats(spec["proxy"])
+            marks["rss_ran"] = peak_rss_mib()
 
     executors.execute, executors.init_ray = timed, timed_init
     if hasattr(driver, "execute"):  # should the driver come to import it at the top
@@ -155,9 +157,15 @@ def measure(spec: dict) -> None:
                       "running_s": marks["execute_end"] - marks["execute_start"], "summary_s": t1 - marks["execute_end"],
                       "ray_init_s": marks.get("ray_init_s", 0.0),
                       "first_commit_s": marks.get("first_commit", marks["execute_end"]) - marks["execute_start"],
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_rss_mib": peak_rss_mib(), "peak_rss_planned_mib": marks["rss_planned"],
+                      "peak_rss_ran_mib": marks["rss_ran"],
                       "workers": sorted(workers), "summary": summary,
                       "stats_planned": marks["stats_planned"], "stats_ran": marks["stats_ran"]}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def start_proxy(upstream: str, latency_ms: float) -> tuple[subprocess.Popen, str]:
@@ -215,6 +223,8 @@ def report(args, r: dict) -> bool:
                         ("wall_s", r["wall_s"]), ("planning_s", r["planning_s"]), ("running_s", r["running_s"]),
                         ("ray_init_s", r["ray_init_s"]), ("first_commit_s", r["first_commit_s"]),
                         ("summary_s", r["summary_s"]), ("driver_peak_rss_mib", r["peak_rss_mib"]),
+                        ("driver_peak_rss_planning_mib", r["peak_rss_planned_mib"]),
+                        ("driver_peak_rss_running_mib", r["peak_rss_ran_mib"]),
                         ("standin_busy_s", busy), ("busy_fraction", busy / r["wall_s"]),
                         ("running_busy_fraction", busy / r["running_s"]), ("worker_processes", len(r["workers"]))]:
         say(name, value)

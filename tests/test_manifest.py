@@ -279,3 +279,32 @@ def test_kept_rows_a_killed_driver_left_are_swept_by_the_next_job(tmp_path, monk
         assert not killed.exists() and live.exists()
         assert os.path.basename(inputs.folder).startswith(f"igpt-inputs-{os.getpid()}-")
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [live.name]
+
+
+def test_images_inside_parquet_are_read_in_batches_sized_by_the_bytes_seen(tmp_path, monkeypatch):
+    """A manifest carrying its images is read in 256-row batches until a row's bytes are known, then in batches of
+    about BYTES_BATCH_BYTES (at most 8,192 rows): few batches for small images, few images at a time for big ones;
+    the rows, their order and the row-place uris are the same whatever the batching."""
+    from igpt_batch.inputs import manifest_files
+    from igpt_batch.inputs.listing import list_inputs
+    from igpt_batch.inputs.manifest_files import Columns, read_batches
+
+    images = [bytes([i % 251]) * (100 + i % 7) for i in range(20_000)]  # about 103 bytes each, not all alike
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"i{i}" for i in range(20_000)], "image": images}), path, row_group_size=5_000)
+    listing = list_inputs(str(path), {})
+
+    def batches():
+        return list(read_batches(listing.fs, str(path), columns=Columns(bytes="image")))
+
+    sizes = [t.num_rows for t in batches()]
+    assert sizes[:20] == [256] * 19 + [136] and sizes[20:] == [5_000] * 3  # the first group, then whole groups
+    monkeypatch.setattr(manifest_files, "BYTES_BATCH_BYTES", 1_000)  # 1,000 bytes a batch: 8 rows of <= 106 bytes
+    small = batches()  # (and 8 bytes of offset each)
+    assert {t.num_rows for t in small[20:]} == {8}, [t.num_rows for t in small[20:30]]
+    for got in (sizes, small):
+        assert sum(got if got is sizes else [t.num_rows for t in got]) == 20_000
+    table = pa.concat_tables(small)
+    assert table.column("bytes").to_pylist() == images and table.column("id").to_pylist()[-1] == "i19999"
+    uris = pa.concat_tables(manifest_mod.iter_manifest(str(path), columns=Columns(id="id", uri="uri", bytes="image")))
+    assert uris.column("uri").to_pylist()[::4_999] == [f"{path}#{i}" for i in range(0, 20_000, 4_999)]

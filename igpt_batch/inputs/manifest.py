@@ -84,6 +84,8 @@ def iter_manifest(spec: str, storage_options: dict | None = None, columns: Colum
 
 
 def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Table]:
+    import pyarrow.compute as pc
+
     if inputs.holds == "images":
         yield from _image_tables(inputs)
         return
@@ -97,7 +99,8 @@ def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Tabl
                 uris = resolve_uris(inputs.fs, path, t.column("uri"))
             else:  # images inside the manifest, which names no uri: where the row is
                 url = path if "file" in inputs.fs.protocol else inputs.fs.unstrip_protocol(path)
-                uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
+                rows = pa.array(np.arange(row, row + t.num_rows)).cast(pa.string())
+                uris = pc.binary_join_element_wise(pa.scalar(f"{url}#"), rows, "")
             ids = t.column("id") if "id" in t.column_names else uris
             if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
                 raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
