@@ -201,13 +201,21 @@ class Inputs:
     `bytes`) kept in a local Arrow file (under TMPDIR) until `close`, so that the overlap guard, the plan files and
     the pictures never list or read the source again. `head` holds the first rows' id and uri (for pictures)."""
 
-    def __init__(self, spec: str, storage_options: dict | None = None, columns: Columns = Columns()):
+    def __init__(self, spec: str, storage_options: dict | None = None, columns: Columns = Columns(),
+                 on_rows: Callable[[int], None] | None = None):
+        """`on_rows(n)`: told of each table of n rows as the scan reads it (the driver starts Ray meanwhile)."""
         listing = list_inputs(spec, storage_options or {})
         _sweep_killed()
         self.folder = tempfile.mkdtemp(prefix=f"igpt-inputs-{os.getpid()}-")
         self.path, self._writer, self._schema = os.path.join(self.folder, "rows.arrow"), None, None
+
+        def keep(t: pa.Table) -> None:
+            self._keep(t)
+            if on_rows is not None:
+                on_rows(t.num_rows)
+
         try:
-            self.scan = _scan(spec, listing, columns, self._keep, lambda: self.tables(read_all=False))
+            self.scan = _scan(spec, listing, columns, keep, lambda: self.tables(read_all=False))
             first = next(self.tables())  # copied: it outlives the kept rows
             self.head = first.select(["id", "uri"]).take(pa.array(range(first.num_rows), pa.int64()))
         except BaseException:
