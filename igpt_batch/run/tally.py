@@ -22,7 +22,7 @@ class Commits(Mapping):
         rows = rec.get("rows") or {}
         kinds = self._kinds.setdefault(tuple(rows), tuple(sys.intern(k) for k in rows))
         files = rec.get("files", [])
-        self._kept[rec["shard"]] = (rec["start"], rec["stop"], kinds, tuple(rows.values()), tuple(f["path"] for f in files),
+        self._kept[rec["shard"]] = (rec.get("start"), rec.get("stop"), kinds, tuple(rows.values()), tuple(f["path"] for f in files),
                                     tuple(f["rows"] for f in files), rec.get("started_at"), rec.get("ended_at"))
 
     def __getitem__(self, name: str) -> dict:
