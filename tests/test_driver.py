@@ -216,6 +216,7 @@ def test_one_job_lists_and_reads_its_inputs_once(tiny_ckpt, image_dir, tmp_path,
     from collections import Counter
 
     from igpt_batch.inputs import manifest as manifest_mod
+    from igpt_batch.inputs import units
 
     calls = Counter()
 
@@ -226,7 +227,7 @@ def test_one_job_lists_and_reads_its_inputs_once(tiny_ckpt, image_dir, tmp_path,
         return wrapper
 
     monkeypatch.setattr(manifest_mod, "list_inputs", counted("list", manifest_mod.list_inputs))
-    monkeypatch.setattr(manifest_mod, "read_batches", counted("read", manifest_mod.read_batches))
+    monkeypatch.setattr(units, "read_batches", counted("read", units.read_batches))
     uris = [str(image_dir / n) for n in ("coffee.jpg", "astronaut.jpg", "text.jpg", "rocket.jpg")]
     (tmp_path / "m").mkdir()
     write_manifest(tmp_path / "m" / "a.parquet", uris[:2], ["a0", "a1"])
@@ -270,3 +271,21 @@ def test_tars_are_streamed_once_by_the_driver_and_read_as_tars(tiny_ckpt, image_
     assert emb.column("uri").to_pylist()[0].endswith("0.tar#k/astro.jpg")
     plan = OutputFolder(str(tmp_path / "o")).read_job()
     assert plan["compat"]["manifest_fingerprint"] and plan["versions"]["pylance"]
+
+
+def test_ray_starts_meanwhile_once_the_scan_has_read_enough_rows(monkeypatch):
+    """The Ray executor's scan starts Ray in the background after EARLY_RAY_ROWS rows (a large scan overlaps Ray's
+    start); a small input, a dry run's and the local executor's never do."""
+    from igpt_batch import config
+    from igpt_batch.run import cluster, driver
+
+    calls = []
+    monkeypatch.setattr(cluster, "start_ray_early", calls.append)
+    cfg = config.load(None, {"run.address": "ray://head:10001"})
+    on_rows = driver.ray_meanwhile(cfg)
+    on_rows(driver.EARLY_RAY_ROWS - 1)
+    assert calls == []
+    on_rows(1)
+    on_rows(500)
+    assert calls == ["ray://head:10001"] * 2  # start_ray_early is a no-op once Ray is starting or up
+    assert driver.ray_meanwhile(config.load(None, {"run.executor": "local"})) is None

@@ -179,3 +179,25 @@ def _timeout_config(tmp_path: Path, seconds: int) -> Path:
     p = tmp_path / "run.yaml"
     p.write_text(f"run:\n  actor_start_timeout: {seconds}\n")
     return p
+
+
+def test_ray_started_early_in_the_background_is_joined_by_init_ray(ray_head):
+    """start_ray_early joins (or starts) Ray in a thread while the driver plans; init_ray waits for it, SIGTERM
+    still exits the driver as ray.init would have made it, and Ray's warning about its thread is not shown."""
+    script = f"""
+import signal, sys
+from igpt_batch.run import cluster
+cluster.start_ray_early({ray_head.address!r})
+assert len(cluster._STARTING) == 1 and cluster._STARTING[0][0].is_alive()
+assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+owns = cluster.init_ray({ray_head.address!r})
+import ray
+assert ray.is_initialized() and owns is False and cluster._STARTING == []
+cluster.start_ray_early({ray_head.address!r})  # Ray is up: nothing to start
+assert cluster._STARTING == []
+print("nodes", len(ray.nodes()), ray.get(ray.remote(lambda: 7).remote()))  # Ray's processes live on
+"""
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0 and "nodes 1 7" in proc.stdout, proc.stdout + proc.stderr
+    assert "SIGTERM handler is not set" not in proc.stderr, proc.stderr

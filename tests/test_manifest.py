@@ -75,7 +75,10 @@ def test_image_folder_with_a_non_utf8_name(tmp_path):
 
 
 def test_scan_and_plan_stream_in_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest_mod, "BATCH_ROWS", 7)  # force many small batches
+    from igpt_batch.inputs import units
+
+    for mod in (manifest_mod, units):  # the scan's reads and the kept rows' writes
+        monkeypatch.setattr(mod, "BATCH_ROWS", 7)  # force many small batches
     ids = [f"r{i}" for i in range(50)]
     pq.write_table(pa.table({"id": ids, "uri": [f"/img/{i}.png" for i in range(50)]}), tmp_path / "one.parquet")
     (tmp_path / "split").mkdir()
@@ -92,7 +95,9 @@ def test_scan_and_plan_stream_in_batches(tmp_path, monkeypatch):
 
 
 def test_jsonl_streams_in_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(manifest_mod, "JSON_BLOCK_BYTES", 1024)  # about 30 rows a block
+    from igpt_batch.inputs import units
+
+    monkeypatch.setattr(units, "JSON_BLOCK_BYTES", 1024)  # about 30 rows a block
     rows = [{"id": i, "uri": f"/img/{i}.png", "label": i % 10} for i in range(500)]  # numeric ids become strings
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     batches = list(manifest_mod.iter_manifest(str(tmp_path / "m.jsonl")))
@@ -305,3 +310,32 @@ def test_units_cut_a_manifest_for_tasks_and_key_rows_in_manifest_order(tmp_path)
         (tmp_path / "img" / f"{i}.png").write_bytes(b"x")
     images = list_inputs(str(tmp_path / "img"), {})
     assert [(u.key, len(u.files), u.rows) for u in units(images, 2)] == [(0, 2, 2), (2, 2, 2), (4, 1, 1)]
+
+
+def test_images_inside_parquet_are_read_in_batches_sized_by_the_bytes_seen(tmp_path, monkeypatch):
+    """A manifest carrying its images is read in 256-row batches until a row's bytes are known, then in batches of
+    about BYTES_BATCH_BYTES (at most 8,192 rows): few batches for small images, few images at a time for big ones;
+    the rows, their order and the row-place uris are the same whatever the batching."""
+    from igpt_batch.inputs import manifest_files
+    from igpt_batch.inputs.listing import list_inputs
+    from igpt_batch.inputs.manifest_files import Columns, read_batches
+
+    images = [bytes([i % 251]) * (100 + i % 7) for i in range(20_000)]  # about 103 bytes each, not all alike
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [f"i{i}" for i in range(20_000)], "image": images}), path, row_group_size=5_000)
+    listing = list_inputs(str(path), {})
+
+    def batches():
+        return list(read_batches(listing.fs, str(path), columns=Columns(bytes="image")))
+
+    sizes = [t.num_rows for t in batches()]
+    assert sizes[:20] == [256] * 19 + [136] and sizes[20:] == [5_000] * 3  # the first group, then whole groups
+    monkeypatch.setattr(manifest_files, "BYTES_BATCH_BYTES", 1_000)  # 1,000 bytes a batch: 8 rows of <= 106 bytes
+    small = batches()  # (and 8 bytes of offset each)
+    assert {t.num_rows for t in small[20:]} == {8}, [t.num_rows for t in small[20:30]]
+    for got in (sizes, small):
+        assert sum(got if got is sizes else [t.num_rows for t in got]) == 20_000
+    table = pa.concat_tables(small)
+    assert table.column("bytes").to_pylist() == images and table.column("id").to_pylist()[-1] == "i19999"
+    uris = pa.concat_tables(manifest_mod.iter_manifest(str(path), columns=Columns(id="id", uri="uri", bytes="image")))
+    assert uris.column("uri").to_pylist()[::4_999] == [f"{path}#{i}" for i in range(0, 20_000, 4_999)]

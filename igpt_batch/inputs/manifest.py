@@ -14,7 +14,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
@@ -23,14 +22,10 @@ from igpt_batch.inputs import tars
 from igpt_batch.inputs.listing import Listing, list_inputs
 from igpt_batch.inputs.manifest_files import (
     BATCH_ROWS,
-    JSON_BLOCK_BYTES,
     ColumnHash,
     Columns,
-    file_uri,
-    read_batches,
-    relative_id,
-    resolve_uris,
 )
+from igpt_batch.inputs.units import file_tables, image_tables
 from igpt_batch.redact import redact_uri
 
 KINDS = ("uri", "bytes", "tar")  # the input kind: how a worker gets a row's image (fetch the uri; decode the bytes the
@@ -92,41 +87,6 @@ def _tables(inputs: Listing, columns: Columns, digest: bool) -> Iterator[pa.Tabl
     else:
         for path in inputs.files:
             yield from file_tables(inputs.fs, path, columns)
-
-
-def file_tables(fs: fsspec.AbstractFileSystem, path: str, columns: Columns, groups: tuple[int, int] | None = None,
-                first_row: int = 0) -> Iterator[pa.Table]:
-    """One manifest file's rows (or its Parquet row groups [lo, hi), whose first row is `first_row`) as tables of
-    id, uri (and bytes, member); a ManifestError for empty ids or uris."""
-    row = first_row
-    for t in read_batches(fs, path, BATCH_ROWS, JSON_BLOCK_BYTES, columns, groups, first_row):
-        if "uri" in t.column_names:
-            uris = resolve_uris(fs, path, t.column("uri"))
-        else:  # images inside the manifest, which names no uri: where the row is
-            url = path if "file" in fs.protocol else fs.unstrip_protocol(path)
-            uris = pa.array([f"{url}#{r}" for r in range(row, row + t.num_rows)], pa.string())
-        ids = t.column("id") if "id" in t.column_names else uris
-        if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
-            raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
-        row += t.num_rows
-        extra = {c: t.column(c) for c in ("bytes", "member") if c in t.column_names}
-        yield pa.table({"id": ids, "uri": uris, **extra})
-
-
-def _has_empty(column: pa.ChunkedArray) -> bool:
-    import pyarrow.compute as pc
-
-    return bool(column.null_count) or (len(column) > 0 and pc.min(pc.binary_length(column)).as_py() == 0)
-
-
-def image_tables(fs: fsspec.AbstractFileSystem, files: list[str] | tuple[str, ...], base: str) -> Iterator[pa.Table]:
-    """Listed image files as tables of id (the path relative to `base`) and uri."""
-    local = "file" in fs.protocol
-    for i in range(0, len(files), BATCH_ROWS):
-        chunk = files[i:i + BATCH_ROWS]
-        uris = [file_uri(f) if local else fs.unstrip_protocol(f) for f in chunk]
-        yield pa.table({"id": pa.array([relative_id(f, base) for f in chunk], pa.string()),
-                        "uri": pa.array(uris, pa.string())})
 
 
 @dataclass(frozen=True)
@@ -206,13 +166,21 @@ class Inputs:
     `bytes`) kept in a local Arrow file (under TMPDIR) until `close`, so that the overlap guard, the plan files and
     the pictures never list or read the source again. `head` holds the first rows' id and uri (for pictures)."""
 
-    def __init__(self, spec: str, storage_options: dict | None = None, columns: Columns = Columns()):
+    def __init__(self, spec: str, storage_options: dict | None = None, columns: Columns = Columns(),
+                 on_rows: Callable[[int], None] | None = None):
+        """`on_rows(n)`: told of each table of n rows as the scan reads it (the driver starts Ray meanwhile)."""
         listing = list_inputs(spec, storage_options or {})
         _sweep_killed()
         self.folder = tempfile.mkdtemp(prefix=f"igpt-inputs-{os.getpid()}-")
         self.path, self._writer, self._schema = os.path.join(self.folder, "rows.arrow"), None, None
+
+        def keep(t: pa.Table) -> None:
+            self._keep(t)
+            if on_rows is not None:
+                on_rows(t.num_rows)
+
         try:
-            self.scan = _scan(spec, listing, columns, self._keep, lambda: self.tables(read_all=False))
+            self.scan = _scan(spec, listing, columns, keep, lambda: self.tables(read_all=False))
             first = next(self.tables())  # copied: it outlives the kept rows
             self.head = first.select(["id", "uri"]).take(pa.array(range(first.num_rows), pa.int64()))
         except BaseException:

@@ -18,7 +18,8 @@ from igpt_batch.redact import redact_text, redact_uri
 
 BATCH_ROWS = 65_536  # Parquet rows read at a time
 JSON_BLOCK_BYTES = 8 << 20  # JSONL is read in blocks of this size
-BYTES_BATCH_ROWS = 256  # Parquet rows read at a time when they carry the images themselves
+BYTES_BATCH_BYTES = 16 << 20  # image bytes read at a time when the Parquet rows carry them (as measured so far)
+BYTES_BATCH_ROWS = (256, 8192)  # ... in batches of this many rows: the first, and at most
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,17 @@ def _parquet(f: BinaryIO, path: str, batch_rows: int, columns: Columns, groups: 
     read = [names[c] for c in cols]
     if columns.bytes:
         read.append(_check_bytes_column(schema, path, columns.bytes))
-        batch_rows = min(batch_rows, BYTES_BATCH_ROWS)  # whole images: hold a few hundred at a time
-    picked = range(*groups) if groups else None
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=read, row_groups=picked):
-        out = {c: _utf8(batch.column(names[c]), path, names[c], row) for c in cols}
-        if columns.bytes:
-            out["bytes"] = _field(batch.column(read[-1]), columns.bytes).cast(pa.large_binary())
-        yield pa.table(out)
-        row += batch.num_rows
+    widest = 0  # the most bytes a row, on average over a batch, seen so far (images inside)
+    for group in range(*groups) if groups else range(pf.metadata.num_row_groups):  # batches sized by what was seen
+        size = batch_rows if not columns.bytes else BYTES_BATCH_ROWS[0] if not widest else \
+            max(1, min(batch_rows, BYTES_BATCH_ROWS[1], BYTES_BATCH_BYTES // widest))
+        for batch in pf.iter_batches(batch_size=size, row_groups=[group], columns=read):
+            out = {c: _utf8(batch.column(names[c]), path, names[c], row) for c in cols}
+            if columns.bytes:
+                out["bytes"] = _field(batch.column(read[-1]), columns.bytes).cast(pa.large_binary())
+                widest = max(widest, -(-out["bytes"].nbytes // max(1, batch.num_rows)))
+            yield pa.table(out)
+            row += batch.num_rows
 
 
 def _field(column: pa.Array, dotted: str) -> pa.Array:

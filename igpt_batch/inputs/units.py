@@ -10,12 +10,23 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 
+from igpt_batch.errors import ManifestError
 from igpt_batch.inputs import tars
 from igpt_batch.inputs.listing import Listing
-from igpt_batch.inputs.manifest import file_tables, image_tables
-from igpt_batch.inputs.manifest_files import Columns, name_of
+from igpt_batch.inputs.manifest_files import (
+    BATCH_ROWS,
+    JSON_BLOCK_BYTES,
+    Columns,
+    file_uri,
+    name_of,
+    read_batches,
+    relative_id,
+    resolve_uris,
+)
+from igpt_batch.redact import redact_uri
 
 FILE_SHIFT = 32  # a file's rows are keyed file index << FILE_SHIFT | row in the file
 # bytes a row at least, to guess the rows of a file whose footer does not say (CSV, JSONL, tars): a guess only sizes
@@ -103,3 +114,41 @@ def unit_tables(listing: Listing, unit: Unit, columns: Columns, digest: bool) ->
         for t in file_tables(listing.fs, unit.path, columns, unit.groups, unit.first_row):
             yield key, t
             key += t.num_rows
+
+
+def file_tables(fs: fsspec.AbstractFileSystem, path: str, columns: Columns, groups: tuple[int, int] | None = None,
+                first_row: int = 0) -> Iterator[pa.Table]:
+    """One manifest file's rows (or its Parquet row groups [lo, hi), whose first row is `first_row`) as tables of
+    id, uri (and bytes, member); a ManifestError for empty ids or uris."""
+    import pyarrow.compute as pc
+
+    row = first_row
+    for t in read_batches(fs, path, BATCH_ROWS, JSON_BLOCK_BYTES, columns, groups, first_row):
+        if "uri" in t.column_names:
+            uris = resolve_uris(fs, path, t.column("uri"))
+        else:  # images inside the manifest, which names no uri: where the row is
+            url = path if "file" in fs.protocol else fs.unstrip_protocol(path)
+            rows = pa.array(np.arange(row, row + t.num_rows)).cast(pa.string())
+            uris = pc.binary_join_element_wise(pa.scalar(f"{url}#"), rows, "")
+        ids = t.column("id") if "id" in t.column_names else uris
+        if ("uri" in t.column_names and _has_empty(t.column("uri"))) or _has_empty(ids):
+            raise ManifestError(f"manifest {redact_uri(path)} has empty '{columns.uri}' or '{columns.id}' values")
+        row += t.num_rows
+        extra = {c: t.column(c) for c in ("bytes", "member") if c in t.column_names}
+        yield pa.table({"id": ids, "uri": uris, **extra})
+
+
+def _has_empty(column: pa.ChunkedArray) -> bool:
+    import pyarrow.compute as pc
+
+    return bool(column.null_count) or (len(column) > 0 and pc.min(pc.binary_length(column)).as_py() == 0)
+
+
+def image_tables(fs: fsspec.AbstractFileSystem, files: list[str] | tuple[str, ...], base: str) -> Iterator[pa.Table]:
+    """Listed image files as tables of id (the path relative to `base`) and uri."""
+    local = "file" in fs.protocol
+    for i in range(0, len(files), BATCH_ROWS):
+        chunk = files[i:i + BATCH_ROWS]
+        uris = [file_uri(f) if local else fs.unstrip_protocol(f) for f in chunk]
+        yield pa.table({"id": pa.array([relative_id(f, base) for f in chunk], pa.string()),
+                        "uri": pa.array(uris, pa.string())})

@@ -4,17 +4,57 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from igpt_batch.uris import call_with_deadline
 
 _STARTED_RAY = []  # the Ray this process started itself (a local one), once it has
+_STARTING: list[tuple[threading.Thread, dict]] = []  # a start of Ray under way in the background (start_ray_early)
+
+
+def start_ray_early(address: str | None) -> None:
+    """Start (or join) Ray in a background thread, so that the driver goes on planning meanwhile; the next
+    init_ray waits for it and raises what it raised. A no-op once Ray is up or starting. The thread then stays,
+    idle, for the life of the process: a local Ray's processes die with the thread that started them
+    (PR_SET_PDEATHSIG), and so with this process, as when ray.init runs in the main thread."""
+    ray = sys.modules.get("ray")
+    if _STARTING or (ray is not None and ray.is_initialized()):
+        return
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init sets from the main thread
+    logging.getLogger("ray._private.worker").addFilter(  # ... and the warning it gives when started from another one
+        lambda record: "SIGTERM handler is not set" not in record.getMessage())
+    box: dict = {"done": threading.Event()}
+
+    def start() -> None:
+        try:
+            box["owns"] = _init_ray(address)
+        except BaseException as e:  # handed to the main thread by init_ray
+            box["error"] = e
+        box["done"].set()
+        threading.Event().wait()  # never set: see above
+
+    thread = threading.Thread(target=start, name="igpt-ray-start", daemon=True)
+    _STARTING.append((thread, box))
+    thread.start()
 
 
 def init_ray(address: str | None) -> bool:
     """Join the given cluster, the job's cluster (RAY_ADDRESS under `ray job submit`), or start an isolated local Ray.
     Returns True when this process started (and so owns) the Ray instance, on a later call too."""
+    if _STARTING:  # started early: wait for it
+        box = _STARTING[0][1]
+        box["done"].wait()
+        _STARTING.clear()
+        if "error" in box:
+            raise box["error"]
+    return _init_ray(address)
+
+
+def _init_ray(address: str | None) -> bool:
     import ray
 
     if ray.is_initialized():

@@ -8,18 +8,20 @@ import logging
 import sys
 import time
 from collections import Counter
+from typing import Callable
 
 from igpt_batch.config import JobConfig
 from igpt_batch.errors import ConfigError, ExecutorError, JobError, LeaseError
 from igpt_batch.inputs.manifest import Columns, Inputs, write_plan
 from igpt_batch.model import checkpoint
 from igpt_batch.run import dtype_auto, guards, lance_output, report, sizing, tasks
-from igpt_batch.run.context import Stats
 from igpt_batch.run.job import Job
 from igpt_batch.run.storage import Lease, OutputFolder, errors_by_reason
+from igpt_batch.run.tally import Tally
 from igpt_batch.run.tasks import Plan, Task
 
 log = logging.getLogger("igpt_batch")
+EARLY_RAY_ROWS = 65_536  # rows scanned before the driver starts Ray in the background (the Ray executor)
 
 
 def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None = None, dry_run: bool = False) -> Job:
@@ -41,7 +43,8 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
     if not task.reads_manifest:
         cfg = sized(cfg, task, info)
         return Job(cfg, task, resolved, task.plan(cfg, None))
-    inputs = Inputs(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input))
+    inputs = Inputs(cfg.input.manifest, cfg.storage_options, Columns.of(cfg.input),
+                    on_rows=None if dry_run else ray_meanwhile(cfg))
     try:
         cfg = sized(cfg, task, info)
         job = Job(cfg, task, resolved, task.plan(cfg, inputs.scan), inputs)
@@ -51,6 +54,22 @@ def prepare(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo | None =
         inputs.close()
         raise
     return job
+
+
+def ray_meanwhile(cfg: JobConfig) -> Callable[[int], None] | None:
+    """For the Ray executor, the scan's row counter: once it has read EARLY_RAY_ROWS rows (a scan of seconds),
+    Ray starts in the background, so that its start overlaps the rest of the planning (small inputs never do)."""
+    if cfg.run.executor != "ray":
+        return None
+    seen = [0]
+
+    def on_rows(n: int) -> None:
+        from igpt_batch.run.cluster import start_ray_early
+
+        seen[0] += n
+        if seen[0] >= EARLY_RAY_ROWS:
+            start_ray_early(cfg.run.address)  # once: a no-op while it starts and after
+    return on_rows
 
 
 def sized(cfg: JobConfig, task: Task, info: checkpoint.CheckpointInfo) -> JobConfig:
@@ -159,11 +178,15 @@ def _run(job: Job, on_mismatch: str, t0: float) -> dict:
     log.info("%s: %d shards planned, %d already committed, %d to run -> %s", task.name, len(plan.shards),
              len(plan.shards) - len(todo), len(todo), cfg.output.path)
     write_plan_files(job, out, todo)
-    records = _execute(job, todo, committed, lance)
-    summary = summarise(out, task, plan, committed, records, time.time() - t0)
-    commits = {**committed, **records}  # every committed shard's record, in hand: none is read again
+    tally = Tally()  # every committed shard's record, counted and kept compact: none is read again
+    for rec in committed.values():
+        tally.add(rec, this_run=False)
+    del committed
+    _execute(job, todo, tally, lance)
+    summary = summarise(out, task, plan, tally, time.time() - t0)
+    commits = tally.commits
     if lance is not None:
-        lance.sweep(commits)  # data files of actors killed before their marker
+        lance.sweep()  # data files of actors killed before their marker
     try:
         task.pictures(cfg, job.resolved, out, job.inputs.head if job.inputs else None, commits)
     except Exception as e:  # a picture is a convenience: it never fails a job whose shards are all committed
@@ -196,22 +219,21 @@ def write_plan_files(job: Job, out: OutputFolder, todo: list) -> None:
         job.close()
 
 
-def _execute(job: Job, todo: list, committed: dict, lance=None) -> dict[str, dict]:
-    """Run the shards to run with a progress bar or log; returns their commit records by shard name. `lance` (a
-    lance_output.Committer) commits the records' fragments as they arrive, and what arrived however it ends."""
+def _execute(job: Job, todo: list, tally: Tally, lance=None) -> None:
+    """Run the shards to run with a progress bar or log; their commit records go into `tally` as they arrive, and
+    to `lance` (a lance_output.Committer), which commits their fragments in batches and what arrived however it ends."""
     from igpt_batch.run.executors import execute
 
     per_row = job.task.outputs_per_row(job.cfg)
     shards = job.plan.shards
     progress = Progress(sum(len(s) for s in shards) * per_row,
-                        sum(len(s) for s in shards if s.name in committed) * per_row, job.task.unit)
-    records: dict[str, dict] = {}
+                        sum(len(s) for s in shards if s.name in tally.commits) * per_row, job.task.unit)
 
-    def done(rec: dict) -> None:
-        records[rec["shard"]] = rec
-        progress.update((rec["stop"] - rec["start"]) * per_row)
+    def done(rec: dict) -> None:  # where each commit record arrives
         if lance is not None:
             lance.add(rec)
+        tally.add(rec)  # counted, and kept compact: the whole record is not held
+        progress.update((rec["stop"] - rec["start"]) * per_row)
 
     try:
         failed = execute(job, todo, done)
@@ -224,39 +246,22 @@ def _execute(job: Job, todo: list, committed: dict, lance=None) -> dict[str, dic
     if failed:
         raise JobError(f"{len(failed)} shard(s) failed after {job.cfg.run.max_retries} retries: "
                        + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())[:5]))
-    return records
 
 
-def summarise(out: OutputFolder, task: Task, plan: Plan, before: dict, records: dict, wall_s: float) -> dict:
-    """The _SUCCESS summary from the commit records in hand (read once at the start, and handed back by the
-    executor): no per-shard reads, except the errors parts of earlier runs' shards whose records predate
-    `errors_by_reason`."""
-    rows, by_reason, older = Counter(), Counter(), []
-    for name, rec in {**before, **records}.items():  # every committed shard: earlier runs' and this run's
-        rows.update(rec.get("rows", {}))
-        if rec.get("rows", {}).get("errors"):
-            if rec.get("errors_by_reason") is not None:  # None: a record from before v2 (read_record)
-                by_reason.update(rec["errors_by_reason"])
-            else:
-                older.append(rec)
-    for part in out.committed_files("errors", {r["shard"]: r for r in older}):
+def summarise(out: OutputFolder, task: Task, plan: Plan, tally: Tally, wall_s: float) -> dict:
+    """The _SUCCESS summary from the commit records counted as they arrived (read once at the start, and handed
+    back by the executor): no per-shard reads, except the errors parts of earlier runs' shards whose records
+    predate `errors_by_reason`."""
+    by_reason = Counter(tally.by_reason)
+    for part in out.committed_files("errors", {name: tally.commits[name] for name in tally.older}):
         by_reason.update(errors_by_reason(out.read_table(part, ["stage", "error"])))
-    stats = sum((Stats.of(rec) for rec in records.values()), Stats())  # this run's shards
-    new_rows = sum(r["stop"] - r["start"] for r in records.values())
-    run_s = _running_seconds(records.values())
+    run_s = tally.running_seconds()
     return {
-        "task": task.name, "shards": len(plan.shards), "shards_skipped": len(before), "shards_run": len(records),
-        "input_rows": plan.rows if task.reads_manifest else 0,
-        "rows": dict(rows), "errors": rows.get("errors", 0), "errors_by_reason": dict(by_reason.most_common()),
+        "task": task.name, "shards": len(plan.shards), "shards_skipped": len(tally.commits) - len(tally.run_shards),
+        "shards_run": len(tally.run_shards), "input_rows": plan.rows if task.reads_manifest else 0,
+        "rows": dict(tally.rows), "errors": tally.rows.get("errors", 0), "errors_by_reason": dict(by_reason.most_common()),
         # rows_per_s: over the shards' own span (first start to last commit), so start-up and model load are out
         "wall_s": round(wall_s, 3), "run_s": round(run_s, 3) if run_s else None,
-        "rows_per_s": round(new_rows / run_s, 3) if run_s else None,
-        "stage_seconds": stats.seconds(3), "http_retries": stats.http_retries,
+        "rows_per_s": round(tally.new_rows / run_s, 3) if run_s else None,
+        "stage_seconds": tally.stats.seconds(3), "http_retries": tally.stats.http_retries,
     }
-
-
-def _running_seconds(records) -> float | None:
-    """From this run's first shard start to its last commit (the records' wall-clock times; workers take a shard's
-    start after their model has loaded); None without timed records."""
-    spans = [(r["started_at"], r["ended_at"]) for r in records if r.get("started_at") and r.get("ended_at")]
-    return max(e for _, e in spans) - min(s for s, _ in spans) if spans else None

@@ -149,6 +149,7 @@ class Committer:
         self.out, self.schema, self.lease, self.every_s, self.batch = out, schema, lease, every_s, batch
         self.ds = None
         self.pending: list[dict] = []
+        self.named: set[str] = set()  # the data files every marker seen names (start, add)
         self.last = time.monotonic()
         self.commits = 0  # Lance commits this run made
 
@@ -161,17 +162,18 @@ class Committer:
         if self.ds is None:
             self.ds = lance.write_dataset(self.schema.empty_table(), uri(self.out), mode="create",
                                           storage_options=_options(self.out))
-        named = {p for rec in committed.values() for p in data_files(rec)}
-        foreign = [p for p in present(self.ds) if p not in named]
+        self.named = {p for rec in committed.values() for p in data_files(rec)}  # every marker's data files
+        foreign = [p for p in present(self.ds) if p not in self.named]
         if foreign:  # compacted or written to by hand: a shard's data files no longer tell whether it is in
             raise OutputError(f"{uri(self.out)} holds {len(foreign)} data files that no commit marker names (was it "
                               "compacted or changed by hand?): resuming could commit rows twice. Use --overwrite "
                               "to write it again")
         self.pending = list(committed.values())
         self.flush()
-        self.sweep(committed)
+        self.sweep()
 
     def add(self, record: dict) -> None:
+        self.named.update(data_files(record))
         self.pending.append(record)
         if len(self.pending) >= self.batch or time.monotonic() - self.last >= self.every_s:
             self.flush()
@@ -214,7 +216,7 @@ class Committer:
         self.flush()
         log.info("%s: version %d, %d Lance commits this run", uri(self.out), self.ds.version, self.commits)
 
-    def sweep(self, committed: dict[str, dict]) -> int:
+    def sweep(self) -> int:
         """Remove the data files that neither the dataset nor a marker names (never read: an actor's uncommitted
         write) and are older than the lease timeout (a younger one may be a previous driver's worker finishing its
         shard, whose marker, if its fence still passes, names it); returns how many. Run under the lease."""
@@ -222,7 +224,7 @@ class Committer:
         if not self.out.fs.exists(folder):
             return 0
         prune(self.ds)
-        keep = set(present(self.ds)) | {p for rec in committed.values() for p in data_files(rec)}
+        keep = set(present(self.ds)) | self.named
         self.out.fs.invalidate_cache(folder)
         min_age = self.lease.timeout if self.lease is not None else 0.0
         orphans = [f["name"] for f in self.out.fs.ls(folder, detail=True)
