@@ -170,3 +170,21 @@ def test_a_commit_racing_another_writer_is_named_not_kept_silently(tiny_ckpt, ma
     c.add(rec)
     with pytest.raises(OutputError, match="another writer .* 1 data files are in the dataset twice"):
         c.close()
+
+
+def test_timed_commits_wait_for_their_share_of_shards_so_commits_stay_bounded(tmp_path):
+    """A timed commit (every lance_commit_s; 0 here) takes at least timed_min records: a job of many shards makes at
+    most about shards/timed_min + shards/batch Lance commits, whatever its hours; what is pending goes at the end."""
+    import pyarrow as pa
+    from lance.fragment import write_fragments
+
+    c = lance_output.Committer(OutputFolder(str(tmp_path / "o")), pa.schema([("id", pa.string())]), None, every_s=0,
+                               batch=100, timed_min=3)
+    c.start({})
+    for i in range(7):
+        frags = [f.to_json() for f in write_fragments(pa.table({"id": [f"r{i}"]}), c.ds, mode="append")]
+        c.add({"shard": f"part-{i:05d}", "fragments": frags})
+    assert c.commits == 2 and sorted(c.ds.to_table().column("id").to_pylist()) == [f"r{i}" for i in range(6)]
+    c.close()
+    assert c.commits == 3 and sorted(lance_output.open_dataset(c.out).to_table().column("id").to_pylist()) == \
+        [f"r{i}" for i in range(7)]

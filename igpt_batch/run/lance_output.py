@@ -25,6 +25,9 @@ from igpt_batch.run.storage import COMMITS, LANCE, OutputFolder
 
 log = logging.getLogger(__name__)
 COMMIT_RECORDS = 64  # records a batch commits at least up to (a job of more than 6400 shards: shards / 100)
+# a timed commit (every lance_commit_s) takes at least shards / TIMED_SHARDS records, so a long job makes at most about
+# TIMED_SHARDS + 100 Lance commits (3 requests each) whatever its hours: within the driver's 100 + shards/50 requests
+TIMED_SHARDS = 500
 PRUNE_EVERY = 100  # Lance commits between removals of the dataset's old manifests (each holds every fragment)
 
 
@@ -133,8 +136,9 @@ def committer(job, out: OutputFolder, committed: dict[str, dict]) -> "Committer 
     committed); None otherwise."""
     if job.cfg.output.format != "lance":
         return None
+    shards = len(job.plan.shards)
     c = Committer(out, job.task.embeddings_schema(job.cfg, job.resolved), job.resolved.lease,
-                  job.cfg.output.lance_commit_s, max(COMMIT_RECORDS, len(job.plan.shards) // 100))
+                  job.cfg.output.lance_commit_s, max(COMMIT_RECORDS, shards // 100), max(1, shards // TIMED_SHARDS))
     c.start(committed)
     return c
 
@@ -145,8 +149,9 @@ class Committer:
     writer, so the version it last read or committed (`ds`) is the latest: a commit reads nothing first."""
 
     def __init__(self, out: OutputFolder, schema, lease: Fence | None, every_s: float = 30.0,
-                 batch: int = COMMIT_RECORDS):
+                 batch: int = COMMIT_RECORDS, timed_min: int = 1):
         self.out, self.schema, self.lease, self.every_s, self.batch = out, schema, lease, every_s, batch
+        self.timed_min = timed_min  # records a timed commit waits for: commits stay bounded by shards, not hours
         self.ds = None
         self.pending: list[dict] = []
         self.named: set[str] = set()  # the data files every marker seen names (start, add)
@@ -175,7 +180,8 @@ class Committer:
     def add(self, record: dict) -> None:
         self.named.update(data_files(record))
         self.pending.append(record)
-        if len(self.pending) >= self.batch or time.monotonic() - self.last >= self.every_s:
+        timed = len(self.pending) >= self.timed_min and time.monotonic() - self.last >= self.every_s
+        if len(self.pending) >= self.batch or timed:
             self.flush()
 
     def flush(self) -> None:

@@ -274,7 +274,8 @@ class OutputFolder(Folder):
         good, bad = self.markers()
         if bad:
             rel, why = next(iter(sorted(bad.items())))
-            raise OutputError(f"{posixpath.join(self.url, rel)} is {why}; remove it to recompute that shard")
+            raise OutputError(f"{posixpath.join(self.url, rel)} is {why}; remove it to recompute that shard (an "
+                              "output.format: lance output may already hold its rows: write it again with --overwrite)")
         return good
 
     def committed_files(self, kind: str, commits: dict[str, dict] | None = None) -> list[str]:
