@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 COMMIT_RECORDS = 64  # records a batch commits at least up to (a job of more than 6400 shards: shards / 100)
 PRUNE_EVERY = 100  # Lance commits between removals of the dataset's old manifests (each holds every fragment)
 COMMIT_RETRY_S = 120.0  # how long the driver's Lance commit waits out an unreachable store (botocore's 10 tries: ~2 min)
-LANCE_CLIENT_RETRIES = "10"  # Lance's object-store client: retries of each request (its default, 3, lasts < 1 s)
+LANCE_CLIENT_RETRIES = "10"  # Lance's object-store client: retries of each request (its default, 3: 1-2 s)
 
 
 def lance_options(url: str, storage_options: dict | None) -> dict | None:
