@@ -10,9 +10,9 @@ killed before its marker) are never committed, and are removed at the next start
 lease timeout (a younger one may be a previous driver's worker, still finishing its shard).
 
 The store may be unreachable for a while (restarted, overloaded): Lance's own client retries each request a few
-seconds (LANCE_CLIENT_RETRIES), and the driver's commit is retried with backoff for COMMIT_RETRY_S, each retry on
-the dataset's latest version, skipping the fragments it holds (a failed attempt may have committed); past that the
-job fails naming the commit (exit 1), its markers kept, and a rerun commits them, none twice.
+seconds (LANCE_CLIENT_RETRIES); a worker's fragment write and the driver's commit are retried with backoff for
+COMMIT_RETRY_S, a commit on the dataset's latest version, skipping the fragments it holds (a failed attempt may
+have committed); past that the job fails naming the commit (exit 1), its markers kept, and a rerun commits them.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from igpt_batch.run.storage import COMMITS, LANCE, OutputFolder
 log = logging.getLogger(__name__)
 COMMIT_RECORDS = 64  # records a batch commits at least up to (a job of more than 6400 shards: shards / 100)
 PRUNE_EVERY = 100  # Lance commits between removals of the dataset's old manifests (each holds every fragment)
-COMMIT_RETRY_S = 120.0  # how long the driver's Lance commit waits out an unreachable store (botocore's 10 tries: ~2 min)
+COMMIT_RETRY_S = 120.0  # how long a Lance write or commit waits out an unreachable store (botocore's 10 tries: ~2 min)
 LANCE_CLIENT_RETRIES = "10"  # Lance's object-store client: retries of each request (its default, 3: 1-2 s)
 
 
@@ -100,7 +100,25 @@ class FragmentWriter:
                 self.ds = open_dataset(self.out)
         if self.ds is None:
             raise FileNotFoundError(f"{uri(self.out)} is missing: the driver creates it before any worker runs")
-        return [f.to_json() for f in write_fragments(table, self.ds, mode="append")]
+        frags = retrying(lambda _: write_fragments(table, self.ds, mode="append"),
+                         f"{uri(self.out)}: the write of a shard's Lance fragments", COMMIT_RETRY_S)
+        return [f.to_json() for f in frags]
+
+
+def retrying(fn, what: str, retry_s: float):
+    """fn(attempt number) until it returns, retried with backoff for `retry_s` on OSError (LanceError(IO): the
+    store unreachable or timing out, past its client's own retries); then OutputError naming `what`."""
+    delay, deadline = 0.5, time.monotonic() + retry_s
+    for attempt in itertools.count():
+        try:
+            return fn(attempt)
+        except OSError as e:
+            why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            if time.monotonic() + delay > deadline:
+                raise OutputError(f"{what} failed for {retry_s:.0f} s ({why})") from None
+            log.warning("%s failed (%s); retrying in %.1f s", what, why, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def commit_marker_once(out: OutputFolder, shard_name: str, record: dict, lease: Fence | None) -> dict:
@@ -198,21 +216,12 @@ class Committer:
             return
         if self.lease is not None:
             check_fence(self.out, self.lease)  # a driver that lost its lease commits nothing more
-        delay, deadline = 0.5, time.monotonic() + self.retry_s
-        for attempt in itertools.count():
-            try:
-                self._append(fresh=attempt > 0)
-                break
-            except OSError as e:  # LanceError(IO): the store unreachable, a timeout, after the client's own retries
-                why = str(e).splitlines()[0][:300]
-                if time.monotonic() + delay > deadline:
-                    self.failed = True
-                    raise OutputError(f"{uri(self.out)}: the Lance commit of {len(self.pending)} shards failed for "
-                                      f"{self.retry_s:.0f} s ({why}); their commit markers are kept: rerun the job "
-                                      "to commit them (none twice)") from None
-                log.warning("%s: Lance commit failed (%s); retrying in %.1f s", uri(self.out), why, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 15.0)
+        try:
+            retrying(lambda attempt: self._append(fresh=attempt > 0),
+                     f"{uri(self.out)}: the Lance commit of {len(self.pending)} shards", self.retry_s)
+        except OutputError as e:
+            self.failed = True
+            raise OutputError(f"{e}; their commit markers are kept: rerun the job to commit them (none twice)") from None
         self.pending = []
 
     def _append(self, fresh: bool) -> None:
