@@ -25,6 +25,7 @@ import uuid
 from collections import Counter
 
 from igpt_batch.errors import OutputError
+from igpt_batch.redact import redact_text
 from igpt_batch.run.lease import Fence, check_fence
 from igpt_batch.run.lease_files import Conflict, lease_file
 from igpt_batch.run.storage import COMMITS, LANCE, OutputFolder
@@ -113,7 +114,7 @@ def retrying(fn, what: str, retry_s: float):
         try:
             return fn(attempt)
         except OSError as e:
-            why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            why = redact_text(str(e).splitlines()[0][:300]) if str(e) else type(e).__name__
             if time.monotonic() + delay > deadline:
                 raise OutputError(f"{what} failed for {retry_s:.0f} s ({why})") from None
             log.warning("%s failed (%s); retrying in %.1f s", what, why, delay)
