@@ -132,11 +132,11 @@ def committed_count(out: Path) -> int:
     return len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
 
 
-def assert_verified(out: Path) -> None:
+def assert_verified(out: Path | str, so: dict | None = None) -> None:
     from igpt_batch.inspector import inspect
 
     lines = []
-    assert inspect(str(out), verify=True, echo=lines.append) == 0, lines
+    assert inspect(str(out), verify=True, storage_options=so, echo=lines.append) == 0, lines
     assert lines[-1] == "verify: ok"
 
 
@@ -213,45 +213,21 @@ def flaky_s3(tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "lance"])
 @pytest.mark.parametrize("fault", ["restart", "pause"])
-def test_s3_outage_mid_job_is_survived(flaky_s3, tiny_ckpt, image_dir, tmp_path, gate, fault):
+def test_s3_outage_mid_job_is_survived(flaky_s3, tiny_ckpt, image_dir, tmp_path, gate, fault, fmt):
     """The store goes away while the job waits for the gate's photo; the gate opens during the outage, so the job's
-    next write meets the outage and must wait it out."""
-    server, bucket = flaky_s3, f"igpt-flaky-{fault}"
+    next write meets the outage and must wait it out. Lance: the worker's fragment write and the driver's Lance
+    commit of the shard (output.lance_commit_s: 0) meet it too, through Lance's own object-store client."""
+    server, bucket = flaky_s3, f"igpt-flaky-{fault}-{fmt}"
     server.fs().mkdir(bucket)
     so = server.storage_options()
     manifest, ids = gated_manifest(tmp_path / "m.parquet", image_dir, gate.uri, before=2, after=3)
-    cfg = job_cfg(tiny_ckpt, f"s3://{bucket}/o", storage_options=so,
-                  **{"input.manifest": manifest, "run.shard_size": 1, "run.executor": "local", "extract.layers": [1],
-                     "input.read_timeout": 300})
-    down_s = 2 if fault == "restart" else 3
+    over = {"input.manifest": manifest, "run.shard_size": 1, "run.executor": "local", "extract.layers": [1],
+            "input.read_timeout": 300, "output.format": fmt, "output.lance_commit_s": 0}
+    cfg = job_cfg(tiny_ckpt, f"s3://{bucket}/o", storage_options=so, **over)
     back = []  # when the store was let back
-
-    def outage():
-        try:
-            fs = server.fs()
-
-            def commits() -> int:
-                fs.invalidate_cache()  # s3fs caches listings
-                return len(fs.glob(f"{bucket}/o/_commits/*.json"))
-
-            if not wait_for(lambda: gate.requested.is_set() and commits() == 2):
-                return
-            if fault == "restart":
-                server.stop()  # the store goes away mid-job ...
-            else:
-                os.killpg(server.proc.pid, signal.SIGSTOP)  # the store hangs: connections open, no answers ...
-            gate.open()
-            time.sleep(down_s)  # the outage's length (the job is already blocked on the store)
-            back.append(time.time())
-            if fault == "restart":
-                server.start()  # ... and comes back on the same data directory
-            else:
-                os.killpg(server.proc.pid, signal.SIGCONT)  # ... then wakes up
-        finally:
-            gate.open()
-
-    t = threading.Thread(target=outage)
+    t = threading.Thread(target=outage, args=(server, bucket, gate, fault, back))
     t.start()
     s = run_job(cfg, "extract")
     finished = time.time()
@@ -259,5 +235,36 @@ def test_s3_outage_mid_job_is_survived(flaky_s3, tiny_ckpt, image_dir, tmp_path,
     assert back, "the job never reached the gate with 2 commits"
     assert finished > back[0]  # its last writes came after the gate opened, into the outage: it waited it out
     assert s["rows"] == {"embeddings": len(ids), "errors": 0} and s["shards_run"] == len(ids)
-    got = read_output(f"s3://{bucket}/o", "embeddings", so).column("id").to_pylist()
-    assert sorted(got) == sorted(ids)
+    got = read_output(f"s3://{bucket}/o", "embeddings", so).sort_by("id")
+    assert got.column("id").to_pylist() == sorted(ids)  # each row exactly once
+    assert_verified(f"s3://{bucket}/o", so)
+    if fmt == "lance":  # the same values as the Parquet output of the same rows, written without an outage
+        run_job(job_cfg(tiny_ckpt, tmp_path / "pq", **over | {"output.format": "parquet"}), "extract")
+        assert got.equals(read_output(str(tmp_path / "pq")).sort_by("id"))
+
+
+def outage(server: S3Server, bucket: str, gate, fault: str, back: list) -> None:
+    """Once the job has committed 2 shards and waits on the gate: the store goes away (stopped, or paused), the
+    gate opens, and the store comes back after a few seconds (`back` gets the time)."""
+    try:
+        fs = server.fs()
+
+        def commits() -> int:
+            fs.invalidate_cache()  # s3fs caches listings
+            return len(fs.glob(f"{bucket}/o/_commits/*.json"))
+
+        if not wait_for(lambda: gate.requested.is_set() and commits() == 2):
+            return
+        if fault == "restart":
+            server.stop()  # the store goes away mid-job ...
+        else:
+            os.killpg(server.proc.pid, signal.SIGSTOP)  # the store hangs: connections open, no answers ...
+        gate.open()
+        time.sleep(2 if fault == "restart" else 3)  # the outage's length (the job is already blocked on the store)
+        back.append(time.time())
+        if fault == "restart":
+            server.start()  # ... and comes back on the same data directory
+        else:
+            os.killpg(server.proc.pid, signal.SIGCONT)  # ... then wakes up
+    finally:
+        gate.open()

@@ -4,8 +4,10 @@ resumes exactly once; a shard's first marker holds; verify names a fragment comm
 The SIGKILL and node-loss tests of the Lance format are in test_faults.py and test_cluster.py."""
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
+import logging
 import os
 import time
 
@@ -13,7 +15,7 @@ import lance
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-from conftest import job_cfg, write_manifest
+from conftest import S3Server, job_cfg, wait_for, write_manifest
 
 from igpt_batch.errors import ConfigError, JobError, OutputError
 from igpt_batch.inspector import inspect
@@ -188,3 +190,70 @@ def test_timed_commits_wait_for_their_share_of_shards_so_commits_stay_bounded(tm
     c.close()
     assert c.commits == 3 and sorted(lance_output.open_dataset(c.out).to_table().column("id").to_pylist()) == \
         [f"r{i}" for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def flaky_s3(tmp_path_factory):
+    """A SeaweedFS server of this module's own, stopped and started by its tests."""
+    server = S3Server(tmp_path_factory.mktemp("weed"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def s3_output(server: S3Server, bucket: str) -> OutputFolder:
+    server.fs().mkdir(bucket)
+    return OutputFolder(f"s3://{bucket}/o", server.storage_options())
+
+
+def test_the_drivers_lance_commit_waits_out_a_store_outage(flaky_s3, parquet, caplog):
+    """The store goes away before the driver's commit: the commit fails (Lance's client gives up within seconds),
+    is retried with backoff once the store is back, on its latest version, and holds each fragment once."""
+    out = s3_output(flaky_s3, "lance-outage-short")
+    c = lance_output.Committer(out, parquet.schema, None, every_s=3600)
+    c.start({})  # the empty dataset, version 1
+    records = [{"fragments": lance_output.FragmentWriter(out).write(parquet.slice(i, 4))} for i in (0, 4)]
+    for rec in records:
+        c.add(rec)
+    caplog.set_level(logging.WARNING, logger="igpt_batch.run.lance_output")
+    flaky_s3.stop()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        closing = pool.submit(c.close)  # the commit meets the outage ...
+        try:
+            wait_for(lambda: "Lance commit of 2 shards failed" in caplog.text or closing.done())
+        finally:
+            flaky_s3.start()  # ... which ends once a commit has failed
+        closing.result(timeout=300)
+    assert "Lance commit of 2 shards failed" in caplog.text  # it did meet the outage, and was retried
+    ds = lance_output.open_dataset(out)
+    assert ds.version == 2 and c.commits == 1 and ds.count_rows() == parquet.num_rows
+    assert sorted(lance_output.present(ds)) == sorted(p for rec in records for p in lance_output.data_files(rec))
+
+
+def test_a_lance_commit_outlasted_by_the_outage_fails_and_the_rerun_commits_once(
+        flaky_s3, tiny_ckpt, manifest, parquet):
+    """An outage longer than the commit's retries: the job's error names the commit, the dataset is as before (a
+    commit is atomic), and a rerun once the store is back commits the shards' fragments exactly once."""
+    out = s3_output(flaky_s3, "lance-outage-long")
+    so = flaky_s3.storage_options()
+    run_job(extract_cfg(tiny_ckpt, manifest, out.url, so), "extract")
+    ds = lance.write_dataset(parquet.schema.empty_table(), lance_output.uri(out), mode="overwrite",
+                             storage_options=lance_output._options(out))  # markers ahead of the dataset
+    c = lance_output.Committer(out, parquet.schema, None, every_s=3600, retry_s=1.0)  # the outage outlasts it
+    c.ds = ds
+    for rec in out.committed().values():
+        c.add(rec)
+    flaky_s3.stop()
+    try:
+        with pytest.raises(OutputError, match=r"the Lance commit of 4 shards failed for 1 s \(.*\); their commit "
+                                              r"markers are kept: rerun the job to commit them \(none twice\)"):
+            c.close()
+    finally:
+        flaky_s3.start()
+    c.close()  # a committer that gave up tries nothing more (the job's `finally`), the store back or not
+    assert c.failed and lance_output.open_dataset(out).version == ds.version  # nothing committed, half or whole
+    assert read_output(out.url, "embeddings", so).num_rows == 0
+    s = run_job(extract_cfg(tiny_ckpt, manifest, out.url, so), "extract")  # the rerun
+    assert s["shards_skipped"] == 4 and read_output(out.url, "embeddings", so).sort_by("id").equals(parquet)
+    code, lines = verified(out.url, so)
+    assert code == 0 and lines[-1] == "verify: ok", lines

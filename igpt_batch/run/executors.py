@@ -38,14 +38,14 @@ def execute_local(job: Job, shards: list[Shard], done: Done) -> dict[str, str]:
     for shard in shards:
         for attempt in range(job.cfg.run.max_retries + 1):
             try:
-                done(worker.run(shard))
-                break
+                record = worker.run(shard)
             except Exception as e:  # a shard failure is retried, then reported; never silently dropped
                 log.warning("%s attempt %d failed: %s: %s", shard.name, attempt + 1, type(e).__name__, e)
                 failed[shard.name] = f"{type(e).__name__}: {e}"
-        else:
-            continue
-        failed.pop(shard.name, None)
+                continue
+            failed.pop(shard.name, None)
+            done(record)  # the driver's side (a Lance commit): its failure is the job's, as on Ray, not the shard's
+            break
     return failed
 
 

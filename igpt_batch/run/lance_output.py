@@ -8,9 +8,15 @@ fragments whose data files the dataset already holds, so a driver killed anywher
 resume commits the fragments of markers an earlier run left uncommitted. Data files no marker names (an actor
 killed before its marker) are never committed, and are removed at the next start or success once older than the
 lease timeout (a younger one may be a previous driver's worker, still finishing its shard).
+
+The store may be unreachable for a while (restarted, overloaded): Lance's own client retries each request a few
+seconds (LANCE_CLIENT_RETRIES); a worker's fragment write and the driver's commit are retried with backoff for
+COMMIT_RETRY_S, a commit on the dataset's latest version, skipping the fragments it holds (a failed attempt may
+have committed); past that the job fails naming the commit (exit 1), its markers kept, and a rerun commits them.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import posixpath
@@ -19,6 +25,7 @@ import uuid
 from collections import Counter
 
 from igpt_batch.errors import OutputError
+from igpt_batch.redact import redact_text
 from igpt_batch.run.lease import Fence, check_fence
 from igpt_batch.run.lease_files import Conflict, lease_file
 from igpt_batch.run.storage import COMMITS, LANCE, OutputFolder
@@ -29,6 +36,8 @@ COMMIT_RECORDS = 64  # records a batch commits at least up to (a job of more tha
 # TIMED_SHARDS + 100 Lance commits (3 requests each) whatever its hours: within the driver's 100 + shards/50 requests
 TIMED_SHARDS = 500
 PRUNE_EVERY = 100  # Lance commits between removals of the dataset's old manifests (each holds every fragment)
+COMMIT_RETRY_S = 120.0  # how long a Lance write or commit waits out an unreachable store (botocore's 10 tries: ~2 min)
+LANCE_CLIENT_RETRIES = "10"  # Lance's object-store client: retries of each request (its default, 3: 1-2 s)
 
 
 def lance_options(url: str, storage_options: dict | None) -> dict | None:
@@ -37,7 +46,8 @@ def lance_options(url: str, storage_options: dict | None) -> dict | None:
     if "://" not in url or url.startswith("file://"):
         return None
     client = so.pop("client_kwargs", None) or {}
-    out = {k: str(v) for k, v in so.items() if k.startswith(("aws_", "google_", "azure_", "allow_", "timeout"))}
+    out = {k: str(v) for k, v in so.items()
+           if k.startswith(("aws_", "google_", "azure_", "allow_", "timeout", "connect_timeout", "client_"))}
     names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
              "endpoint_url": "aws_endpoint", "region_name": "aws_region"}
     for src in (client, so):
@@ -59,7 +69,9 @@ def uri(out: OutputFolder) -> str:
 
 
 def _options(out: OutputFolder) -> dict | None:
-    return lance_options(out.url, out.fs.storage_options)
+    """The output's Lance options: an object store's client retries longer than Lance's default (a user's own wins)."""
+    opts = lance_options(out.url, out.fs.storage_options)
+    return {"client_max_retries": LANCE_CLIENT_RETRIES} | opts if opts is not None else None
 
 
 def open_dataset(out: OutputFolder):
@@ -92,7 +104,25 @@ class FragmentWriter:
                 self.ds = open_dataset(self.out)
         if self.ds is None:
             raise FileNotFoundError(f"{uri(self.out)} is missing: the driver creates it before any worker runs")
-        return [f.to_json() for f in write_fragments(table, self.ds, mode="append")]
+        frags = retrying(lambda _: write_fragments(table, self.ds, mode="append"),
+                         f"{uri(self.out)}: the write of a shard's Lance fragments", COMMIT_RETRY_S)
+        return [f.to_json() for f in frags]
+
+
+def retrying(fn, what: str, retry_s: float):
+    """fn(attempt number) until it returns, retried with backoff for `retry_s` on OSError (LanceError(IO): the
+    store unreachable or timing out, past its client's own retries); then OutputError naming `what`."""
+    delay, deadline = 0.5, time.monotonic() + retry_s
+    for attempt in itertools.count():
+        try:
+            return fn(attempt)
+        except OSError as e:
+            why = redact_text(str(e).splitlines()[0][:300]) if str(e) else type(e).__name__
+            if time.monotonic() + delay > deadline:
+                raise OutputError(f"{what} failed for {retry_s:.0f} s ({why})") from None
+            log.warning("%s failed (%s); retrying in %.1f s", what, why, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def commit_marker_once(out: OutputFolder, shard_name: str, record: dict, lease: Fence | None) -> dict:
@@ -138,7 +168,8 @@ def committer(job, out: OutputFolder, committed: dict[str, dict]) -> "Committer 
         return None
     shards = len(job.plan.shards)
     c = Committer(out, job.task.embeddings_schema(job.cfg, job.resolved), job.resolved.lease,
-                  job.cfg.output.lance_commit_s, max(COMMIT_RECORDS, shards // 100), max(1, shards // TIMED_SHARDS))
+                  job.cfg.output.lance_commit_s, max(COMMIT_RECORDS, shards // 100), max(1, shards // TIMED_SHARDS),
+                  COMMIT_RETRY_S)
     c.start(committed)
     return c
 
@@ -149,9 +180,10 @@ class Committer:
     writer, so the version it last read or committed (`ds`) is the latest: a commit reads nothing first."""
 
     def __init__(self, out: OutputFolder, schema, lease: Fence | None, every_s: float = 30.0,
-                 batch: int = COMMIT_RECORDS, timed_min: int = 1):
+                 batch: int = COMMIT_RECORDS, timed_min: int = 1, retry_s: float = COMMIT_RETRY_S):
         self.out, self.schema, self.lease, self.every_s, self.batch = out, schema, lease, every_s, batch
         self.timed_min = timed_min  # records a timed commit waits for: commits stay bounded by shards, not hours
+        self.retry_s, self.failed = retry_s, False  # failed: a commit gave up (the job fails; nothing more is tried)
         self.ds = None
         self.pending: list[dict] = []
         self.named: set[str] = set()  # the data files every marker seen names (start, add)
@@ -185,40 +217,57 @@ class Committer:
             self.flush()
 
     def flush(self) -> None:
-        """One Lance append of the pending records' fragments that the dataset's latest version does not hold."""
-        import lance
-        from lance.fragment import FragmentMetadata
-
+        """One Lance append of the pending records' fragments that the dataset's latest version does not hold,
+        retried with backoff while the store cannot be reached (then OutputError: the job fails, a rerun commits)."""
         self.last = time.monotonic()
-        if not self.pending:
+        if not self.pending or self.failed:
             return
         if self.lease is not None:
             check_fence(self.out, self.lease)  # a driver that lost its lease commits nothing more
-        held = set(present(self.ds))
-        new = [f for rec in self.pending for f in rec.get("fragments") or []
-               if not any(d["path"] in held for d in f["files"])]
-        if new:
-            frags = [FragmentMetadata.from_json(json.dumps(f)) for f in new]
-            read = self.ds.version
-            self.ds = lance.LanceDataset.commit(self.ds, lance.LanceOperation.Append(frags), read_version=read,
-                                                storage_options=_options(self.out))
-            self.commits += 1
-            if self.ds.version != read + 1:  # another writer committed in between (a driver past its lease)
-                self._check_once(read)
-            if self.commits % PRUNE_EVERY == 0:
-                prune(self.ds)
+        try:
+            retrying(lambda attempt: self._append(fresh=attempt > 0),
+                     f"{uri(self.out)}: the Lance commit of {len(self.pending)} shards", self.retry_s)
+        except OutputError as e:
+            self.failed = True
+            raise OutputError(f"{e}; their commit markers are kept: rerun the job to commit them (none twice)") from None
         self.pending = []
 
-    def _check_once(self, read: int) -> None:
+    def _append(self, fresh: bool) -> None:
+        """Append the pending fragments the dataset does not hold. `fresh` (a retry): first read its latest version,
+        which holds the fragments of a failed attempt that committed after all; those are skipped."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        if fresh:
+            read, self.ds = self.ds.version, lance.dataset(uri(self.out), storage_options=_options(self.out))
+            if self.ds.version != read:
+                self._check_once(read, "a failed attempt of this commit (it landed after all), or another writer,")
+        held, new = set(present(self.ds)), {}
+        for f in (f for rec in self.pending for f in rec.get("fragments") or []):
+            if not any(d["path"] in held for d in f["files"]):
+                new.setdefault(f["files"][0]["path"], f)  # a record added twice (a retried shard) counts once
+        if not new:
+            return
+        read = self.ds.version
+        self.ds = lance.LanceDataset.commit(self.ds, lance.LanceOperation.Append(
+            [FragmentMetadata.from_json(json.dumps(f)) for f in new.values()]), read_version=read,
+            storage_options=_options(self.out))
+        self.commits += 1
+        if self.ds.version != read + 1:  # another writer committed in between (a driver past its lease)
+            self._check_once(read, "another writer (a driver that lost its lease)")
+        if self.commits % PRUNE_EVERY == 0:
+            prune(self.ds)
+
+    def _check_once(self, read: int, whose: str) -> None:
+        """After a version other than the one this driver expected: no data file may be in the dataset twice."""
         twice = sorted(p for p, n in Counter(present(self.ds)).items() if n > 1)
-        log.warning("%s: another writer committed after version %d", uri(self.out), read)
+        log.warning("%s: %s committed after version %d", uri(self.out), whose, read)
         if twice:
-            raise OutputError(f"{uri(self.out)}: another writer (a driver that lost its lease) committed while this "
-                              f"one did: {len(twice)} data files are in the dataset twice (e.g. {twice[0]}); "
-                              "write the output again with --overwrite")
+            raise OutputError(f"{uri(self.out)}: {whose} committed while this one did: {len(twice)} data files are "
+                              f"in the dataset twice (e.g. {twice[0]}); write the output again with --overwrite")
 
     def close(self) -> None:
-        """At the end (however the job ended): what arrived is committed."""
+        """At the end (however the job ended): what arrived is committed (unless a commit gave up already)."""
         self.flush()
         log.info("%s: version %d, %d Lance commits this run", uri(self.out), self.ds.version, self.commits)
 
