@@ -49,6 +49,16 @@ def free_port_with_grpc() -> int:
                 continue
 
 
+def seaweed_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A free port for each service, each with its gRPC twin (p + 10000) free, none of them another's twin and no two
+    alike: `weed mini` refuses a port "reserved for gRPC calculation" (one service's port on another's twin)."""
+    while True:
+        ports = [free_port_with_grpc() for _ in names]
+        taken = set(ports) | {p + 10000 for p in ports}
+        if len(taken) == 2 * len(ports):
+            return dict(zip(names, ports))
+
+
 class S3Server:
     """A real SeaweedFS S3 server (`weed mini`) on 127.0.0.1 with enforced access keys."""
 
@@ -58,7 +68,7 @@ class S3Server:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         # every server of its own gets its own ports, so a restarted or second server never meets another's
-        self.ports = {name: free_port_with_grpc() for name in ("master", "volume", "filer", "s3")}
+        self.ports = seaweed_ports(("master", "volume", "filer", "s3"))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         (root / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
             {"accessKey": self.key, "secretKey": self.secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
