@@ -160,6 +160,16 @@ def s3_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def flaky_s3(tmp_path_factory):
+    """A SeaweedFS server of the test module's own, which its tests stop and start (each case its own bucket); not
+    the session's shared one, which other tests use meanwhile."""
+    server = S3Server(tmp_path_factory.mktemp("weed"))
+    server.start()
+    yield server
+    server.stop()
+
+
 def bench_module(name: str):
     """bench/<name>.py imported into this process, as the script sees itself (bench/ on sys.path): its smoke runs
     in-process, without a fresh Python importing torch."""

@@ -204,15 +204,6 @@ def test_driver_sigkill_then_rerun_recomputes_only_uncommitted_shards(tiny_ckpt,
     assert_verified(out)
 
 
-@pytest.fixture(scope="module")
-def flaky_s3(tmp_path_factory):
-    """One S3 server for both outages; each case writes to its own bucket."""
-    server = S3Server(tmp_path_factory.mktemp("weed"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.parametrize("fmt", ["parquet", "lance"])
 @pytest.mark.parametrize("fault", ["restart", "pause"])
 def test_s3_outage_mid_job_is_survived(flaky_s3, tiny_ckpt, image_dir, tmp_path, gate, fault, fmt):

@@ -192,15 +192,6 @@ def test_timed_commits_wait_for_their_share_of_shards_so_commits_stay_bounded(tm
         [f"r{i}" for i in range(7)]
 
 
-@pytest.fixture(scope="module")
-def flaky_s3(tmp_path_factory):
-    """A SeaweedFS server of this module's own, stopped and started by its tests."""
-    server = S3Server(tmp_path_factory.mktemp("weed"))
-    server.start()
-    yield server
-    server.stop()
-
-
 def s3_output(server: S3Server, bucket: str) -> OutputFolder:
     server.fs().mkdir(bucket)
     return OutputFolder(f"s3://{bucket}/o", server.storage_options())
