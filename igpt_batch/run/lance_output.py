@@ -32,9 +32,9 @@ from igpt_batch.run.storage import COMMITS, LANCE, OutputFolder
 
 log = logging.getLogger(__name__)
 COMMIT_RECORDS = 64  # records a batch commits at least up to (a job of more than 6400 shards: shards / 100)
-# a timed commit (every lance_commit_s) takes at least shards / TIMED_SHARDS records, so a long job makes at most about
-# TIMED_SHARDS + 100 Lance commits (3 requests each) whatever its hours: within the driver's 100 + shards/50 requests
-TIMED_SHARDS = 500
+# a timed commit (every lance_commit_s) takes at least shards / TIMED_SHARDS records, so a job makes at most about
+# TIMED_SHARDS Lance commits (about 7 driver requests each, with the fence and the pruning) whatever its hours
+TIMED_SHARDS = 100
 PRUNE_EVERY = 100  # Lance commits between removals of the dataset's old manifests (each holds every fragment)
 COMMIT_RETRY_S = 120.0  # how long a Lance write or commit waits out an unreachable store (botocore's 10 tries: ~2 min)
 LANCE_CLIENT_RETRIES = "10"  # Lance's object-store client: retries of each request (its default, 3: 1-2 s)
