@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from servers import Gate, RayHead, S3Server, free_port, free_ports, http_get  # noqa: F401 (the tests' names)
+from servers import Gate, RayHead, S3Server, free_port, free_ports, http_get, serving  # noqa: F401 (the tests' names)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -152,22 +152,23 @@ def ray_local(ray_head):
         os.environ["RAY_AUTH_MODE"] = before
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+def _running_s3(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("weed"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    yield from _running_s3(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def flaky_s3(tmp_path_factory):
     """A SeaweedFS server of the test module's own, which its tests stop and start (each case its own bucket); not
     the session's shared one, which other tests use meanwhile."""
-    server = S3Server(tmp_path_factory.mktemp("weed"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _running_s3(tmp_path_factory)
 
 
 def bench_module(name: str):
@@ -220,13 +221,8 @@ def http_root(tmp_path, monkeypatch):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(server) as base:
+        yield tmp_path, base
 
 
 @pytest.fixture
@@ -275,12 +271,8 @@ def http_server(monkeypatch, image_dir):
                 super().do_GET()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(image_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(server) as base:
+        yield state, base
 
 
 def encode_image(img, fmt: str, **kw) -> bytes:

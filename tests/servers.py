@@ -1,6 +1,7 @@
 """Real servers for the tests, each on its own ports and stopped by PID: SeaweedFS S3, a Ray head, HTTP servers."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -33,6 +34,17 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextlib.contextmanager
+def serving(server: http.server.HTTPServer):
+    """`server` answering in a background thread while in the block (its base URL given); shut down and closed after."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port_with_grpc() -> int:
@@ -168,24 +180,28 @@ def http_get(url: str) -> str | None:
 
 
 class Gate:
-    """A real HTTP server with one real photo (any path) that is served only once the test opens the gate: a job
-    that reads it cannot finish before then, so a test acts mid-job on a condition, not on timing."""
+    """A real HTTP server of one real image (a photo unless `body` is given) at any path; a path that `gated` accepts
+    (every path by default) is answered only once the test opens the gate: a job that reads it cannot finish before
+    then, so a test acts mid-job on a condition, not on timing."""
 
-    def __init__(self):
+    def __init__(self, body: bytes | None = None, gated=lambda path: True):
         import io
 
         from PIL import Image
         from skimage import data
 
-        buf = io.BytesIO()
-        Image.fromarray(data.coffee()).save(buf, format="PNG")
-        body, gate = buf.getvalue(), self
+        if body is None:
+            buf = io.BytesIO()
+            Image.fromarray(data.coffee()).save(buf, format="PNG")
+            body = buf.getvalue()
+        gate = self
         self.requested, self.opened = threading.Event(), threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                gate.requested.set()
-                gate.opened.wait(300)
+                if gated(self.path):
+                    gate.requested.set()
+                    gate.opened.wait(300)
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -197,7 +213,8 @@ class Gate:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}/gate.png"
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.uri = f"{self.base}/gate.png"
 
     def open(self) -> None:
         self.opened.set()

@@ -4,13 +4,11 @@ tmpfs no node sees. SeaweedFS holds the images, the manifest, the outputs and an
 storage every process shares. Processes are stopped by the PIDs that name this module's Ray folder, never `ray stop`."""
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_checkpoint, write_manifest
 from ray_nodes import HUB_ID, Cluster, node_of, pids_naming
+from servers import Gate
 
 from igpt_batch.model.resolve import DEMO_MODEL_DIR
 
@@ -192,25 +191,9 @@ def test_a_refresh_night_on_the_cluster_stores_every_image_once(cluster, inputs,
 def gated_images(image_dir):
     """An HTTP server of one JPEG: /free/N answers at once, /gated/N only once the test opens the gate, so the
     test decides when work can go on (never a sleep)."""
-    body, gate = (image_dir / "coffee.jpg").read_bytes(), threading.Event()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.startswith("/gated/"):
-                gate.wait(300)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", gate
-    gate.set()
-    server.shutdown()
+    gate = Gate((image_dir / "coffee.jpg").read_bytes(), gated=lambda path: path.startswith("/gated/"))
+    yield gate.base, gate
+    gate.close()
 
 
 def worker_raylets(cluster) -> dict[int, str]:
@@ -249,7 +232,7 @@ def test_an_actor_killed_and_a_node_lost_mid_job_lose_no_row(cluster, inputs, ga
         stop_now = node_of(raylet)
         for q in stop_now:  # the other node goes away, as a preempted spot node does
             os.kill(q, signal.SIGKILL)
-        gate.set()
+        gate.open()
         assert p.wait(240) == 0, open(cluster.root / "driver.err").read()[-3000:]
     finally:
         if p.poll() is None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import S3Server, job_cfg, wait_for, write_manifest
 from PIL import Image
+from servers import serving
 from skimage import data
 
 from igpt_batch.run.driver import run_job
@@ -46,13 +47,11 @@ def http_base():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     hang = socket.socket()
     hang.bind(("127.0.0.1", 0))
     hang.listen(8)  # accepts connections, never answers
-    yield f"http://127.0.0.1:{server.server_address[1]}", f"http://127.0.0.1:{hang.getsockname()[1]}"
-    server.shutdown()
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as base:
+        yield base, f"http://127.0.0.1:{hang.getsockname()[1]}"
     hang.close()
 
 

@@ -4,12 +4,12 @@ import functools
 import http.server
 import socket
 import struct
-import threading
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from servers import serving
 
 from igpt_batch import config, errors
 from igpt_batch.errors import ManifestError
@@ -89,13 +89,8 @@ def hostile(monkeypatch, image_dir):
             elif kind == "errbig":  # an error with a body larger than max_bytes
                 self._send(403, b"x" * (2 * MAX_BYTES), 2 * MAX_BYTES)
 
-    server = Quiet(("127.0.0.1", 0), functools.partial(Handler, directory=str(image_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Quiet(("127.0.0.1", 0), functools.partial(Handler, directory=str(image_dir)))) as base:
+        yield state, base
 
 
 BAD = ("404", "401", "413", "huge", "reset", "cut", "errbig")

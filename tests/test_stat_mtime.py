@@ -4,9 +4,9 @@ import functools
 import http.server
 import os
 import re
-import threading
 
 import pyarrow as pa
+from servers import serving
 
 from igpt_batch.inputs.stat import LIST_MIN, stat_one, stat_table, timestamp
 
@@ -39,12 +39,8 @@ def test_local_http_and_s3_give_one_type(tmp_path, s3_server, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(
         http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)))
     server.RequestHandlerClass.log_message = lambda *a: None
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        web = stat_one(f"http://127.0.0.1:{server.server_address[1]}/0.jpg", {}, 10)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(server) as base:
+        web = stat_one(f"{base}/0.jpg", {}, 10)
     assert web["mtime"] == "2024-12-05T08:00:00.000000000Z" and web["size"] == 1  # Last-Modified: whole seconds
     fs, so = s3_server.fs(), s3_server.storage_options()
     fs.mkdir("igpt-mtime")
