@@ -132,7 +132,7 @@ def _scan(spec: str, listing: Listing, columns: Columns, keep: Callable[[pa.Tabl
         for content in ("bytes", "sha256"):  # a changed image changes the fingerprint, so a rerun recomputes it
             if content in t.column_names:
                 h_content.update(t.column(content))
-        hashes.append(np.fromiter((hash(i) for i in t.column("id").to_pylist()), dtype=np.int64, count=t.num_rows))
+        hashes.append(id_hashes(t.column("id")))
         if keep is not None:
             keep(t.drop_columns([c for c in ("sha256",) if c in t.column_names]))
     if rows == 0:
@@ -145,20 +145,33 @@ def _scan(spec: str, listing: Listing, columns: Columns, keep: Callable[[pa.Tabl
     return ManifestScan(rows, fingerprint, tuple(groups) if listing.holds == "tars" else (), kind)
 
 
-def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterator[pa.Table]]) -> None:
-    hashes.sort()  # in place: 8 bytes a row, plus a bit per row for the comparison
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each id (Python's, of the string): what repeated_ids sorts."""
+    return np.fromiter((hash(i) for i in ids.to_pylist()), dtype=np.int64, count=len(ids))
+
+
+def repeated_ids(hashes: np.ndarray, tables: Callable[[], Iterable[pa.Table]]) -> list[str]:
+    """The ids that occur more than once, in the order met: `hashes` (id_hashes of every row, 8 bytes a row) sorted in
+    place, then, as 64-bit hashes can collide, the few suspects confirmed exactly over the id columns of `tables()`."""
+    hashes.sort()
     repeated = hashes[1:] == hashes[:-1]
-    if repeated.any():  # 64-bit hashes can collide: confirm on the few suspects, exactly
-        suspects, seen, dups = set(hashes[1:][repeated].tolist()), set(), {}
-        for t in tables():
-            for i in t.column("id").to_pylist():
-                if hash(i) in suspects:
-                    if i in seen:
-                        dups[i] = True
-                    seen.add(i)
-        if dups:
-            names = ", ".join(repr(v) for v in list(dups)[:5])
-            raise ManifestError(f"manifest {redact_uri(spec)} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
+    if not repeated.any():
+        return []
+    suspects, seen, dups = set(hashes[1:][repeated].tolist()), set(), {}
+    for t in tables():
+        for i in t.column("id").to_pylist():
+            if hash(i) in suspects:
+                if i in seen:
+                    dups[i] = True
+                seen.add(i)
+    return list(dups)
+
+
+def _check_duplicates(spec: str, hashes: np.ndarray, tables: Callable[[], Iterator[pa.Table]]) -> None:
+    dups = repeated_ids(hashes, tables)
+    if dups:
+        names = ", ".join(repr(v) for v in dups[:5])
+        raise ManifestError(f"manifest {redact_uri(spec)} has {len(dups)} duplicate ids (e.g. {names}); ids must be unique")
 
 
 class Inputs:

@@ -50,19 +50,12 @@ def verify(out: OutputFolder, commits: dict[str, dict]) -> list[str]:
 
 
 def _duplicate_ids(ds) -> list[str]:
-    """Ids found twice, streamed: 8 bytes a row (a 64-bit hash each), then the few suspects confirmed exactly."""
+    """Ids found twice, streamed (inputs.manifest.repeated_ids: 8 bytes a row, then the few suspects exactly)."""
     import numpy as np
+    import pyarrow as pa
 
-    hashes = [np.fromiter((hash(i) for i in b.column("id").to_pylist()), np.int64, b.num_rows)
-              for b in ds.to_batches(columns=["id"])]
-    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.int64)
-    suspects = set(h[1:][h[1:] == h[:-1]].tolist())
-    if not suspects:
-        return []
-    seen, dups = set(), []
-    for b in ds.to_batches(columns=["id"]):
-        for i in b.column("id").to_pylist():
-            if hash(i) in suspects:
-                dups += [i] if i in seen else []
-                seen.add(i)
-    return sorted(set(dups))
+    from igpt_batch.inputs.manifest import id_hashes, repeated_ids
+
+    hashes = [id_hashes(b.column("id")) for b in ds.to_batches(columns=["id"])]
+    again = lambda: (pa.Table.from_batches([b]) for b in ds.to_batches(columns=["id"]))  # noqa: E731
+    return sorted(repeated_ids(np.concatenate(hashes) if hashes else np.zeros(0, np.int64), again))
