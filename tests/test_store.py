@@ -4,8 +4,9 @@ import pyarrow as pa
 import pytest
 from conftest import S3Server
 
+from igpt_batch.run.lance_output import lance_options
 from igpt_batch.run.storage import OutputFolder
-from igpt_batch.store.layout import FAILED_SCHEMA, Store, current_schema, lance_options
+from igpt_batch.store.layout import FAILED_SCHEMA, Store, current_schema
 
 V = "v-0123456789ab"
 
